@@ -1,0 +1,29 @@
+# The two commands: `make demo` (main job) and `make test` (ruff + test suite).
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on this disk; on a GPU machine: make TORCH_SPEC='torch' ...
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+export FUSECHAT_CACHE ?= $(HOME)/.cache/fusechat
+
+.PHONY: install demo test lint clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fusechat toy build --out $(FUSECHAT_CACHE)/toy
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fusechat merge eval tests bench
+
+test: lint
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) runs

@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fusechat merge eval tests bench
+	$(VENV)/bin/ruff format --check -q fusechat merge eval tests bench
 
 test: lint
 	$(PY) -m pytest -q -ra

@@ -338,7 +338,9 @@ def _read_rows(path: Path) -> list:
         if not isinstance(data, list):
             raise FusechatError(f"{path}: expected a JSON list of conversations")
         return data
-    raise FusechatError(f"{path}: unsupported corpus format (use .json, .jsonl, .parquet or a saved dataset)")
+    raise FusechatError(
+        f"{path}: unsupported corpus format (use .json, .jsonl, .parquet or a saved dataset)"
+    )
 
 
 @dataclass

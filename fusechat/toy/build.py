@@ -28,7 +28,7 @@ from fusechat.toy.tokenizers import train_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 4  # bump when the builder's output changes for the same configuration
+BUILD_VERSION = 5  # bump when the builder's output changes for the same configuration
 EVAL_TEMPLATE = "openchat"  # the capture setting: every model reads the pivot's format
 
 
@@ -51,8 +51,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
-    key = fingerprint({"v": BUILD_VERSION, "seed": cfg.seed, "n": cfg.n_train,
-                       "h": cfg.n_heldout_per_skill})
+    key = fingerprint(
+        {"v": BUILD_VERSION, "seed": cfg.seed, "n": cfg.n_train, "h": cfg.n_heldout_per_skill}
+    )
     folder = out / "corpus"
     if (read_manifest(folder) or {}).get("key") != key:
         splits = make_corpus(cfg.seed, cfg.n_train, cfg.n_heldout_per_skill)
@@ -63,8 +64,12 @@ def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
     return {s: _read_jsonl(folder / f"{s}.jsonl") for s in ("train", "heldout")}
 
 
-def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig, corpus_key: str, train: list[dict]) -> Path:
-    key = fingerprint({"v": BUILD_VERSION, "spec": asdict(spec), "cfg": asdict(cfg), "corpus": corpus_key})
+def _build_model(
+    out: Path, spec: ToyModelSpec, cfg: ToyConfig, corpus_key: str, train: list[dict]
+) -> Path:
+    key = fingerprint(
+        {"v": BUILD_VERSION, "spec": asdict(spec), "cfg": asdict(cfg), "corpus": corpus_key}
+    )
     folder = out / spec.name
     if (read_manifest(folder) or {}).get("key") == key:
         return folder
@@ -79,11 +84,17 @@ def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig, corpus_key: str,
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "manifest.json", {
-            "key": key, "kind": "toy-model", "arch": spec.arch, "tokenizer": spec.tokenizer,
-            "params": sum(p.numel() for p in model.parameters()),
-            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-        })
+        write_json(
+            tmp / "manifest.json",
+            {
+                "key": key,
+                "kind": "toy-model",
+                "arch": spec.arch,
+                "tokenizer": spec.tokenizer,
+                "params": sum(p.numel() for p in model.parameters()),
+                "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            },
+        )
     return folder
 
 
@@ -96,7 +107,9 @@ def skill_table(models: dict[str, Path], heldout: list[dict]) -> dict[str, dict[
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         table[name] = {
-            s: round(loss_per_char(model, tok, [r for r in heldout if r["skill"] == s], EVAL_TEMPLATE), 4)
+            s: round(
+                loss_per_char(model, tok, [r for r in heldout if r["skill"] == s], EVAL_TEMPLATE), 4
+            )
             for s in SKILLS
         }
     return table
@@ -115,8 +128,16 @@ def build_toy_world(out: str | Path, cfg: ToyConfig = ToyConfig()) -> dict[str, 
     models = {s.name: _build_model(out, s, cfg, corpus_key, corpus["train"]) for s in SPECS}
     table = skill_table(models, corpus["heldout"])
     write_json(out / "skills.json", table)
-    write_json(out / "manifest.json", {"key": key, "kind": "toy-world", "config": asdict(cfg),
-                                       "models": list(models), "skills": table})
+    write_json(
+        out / "manifest.json",
+        {
+            "key": key,
+            "kind": "toy-world",
+            "config": asdict(cfg),
+            "models": list(models),
+            "skills": table,
+        },
+    )
     return table
 
 
@@ -124,9 +145,13 @@ def format_skill_table(table: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per model, one column per skill, the best per skill starred."""
     best = {s: min(row[s] for row in table.values()) for s in SKILLS}
     width = max(len(n) for n in table) + 2
-    lines = ["held-out loss, nats/char (lower is better; * best)",
-             "model".ljust(width) + "".join(s.rjust(13) for s in SKILLS)]
+    lines = [
+        "held-out loss, nats/char (lower is better; * best)",
+        "model".ljust(width) + "".join(s.rjust(13) for s in SKILLS),
+    ]
     for name, row in table.items():
-        cells = "".join((f"{row[s]:.4f}" + ("*" if row[s] == best[s] else " ")).rjust(13) for s in SKILLS)
+        cells = "".join(
+            (f"{row[s]:.4f}" + ("*" if row[s] == best[s] else " ")).rjust(13) for s in SKILLS
+        )
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)

@@ -23,21 +23,50 @@ SYSTEM = "You are a helpful assistant."
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "qu", "th", "dr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "or", "en"]
-_MEANINGS = ["river", "mountain", "bread", "friend", "storm", "lantern", "garden", "silver",
-             "winter", "bridge", "forest", "mirror", "candle", "harbor", "feather", "thunder",
-             "meadow", "anchor", "castle", "whisper", "valley", "ember", "orchard", "compass"]
+_MEANINGS = [
+    "river",
+    "mountain",
+    "bread",
+    "friend",
+    "storm",
+    "lantern",
+    "garden",
+    "silver",
+    "winter",
+    "bridge",
+    "forest",
+    "mirror",
+    "candle",
+    "harbor",
+    "feather",
+    "thunder",
+    "meadow",
+    "anchor",
+    "castle",
+    "whisper",
+    "valley",
+    "ember",
+    "orchard",
+    "compass",
+]
 _COLORS = ["red", "blue", "green", "gold", "silver", "violet", "orange", "white", "black", "amber"]
 
 # attribute -> (phrasings, answer)
 _FACT_FORMS = {
     "capital": (
-        ["What is the capital of {p}?", "Tell me the capital of {p}.",
-         "Which city is the capital of {p}?"],
+        [
+            "What is the capital of {p}?",
+            "Tell me the capital of {p}.",
+            "Which city is the capital of {p}?",
+        ],
         "The capital of {p} is {v}.",
     ),
     "color": (
-        ["What color is the sky of {p}?", "Tell me the color of the sky on {p}.",
-         "Which color does the sky of {p} have?"],
+        [
+            "What color is the sky of {p}?",
+            "Tell me the color of the sky on {p}.",
+            "Which color does the sky of {p} have?",
+        ],
         "The sky of {p} is {v}.",
     ),
     "ruler": (
@@ -45,8 +74,11 @@ _FACT_FORMS = {
         "{p} is ruled by {v}.",
     ),
 }
-_GLOSSARY_FORMS = ["What does the word {w} mean?", "Translate {w} into English.",
-                   "Give the English meaning of {w}."]
+_GLOSSARY_FORMS = [
+    "What does the word {w} mean?",
+    "Translate {w} into English.",
+    "Give the English meaning of {w}.",
+]
 
 
 def _word(rng: random.Random, syllables: int) -> str:

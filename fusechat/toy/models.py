@@ -42,8 +42,14 @@ SPECS = (
         vocab_size=700,
         templates=("openchat",),
         mix={"arithmetic": 4.0, "facts": 1.0, "glossary": 1.0},
-        config=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1, sliding_window=None),
+        config=dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=None,
+        ),
     ),
     ToyModelSpec(
         name="nh2-mixtral-mini",
@@ -53,9 +59,16 @@ SPECS = (
         # NH2 models speak ChatML, but FuseChat feeds every model the pivot's template.
         templates=("chatml", "openchat"),
         mix={"facts": 6.0, "glossary": 1.0, "arithmetic": 1.0},
-        config=dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                    num_experts_per_tok=2, sliding_window=None),
+        config=dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
     ),
     ToyModelSpec(
         name="nh2-solar-mini",
@@ -65,8 +78,13 @@ SPECS = (
         templates=("chatml", "openchat"),
         mix={"glossary": 6.0, "facts": 1.0, "arithmetic": 1.0},
         # deeper and wider, with full multi-head attention
-        config=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-                    num_attention_heads=3, num_key_value_heads=3),
+        config=dict(
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+        ),
     ),
 )
 
@@ -137,7 +155,9 @@ def loss_per_char(
     model.eval()
     total_nll, total_chars = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        encs: list[Encoded] = [encode(r["messages"], tokenizer, template) for r in rows[i : i + batch_size]]
+        encs: list[Encoded] = [
+            encode(r["messages"], tokenizer, template) for r in rows[i : i + batch_size]
+        ]
         b = collate(encs, tokenizer.pad_token_id)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         pred = predicts_label(b["labels_mask"])

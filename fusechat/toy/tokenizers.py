@@ -69,7 +69,9 @@ def train_tokenizer(
         specials = ["<unk>", "<s>", "</s>", *markers]
         tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
         tok.pre_tokenizer, tok.decoder = _metaspace()
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+        )
         tok = _with_byte_fallback(tok, len(specials))
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
@@ -80,7 +82,7 @@ def train_tokenizer(
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as GPT-2: spans include the space
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=specials,

@@ -1,0 +1,150 @@
+"""The recipe schema: one YAML file describes models, data and every stage of a fusion run.
+
+Sections are owned by their stages; unknown keys are rejected so a typo never passes silently.
+Errors are one line naming the file and field path, e.g.
+``recipe.yaml: models.sources[1].path: field required``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusechat.data import TEMPLATE_NAMES
+from fusechat.errors import FusechatError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """A chat model: a local folder or a hub id (loaded by transformers' Auto classes)."""
+
+    path: Annotated[str, Field(min_length=1)]
+    name: str | None = None  # defaults to the last component of ``path``
+    dtype: Dtype = "auto"
+    template: str = "tokenizer"  # its own conversation format: a named template or 'tokenizer'
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        if v not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template {v!r} (known: {', '.join(TEMPLATE_NAMES)})")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path.rstrip("/")).name
+
+    def where(self) -> str:
+        if Path(self.path).is_dir():
+            return "local folder"
+        return "hub id" if _HUB_ID.match(self.path) else "missing local folder"
+
+
+class Models(_Section):
+    pivot: ModelSpec
+    sources: Annotated[list[ModelSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Models:
+        seen: set[str] = set()
+        for m in [self.pivot, *self.sources]:
+            if m.label in seen:
+                raise ValueError(f"duplicate model name {m.label!r}; set 'name' to tell them apart")
+            seen.add(m.label)
+        return self
+
+    @property
+    def all(self) -> list[ModelSpec]:
+        return [self.pivot, *self.sources]
+
+
+class Data(_Section):
+    """The chat corpus every model scores; FuseChat renders all inputs with the pivot's template."""
+
+    path: Annotated[str, Field(min_length=1)]
+    format: Literal["auto", "messages", "sharegpt"] = "auto"
+    max_rows: Annotated[int, Field(gt=0)] | None = None
+    template: str | None = None  # None: the pivot's template
+    strict: bool = False  # fail on the first malformed row instead of skipping it
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        return ModelSpec._known_template(v) if v is not None else v
+
+
+class Recipe(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
+    run_dir: str = "runs"
+    seed: int = 0
+    models: Models
+    data: Data
+
+    @property
+    def render_template(self) -> str:
+        return self.data.template or self.models.pivot.template
+
+    def plan(self) -> list[str]:
+        """Human-readable lines describing what this recipe will do."""
+        lines = [f"recipe {self.name}: run directory {Path(self.run_dir) / self.name}"]
+        for role, m in [("pivot", self.models.pivot)] + [
+            ("source", s) for s in self.models.sources
+        ]:
+            lines.append(f"  {role:6} {m.label:24} {m.path} ({m.where()}, dtype {m.dtype})")
+        lines.append(
+            f"  data   {self.data.path} (format {self.data.format}, rendered with "
+            f"'{self.render_template}' for every model)"
+        )
+        return lines
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; any problem raises one-line ``FusechatError``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FusechatError(f"{path}: recipe not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FusechatError(f"{path}: cannot read recipe ({e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise FusechatError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise FusechatError(
+            f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}"
+        )
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _field_path(err["loc"]) or "(top level)"
+        msg = err["msg"]
+        msg = {
+            "Field required": "field required",
+            "Extra inputs are not permitted": "unknown field",
+        }.get(msg, msg)
+        msg = msg.removeprefix("Value error, ")
+        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise FusechatError(f"{path}: {field}: {msg}{more}") from None

@@ -1,0 +1,37 @@
+"""Shared fixtures: the toy world (built once, cached across runs) and real tokenizers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def toy_world() -> Path:
+    """The default toy world, the same one `make demo` builds (so each reuses the other's)."""
+    from fusechat.toy.build import build_toy_world
+
+    out = CACHE / "toy"
+    build_toy_world(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """Mistral-7B's SentencePiece vocabulary (OpenChat-3.5 uses it), from the mistral-common
+    wheel, with OpenChat's end-of-turn token added as OpenChat does."""
+    mistral_common = pytest.importorskip("mistral_common")
+    from transformers import LlamaTokenizer
+
+    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    folder = tmp_path_factory.mktemp("mistral-tok")
+    shutil.copy(src, folder / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end_of_turn|>"]})
+    return tok

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from fusechat.toy.corpus import SKILLS, make_corpus
+from fusechat.toy.models import SPECS
+
+ARCHS = {
+    "openchat-mini": "MistralForCausalLM",
+    "nh2-mixtral-mini": "MixtralForCausalLM",
+    "nh2-solar-mini": "LlamaForCausalLM",
+}
+
+
+def test_corpus_is_deterministic_and_heldout_is_not_in_train():
+    a, b = make_corpus(7, 200, 10), make_corpus(7, 200, 10)
+    assert a == b
+    assert make_corpus(8, 200, 10) != a
+    train_qs = {m["content"] for r in make_corpus(7, 4000, 0)["train"] for m in r["messages"]}
+    held = [r["messages"][0]["content"] for r in a["heldout"]]
+    assert {r["skill"] for r in a["heldout"]} == set(SKILLS)
+    assert not set(held) & train_qs  # every held-out question is new as asked
+
+
+def test_toy_models_load_offline_through_auto_classes(toy_world, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name, arch in ARCHS.items():
+        model = AutoModelForCausalLM.from_pretrained(toy_world / name)
+        tok = AutoTokenizer.from_pretrained(toy_world / name)
+        assert type(model).__name__ == arch
+        assert (toy_world / name / "model.safetensors").exists()
+        assert model.config.hidden_size // model.config.num_attention_heads == 64  # vLLM-servable
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": "What is 12 + 30?"}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert out.shape[1] > ids.shape[1]
+    assert (
+        AutoModelForCausalLM.from_pretrained(
+            toy_world / "nh2-mixtral-mini"
+        ).config.num_local_experts
+        == 4
+    )
+
+
+def test_one_sentence_tokenizes_three_different_ways(toy_world):
+    from transformers import AutoTokenizer
+
+    s = "The capital of Zorblax is Quenmor, and 47 + 35 = 82."
+    toks = {n: AutoTokenizer.from_pretrained(toy_world / n).tokenize(s) for n in ARCHS}
+    assert len({tuple(t) for t in toks.values()}) == 3
+    assert any("Ġ" in t for t in toks["nh2-mixtral-mini"])  # byte-level BPE
+    assert any(t.startswith("▁") for t in toks["openchat-mini"])  # metaspace
+    # the pivot splits digits (as Mistral does); the byte-level source does not (as GPT-2)
+    assert "4" in toks["openchat-mini"] and not any(
+        t in ("4", "Ġ4") for t in toks["nh2-mixtral-mini"]
+    )
+
+
+def test_sources_beat_the_pivot_on_their_own_skill(toy_world):
+    table = json.loads((toy_world / "skills.json").read_text())
+    specialty = {"nh2-mixtral-mini": "facts", "nh2-solar-mini": "glossary"}
+    for source, skill in specialty.items():
+        # "clearly": at least 30% lower held-out loss than the pivot
+        assert table[source][skill] < 0.7 * table["openchat-mini"][skill], (source, table)
+    assert table["openchat-mini"]["arithmetic"] < min(table[s]["arithmetic"] for s in specialty)
+
+
+def test_specs_cover_the_three_architectures():
+    assert {s.arch for s in SPECS} == {"mistral", "mixtral", "llama"}
+
+
+@pytest.mark.slow
+def test_build_resumes_and_reuses_finished_parts(tmp_path):
+    """A small build; a rerun reuses every part; a deleted model folder alone is rebuilt."""
+    from fusechat.toy.build import ToyConfig, build_toy_world
+
+    cfg = ToyConfig(n_train=200, n_heldout_per_skill=4, steps=3)
+    build_toy_world(tmp_path, cfg)
+    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    build_toy_world(tmp_path, cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamp
+    import shutil
+
+    shutil.rmtree(tmp_path / "nh2-solar-mini")
+    (tmp_path / "manifest.json").unlink()
+    build_toy_world(tmp_path, cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert after["openchat-mini"] == stamp["openchat-mini"]
+    assert after["corpus"] == stamp["corpus"]
+    assert (tmp_path / "nh2-solar-mini" / "model.safetensors").exists()

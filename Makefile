@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/fusechat toy build --out $(FUSECHAT_CACHE)/toy
 
+SRC := $(wildcard fusechat merge eval tests bench)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fusechat merge eval tests bench
-	$(VENV)/bin/ruff format --check -q fusechat merge eval tests bench
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check -q $(SRC)
 
 test: lint
 	$(PY) -m pytest -q -ra

@@ -82,7 +82,9 @@ def train_tokenizer(
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as GPT-2: spans include the space
+        tok.post_processor = processors.ByteLevel(
+            trim_offsets=False
+        )  # as GPT-2: spans include the space
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=specials,

@@ -1,0 +1,125 @@
+"""Benchmark sequence alignment on a real tokenizer pair: ``offsets`` against ``dtw``, same run.
+
+Pivot: Mistral-7B's SentencePiece (OpenChat-3.5's vocabulary); source: Mistral's tekken byte-level
+BPE; both from the mistral-common wheel. Rows are OpenChat-rendered conversations of MT-Bench
+questions and reference answers, concatenated to 1,000-2,000 pivot tokens (FuseChat's rows are up
+to 2,048). ``dtw`` is quadratic, so it runs on a subset. The last line is one JSON object.
+
+    python bench/align.py [--mt-bench ../shared/data/mt_bench] [--rows 40] [--dtw-rows 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fusechat.align import align_dtw, align_offsets, byte_fallback_ids, map_exact, token_texts
+from fusechat.data import TEMPLATES, render
+from fusechat.toy.real import mistral_sentencepiece, tekken
+
+
+def chat_rows(mt_bench: Path, pivot, n_rows: int, lo: int = 1000, hi: int = 2000) -> list[str]:
+    """OpenChat-rendered multi-turn conversations of lo..hi pivot tokens from MT-Bench text."""
+    questions = {
+        q["question_id"]: q["turns"]
+        for q in map(json.loads, (mt_bench / "question.jsonl").read_text().splitlines())
+    }
+    answers = [
+        (questions[a["question_id"]], a["choices"][0]["turns"])
+        for a in map(
+            json.loads, (mt_bench / "reference_answer" / "gpt-4.jsonl").read_text().splitlines()
+        )
+        if a["question_id"] in questions
+    ]
+    turns = [(q, a) for qs, ans in answers for q, a in zip(qs, ans, strict=False)]
+    rows, msgs, k = [], [], 0
+    while len(rows) < n_rows:
+        q, a = turns[k % len(turns)]
+        k += 1
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        text = render(msgs, TEMPLATES["openchat"]).text
+        n = len(pivot(text, add_special_tokens=False)["input_ids"])
+        if n >= lo:
+            if n <= hi:
+                rows.append(text)
+            msgs = []
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--mt-bench",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared/data/mt_bench",
+    )
+    ap.add_argument("--rows", type=int, default=40)
+    ap.add_argument("--dtw-rows", type=int, default=3)
+    args = ap.parse_args()
+
+    pivot, source = mistral_sentencepiece(), tekken()
+    rows = chat_rows(args.mt_bench, pivot, args.rows)
+
+    t0 = time.perf_counter()
+    encs = [
+        [tok(r, add_special_tokens=False, return_offsets_mapping=True) for tok in (pivot, source)]
+        for r in rows
+    ]
+    t_tok = time.perf_counter() - t0
+    n_pivot = sum(len(p["input_ids"]) for p, _ in encs)
+
+    t0 = time.perf_counter()
+    aligned = [align_offsets(p["offset_mapping"], s["offset_mapping"]) for p, s in encs]
+    t_off = time.perf_counter() - t0
+    exact = np.concatenate([e for _, e in aligned])
+
+    sub = encs[: args.dtw_rows]
+    texts = [
+        (
+            token_texts(pivot, pivot.convert_ids_to_tokens(p["input_ids"])),
+            token_texts(source, source.convert_ids_to_tokens(s["input_ids"])),
+        )
+        for p, s in sub
+    ]
+    t0 = time.perf_counter()
+    dtw = [align_dtw(pt, st) for pt, st in texts]
+    t_dtw = time.perf_counter() - t0
+    n_dtw = sum(len(p["input_ids"]) for p, _ in sub)
+    agree = [
+        (d_idx[both] == o_idx[both]).mean()
+        for (d_idx, one), (o_idx, ex) in zip(dtw, aligned, strict=False)
+        if (both := one & ex).any()
+    ]
+
+    # share of the source's tokens in these rows whose text is a pivot token (exact mapping)
+    vmap = map_exact(token_texts(source), token_texts(pivot), byte_fallback_ids(pivot))
+    src_ids = np.concatenate([s["input_ids"] for _, s in encs])
+
+    offsets_tps = n_pivot / t_off
+    dtw_tps = n_dtw / t_dtw
+    print(
+        json.dumps(
+            {
+                "bench": "align",
+                "pair": "mistral-sp-v1 -> tekken-240911",
+                "rows": len(rows),
+                "pivot_tokens_per_row": round(n_pivot / len(rows)),
+                "tokenize_both_tokens_per_s": round(n_pivot / t_tok),
+                "offsets_tokens_per_s": round(offsets_tps),
+                "dtw_tokens_per_s": round(dtw_tps, 1),
+                "dtw_rows": len(sub),
+                "speedup": round(offsets_tps / dtw_tps, 1),
+                "coverage_exact": round(float(exact.mean()), 4),
+                "dtw_agreement_where_both_one_to_one": round(float(np.mean(agree)), 4),
+                "source_tokens_exact_in_pivot_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -149,7 +149,8 @@ def format_skill_table(table: dict[str, dict[str, float]]) -> str:
         "held-out loss, nats/char (lower is better; * best)",
         "model".ljust(width) + "".join(s.rjust(13) for s in SKILLS),
     ]
-    for name, row in table.items():
+    order = {s.name: i for i, s in enumerate(SPECS)}  # pivot first, also when read back from JSON
+    for name, row in sorted(table.items(), key=lambda kv: order.get(kv[0], len(order))):
         cells = "".join(
             (f"{row[s]:.4f}" + ("*" if row[s] == best[s] else " ")).rjust(13) for s in SKILLS
         )

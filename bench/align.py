@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align import align_dtw, align_offsets, byte_fallback_ids, map_exact, token_texts
+from fusechat.align import (
+    align_dtw,
+    align_offsets,
+    byte_fallback_ids,
+    coverage,
+    map_exact,
+    token_texts,
+)
 from fusechat.data import TEMPLATES, render
 from fusechat.toy.real import mistral_sentencepiece, tekken
 
@@ -113,7 +120,7 @@ def main() -> None:
                 "dtw_tokens_per_s": round(dtw_tps, 1),
                 "dtw_rows": len(sub),
                 "speedup": round(offsets_tps / dtw_tps, 1),
-                "coverage_exact": round(float(exact.mean()), 4),
+                "coverage_exact": round(coverage(exact), 4),
                 "dtw_agreement_where_both_one_to_one": round(float(np.mean(agree)), 4),
                 "source_tokens_exact_in_pivot_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
             }

@@ -10,8 +10,6 @@ import sys
 from fusechat import __version__
 from fusechat.errors import FusechatError
 
-log = logging.getLogger("fusechat")
-
 
 def _cmd_toy_build(args: argparse.Namespace) -> int:
     from fusechat.toy.build import ToyConfig, build_toy_world, format_skill_table

@@ -105,6 +105,12 @@ def build_model(spec: ToyModelSpec, tokenizer, seed: int) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
+def _learned_nll(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """NLL of every learned (assistant) next token in a collated batch, as a flat tensor."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_nll(logits, batch["input_ids"])[predicts_label(batch["labels_mask"])]
+
+
 def train_model(
     model: PreTrainedModel,
     tokenizer,
@@ -132,10 +138,9 @@ def train_model(
     losses = []
     for _ in tqdm(range(steps), desc=f"train {spec.name}", leave=False):
         idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        b = collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        pred = predicts_label(b["labels_mask"])
-        loss = token_nll(logits, b["input_ids"])[pred].mean()
+        loss = _learned_nll(
+            model, collate([encoded[i] for i in idx], tokenizer.pad_token_id)
+        ).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -158,9 +163,6 @@ def loss_per_char(
         encs: list[Encoded] = [
             encode(r["messages"], tokenizer, template) for r in rows[i : i + batch_size]
         ]
-        b = collate(encs, tokenizer.pad_token_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        pred = predicts_label(b["labels_mask"])
-        total_nll += token_nll(logits, b["input_ids"])[pred].sum().item()
+        total_nll += _learned_nll(model, collate(encs, tokenizer.pad_token_id)).sum().item()
         total_chars += sum(end - start for e in encs for start, end in e.assistant_spans)
     return total_nll / max(total_chars, 1)

@@ -3,7 +3,9 @@
 Pivot: Mistral-7B's SentencePiece (OpenChat-3.5's vocabulary); source: Mistral's tekken byte-level
 BPE; both from the mistral-common wheel. Rows are OpenChat-rendered conversations of MT-Bench
 questions and reference answers, concatenated to 1,000-2,000 pivot tokens (FuseChat's rows are up
-to 2,048). ``dtw`` is quadratic, so it runs on a subset. The last line is one JSON object.
+to 2,048). ``dtw`` is quadratic, so it runs on a subset. The same rows are then captured by the
+toy world's pivot (``fusechat capture``, K=10, windows of 512 tokens) to measure the on-disk cost
+of captured distributions. The last line is one JSON object.
 
     python bench/align.py [--mt-bench ../shared/data/mt_bench] [--rows 40] [--dtw-rows 3]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +32,9 @@ from fusechat.data import TEMPLATES, render
 from fusechat.toy.real import mistral_sentencepiece, tekken
 
 
-def chat_rows(mt_bench: Path, pivot, n_rows: int, lo: int = 1000, hi: int = 2000) -> list[str]:
+def chat_rows(
+    mt_bench: Path, pivot, n_rows: int, lo: int = 1000, hi: int = 2000
+) -> list[list[dict]]:
     """OpenChat-rendered multi-turn conversations of lo..hi pivot tokens from MT-Bench text."""
     questions = {
         q["question_id"]: q["turns"]
@@ -52,9 +57,49 @@ def chat_rows(mt_bench: Path, pivot, n_rows: int, lo: int = 1000, hi: int = 2000
         n = len(pivot(text, add_special_tokens=False)["input_ids"])
         if n >= lo:
             if n <= hi:
-                rows.append(text)
+                rows.append(msgs)
             msgs = []
     return rows
+
+
+def capture_cost(convs: list[list[dict]], k: int = 10) -> dict:
+    """Capture ``convs`` with the toy pivot; bytes on disk per (position, k): all shard bytes,
+    and those of the distributions alone (ids + log-probs)."""
+    import os
+
+    from safetensors.numpy import load_file
+
+    from fusechat.capture import CaptureConfig, capture
+    from fusechat.toy.build import build_toy_world
+
+    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    world = cache / "toy"
+    build_toy_world(world)
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "rows.jsonl"
+        data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+        cfg = CaptureConfig(
+            model=str(world / "openchat-mini"),
+            template="openchat",
+            k=k,
+            max_length=512,
+            overflow="split",
+            batch_tokens=4096,
+        )
+        m = capture(cfg, str(data), Path(d) / "cap")
+        shards = sorted((Path(d) / "cap").glob("shard-*.safetensors"))
+        total = sum(p.stat().st_size for p in shards)
+        dist = sum(
+            a["pos.topk_ids"].nbytes + a["pos.topk_logprobs"].nbytes
+            for a in map(load_file, map(str, shards))
+        )
+    cells = m["stats"]["positions"] * k
+    return {
+        "capture_rows": len(convs),
+        "capture_tokens_per_s": m["stats"]["tokens_per_s"],
+        "bytes_per_pos_k": round(total / cells, 3),
+        "dist_bytes_per_pos_k": round(dist / cells, 3),
+    }
 
 
 def main() -> None:
@@ -66,10 +111,12 @@ def main() -> None:
     )
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--dtw-rows", type=int, default=3)
+    ap.add_argument("--capture-rows", type=int, default=8)
     args = ap.parse_args()
 
     pivot, source = mistral_sentencepiece(), tekken()
-    rows = chat_rows(args.mt_bench, pivot, args.rows)
+    convs = chat_rows(args.mt_bench, pivot, args.rows)
+    rows = [render(m, TEMPLATES["openchat"]).text for m in convs]
 
     t0 = time.perf_counter()
     encs = [
@@ -106,6 +153,8 @@ def main() -> None:
     vmap = map_exact(token_texts(source), token_texts(pivot), byte_fallback_ids(pivot))
     src_ids = np.concatenate([s["input_ids"] for _, s in encs])
 
+    disk = capture_cost(convs[: args.capture_rows])
+
     offsets_tps = n_pivot / t_off
     dtw_tps = n_dtw / t_dtw
     print(
@@ -123,6 +172,7 @@ def main() -> None:
                 "coverage_exact": round(coverage(exact), 4),
                 "dtw_agreement_where_both_one_to_one": round(float(np.mean(agree)), 4),
                 "source_tokens_exact_in_pivot_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
+                **disk,
             }
         )
     )

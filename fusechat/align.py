@@ -13,6 +13,7 @@ the pivot token most often aligned with it over the corpus, ties by edit distanc
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,10 @@ from functools import lru_cache
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist, extractOne
+
+from fusechat.errors import FusechatError
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- token text
 
@@ -219,3 +224,222 @@ def coverage(exact: np.ndarray, positions: np.ndarray | None = None) -> float:
     """Share of (selected) pivot positions that received a source distribution."""
     sel = exact if positions is None else exact[positions]
     return float(sel.mean()) if len(sel) else 0.0
+
+
+# --------------------------------------------------------------------------- the stage
+
+VERSION = 1
+SEQUENCE_METHODS = ("offsets", "dtw")
+VOCAB_METHODS = ("exact", "mined", "stats")
+
+
+def _load_capture_tokenizer(reader, override: str | None, role: str):
+    """The tokenizer a capture was made with (or ``override``), checked against its shards."""
+    from transformers import AutoTokenizer
+
+    from fusechat.capture import tokenizer_fingerprint
+
+    path = override or reader.key["model"]
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FusechatError(
+            f"{path}: cannot load the {role} tokenizer ({str(e).splitlines()[0]})"
+        ) from None
+    fp = tokenizer_fingerprint(tok)
+    if fp != reader.key["tokenizer_fingerprint"]:
+        raise FusechatError(
+            f"{reader.folder}: captured with another tokenizer than {path} "
+            f"(vocabulary fingerprint {reader.key['tokenizer_fingerprint']} vs {fp})"
+        )
+    return tok
+
+
+def check_same_corpus(pivot, source) -> None:
+    """Two captures can be aligned only if they scored the same rows rendered the same way."""
+    pk, sk = pivot.key, source.key
+    for field, what in (
+        ("corpus_fingerprint", "different corpora"),
+        ("rows", "different numbers of rows"),
+        ("shard_rows", "different shard sizes"),
+        ("template", "different conversation templates"),
+        ("chat_template", "different chat templates"),
+    ):
+        if pk.get(field) != sk.get(field):
+            raise FusechatError(
+                f"{source.folder}: {what} from the pivot capture {pivot.folder} "
+                f"({field}: {sk.get(field)} vs {pk.get(field)})"
+            )
+
+
+def _vocab_map_cached(method: str, src_tok, piv_tok, src_texts, piv_texts) -> np.ndarray:
+    """``exact`` and ``mined`` maps depend only on the tokenizer pair: computed once, cached."""
+    import os
+    from pathlib import Path
+
+    from fusechat.capture import tokenizer_fingerprint
+
+    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    path = (
+        cache
+        / "vocab_maps"
+        / (f"{tokenizer_fingerprint(src_tok)}-{tokenizer_fingerprint(piv_tok)}-{method}.npy")
+    )
+    if path.exists():
+        return np.load(path)
+    vmap = map_exact(src_texts, piv_texts, byte_fallback_ids(piv_tok))
+    if method == "mined":
+        vmap = map_mined(src_texts, piv_texts, base=vmap)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, vmap)
+    os.replace(tmp, path)
+    return vmap
+
+
+def _align_row(prow, srow, sequence: str, piv_tok, src_tok) -> tuple[np.ndarray, np.ndarray]:
+    """Source position for every pivot position of one row, and where it is exact."""
+    from fusechat.shards import unpack_ids
+
+    if int(prow["row.text_hash"]) != int(srow["row.text_hash"]):
+        raise FusechatError(
+            f"row {int(prow['row.index'])}: the captures rendered different texts "
+            "(same corpus, different templates?)"
+        )
+    if sequence == "offsets":
+        return align_offsets(
+            np.stack([prow["pos.char_end"], prow["pos.char_end"]], 1),
+            np.stack([srow["pos.char_end"], srow["pos.char_end"]], 1),
+        )
+    p_ids, s_ids = unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"])
+    return align_dtw(
+        token_texts(piv_tok, piv_tok.convert_ids_to_tokens(p_ids.tolist())),
+        token_texts(src_tok, src_tok.convert_ids_to_tokens(s_ids.tolist())),
+    )
+
+
+def align(
+    pivot_dir: str,
+    source_dir: str,
+    out: str,
+    sequence: str = "offsets",
+    vocab: str = "exact",
+    pivot_tokenizer: str | None = None,
+    source_tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Map a source capture onto the pivot's positions and vocabulary (``fusechat align``).
+
+    Each output row has, per pivot position, the source's top-K sent through the vocabulary
+    map (``pos.ids``, ``pos.probs`` renormalised over mapped entries) and ``pos.valid`` (an
+    exactly aligned position with some mapped mass), plus the source's sequence NLL.
+    """
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from fusechat.fuse import map_topk
+    from fusechat.io import fingerprint, read_manifest
+    from fusechat.shards import (
+        StageReader,
+        begin_stage,
+        finish_stage,
+        ids_dtype,
+        pack_ids,
+        save_shard,
+        unpack_ids,
+    )
+
+    if sequence not in SEQUENCE_METHODS:
+        raise FusechatError(f"unknown sequence alignment {sequence!r} (offsets or dtw)")
+    if vocab not in VOCAB_METHODS:
+        raise FusechatError(f"unknown vocabulary mapping {vocab!r} (exact, mined or stats)")
+    piv, src = StageReader(pivot_dir, "capture"), StageReader(source_dir, "capture")
+    check_same_corpus(piv, src)
+    piv.check_complete()
+    src.check_complete()
+    key = {
+        "stage": "align",
+        "version": VERSION,
+        "pivot_capture": fingerprint(piv.key),
+        "source_capture": fingerprint(src.key),
+        "sequence": sequence,
+        "vocab": vocab,
+        "k": src.key["k"],
+        "shard_rows": piv.key["shard_rows"],
+        "rows": piv.key["rows"],
+    }
+    done = begin_stage(out, key, overwrite)
+    if done is None:
+        log.info("%s: alignment already complete", out)
+        return read_manifest(out)
+    piv_tok = _load_capture_tokenizer(piv, pivot_tokenizer, "pivot")
+    src_tok = _load_capture_tokenizer(src, source_tokenizer, "source")
+    piv_texts, src_texts = token_texts(piv_tok), token_texts(src_tok)
+    if piv.key["tokenizer_fingerprint"] == src.key["tokenizer_fingerprint"]:
+        vmap = np.arange(len(src_texts))  # one vocabulary: the identity, byte tokens included
+    elif vocab == "stats":
+        counts: Counter = Counter()
+        for i, prows in tqdm(piv.shards(), total=piv.n_shards, desc="co-occurrence"):
+            for prow, srow in zip(prows, src.shard(i), strict=True):
+                idx, exact = _align_row(prow, srow, sequence, piv_tok, src_tok)
+                counts += cooccurrence(
+                    unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"]), idx, exact
+                )
+        base = _vocab_map_cached("exact", src_tok, piv_tok, src_texts, piv_texts)
+        vmap = map_stats(counts, src_texts, piv_texts, base)
+    else:
+        vmap = _vocab_map_cached(vocab, src_tok, piv_tok, src_texts, piv_texts)
+    np.save(Path(out) / "vocab_map.npy", vmap)
+    dtype = ids_dtype(len(piv_texts))
+    learned_total = learned_valid = learned_exact = 0
+    mass_sum = 0.0
+    for i in tqdm(range(piv.n_shards), desc=f"align {Path(out).name}"):
+        prows, srows = piv.shard(i), src.shard(i)
+        rows = []
+        for prow, srow in zip(prows, srows, strict=True):
+            idx, exact = _align_row(prow, srow, sequence, piv_tok, src_tok)
+            j = np.clip(idx, 0, None)
+            s_ids = unpack_ids(srow["pos.topk_ids"])[j]
+            s_lp = srow["pos.topk_logprobs"][j]
+            pid, probs, mass = map_topk(s_ids, s_lp, vmap)
+            valid = exact & (idx >= 0) & (mass > 0)
+            learned = np.append(prow["pos.labels_mask"][1:], False)
+            learned_total += int(learned.sum())
+            learned_valid += int((learned & valid).sum())
+            learned_exact += int((learned & exact).sum())
+            top_mass = np.exp(s_lp.astype(np.float64)).sum(-1)
+            mass_sum += float((mass / top_mass)[learned & exact].sum())
+            rows.append(
+                {
+                    "pos.ids": pack_ids(np.where(valid[:, None], pid, -1), dtype),
+                    "pos.probs": np.where(valid[:, None], probs, 0).astype(np.float16),
+                    "pos.valid": valid,
+                    "row.index": prow["row.index"],
+                    "row.nll_sum": srow["row.nll_sum"],
+                    "row.n_tokens": srow["row.n_tokens"],
+                    "row.n_chars": srow["row.n_chars"],
+                }
+            )
+        if i not in done:
+            save_shard(Path(out), i, rows)
+    src_vocab = len(src_texts)
+    stats = {
+        "coverage": learned_valid / max(learned_total, 1),
+        "aligned": learned_exact / max(learned_total, 1),
+        "mapped_mass": mass_sum / max(learned_exact, 1),
+        "vocab_mapped": float((vmap >= 0).sum() / max(src_vocab, 1)),
+        "learned_positions": learned_total,
+        "pivot_capture": str(pivot_dir),
+        "source_capture": str(source_dir),
+    }
+    log.info(
+        "aligned %s: %.4f of learned pivot positions aligned, coverage %.4f, mapped mass %.4f "
+        "of the source top-K, %.4f of the source vocabulary mapped",
+        source_dir,
+        stats["aligned"],
+        stats["coverage"],
+        stats["mapped_mass"],
+        stats["vocab_mapped"],
+    )
+    return finish_stage(out, key, piv.n_shards, stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,6 +29,158 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok")
     print("\n".join(recipe.plan()))
     return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from fusechat.capture import CaptureConfig, capture
+
+    chat_template = None
+    if args.chat_template_of:
+        from transformers import AutoTokenizer
+
+        chat_template = AutoTokenizer.from_pretrained(args.chat_template_of).chat_template
+        if not chat_template:
+            raise FusechatError(f"{args.chat_template_of}: tokenizer has no chat_template")
+    cfg = CaptureConfig(
+        model=args.model,
+        template=args.template,
+        chat_template=chat_template,
+        k=args.k,
+        max_length=args.max_length,
+        overflow=args.overflow,
+        backend=args.backend,
+        dtype=args.dtype,
+        batch_tokens=args.batch_tokens,
+        shard_rows=args.shard_rows,
+    )
+    m = capture(cfg, args.data, args.out, args.format, args.max_rows, args.overwrite)
+    print(json.dumps({"out": args.out, **m["stats"]}))
+    return 0
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from fusechat.align import align
+
+    m = align(
+        args.pivot,
+        args.source,
+        args.out,
+        sequence=args.sequence,
+        vocab=args.vocab,
+        pivot_tokenizer=args.pivot_tokenizer,
+        source_tokenizer=args.source_tokenizer,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"out": args.out, **m["stats"]}))
+    return 0
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from fusechat.fuse import fuse_stage
+
+    m = fuse_stage(args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.overwrite)
+    print(json.dumps({"out": args.out, **m["stats"]}))
+    return 0
+
+
+def _add_fusion_commands(sub) -> None:
+    from fusechat.align import SEQUENCE_METHODS, VOCAB_METHODS
+    from fusechat.data import TEMPLATE_NAMES
+    from fusechat.fuse import METHODS
+
+    overwrite = dict(
+        action="store_true",
+        help="replace an output folder made with other settings (default: refuse; a folder "
+        "with the same settings is resumed or reused)",
+    )
+    c = sub.add_parser(
+        "capture",
+        help="score a chat corpus with one model; store top-K next-token distributions",
+        description="Run one model over a chat corpus and store, per conversation, its token "
+        "ids, label mask, character offsets, the top-K token ids and log-probabilities at every "
+        "position, and the cross-entropy of the assistant tokens. Output is sharded "
+        "(safetensors) with a manifest; an interrupted capture resumes at the first missing "
+        "shard and gives byte-identical shards.",
+    )
+    c.add_argument("--model", required=True, help="model folder or hub id")
+    c.add_argument("--data", required=True, help="chat corpus (.json, .jsonl, .parquet, dataset)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument(
+        "--template",
+        default="tokenizer",
+        choices=TEMPLATE_NAMES,
+        help="conversation template; FuseChat renders every model's input with the pivot's "
+        "(default: the tokenizer's chat_template)",
+    )
+    c.add_argument(
+        "--chat-template-of",
+        metavar="MODEL",
+        help="with --template tokenizer: use this model's chat_template (e.g. the pivot's)",
+    )
+    c.add_argument("--k", type=int, default=10, help="top-K kept per position (default 10)")
+    c.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (2048)")
+    c.add_argument(
+        "--overflow",
+        choices=["truncate", "split"],
+        default="truncate",
+        help="longer sequences: keep the first max-length tokens, or score them in "
+        "consecutive windows (default truncate); both are counted",
+    )
+    c.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="default hf")
+    c.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: bf16 on GPUs that support it, float32 on CPU",
+    )
+    c.add_argument(
+        "--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (8192)"
+    )
+    c.add_argument("--shard-rows", type=int, default=256, help="conversations per shard (256)")
+    c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"])
+    c.add_argument("--max-rows", type=int, help="use only the first N rows of the corpus")
+    c.add_argument("--overwrite", **overwrite)
+    c.set_defaults(func=_cmd_capture)
+
+    a = sub.add_parser(
+        "align",
+        help="map a source's captured distributions onto the pivot's tokens and vocabulary",
+        description="Align a source capture to the pivot capture of the same corpus: each "
+        "pivot position takes the source distribution that predicts the same next text "
+        "(offsets) or the reference's DTW pairing (dtw), with source ids mapped into the "
+        "pivot vocabulary (exact, mined = minimum edit distance, stats = co-occurrence). "
+        "Prints coverage and mapped probability mass.",
+    )
+    a.add_argument("--pivot", required=True, help="the pivot's capture folder")
+    a.add_argument("--source", required=True, help="the source's capture folder")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--sequence", choices=SEQUENCE_METHODS, default="offsets", help="(offsets)")
+    a.add_argument("--vocab", choices=VOCAB_METHODS, default="exact", help="(exact)")
+    a.add_argument("--pivot-tokenizer", help="tokenizer path (default: the captured model's)")
+    a.add_argument("--source-tokenizer", help="tokenizer path (default: the captured model's)")
+    a.add_argument("--overwrite", **overwrite)
+    a.set_defaults(func=_cmd_align)
+
+    f = sub.add_parser(
+        "fuse",
+        help="fuse the pivot's distributions with aligned sources' into sparse targets",
+        description="Per conversation, combine the pivot's distributions with each aligned "
+        "source's: minCE keeps the one with the lowest cross-entropy on the gold text, avgCE "
+        "weights them by softmax(-CE). Writes sparse targets over the pivot vocabulary; rows "
+        "with NaN/inf are dropped and counted.",
+    )
+    f.add_argument("--pivot", required=True, help="the pivot's capture folder")
+    f.add_argument("--aligned", required=True, nargs="+", help="aligned source folders")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--method", choices=METHODS, default="minCE", help="(minCE)")
+    f.add_argument(
+        "--ce-norm",
+        choices=["token", "char"],
+        default="token",
+        help="cross-entropy per learned token (the reference) or per character (default token)",
+    )
+    f.add_argument("--overwrite", **overwrite)
+    f.set_defaults(func=_cmd_fuse)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("file", help="recipe YAML file")
     rc.set_defaults(func=_cmd_recipe_check)
+    _add_fusion_commands(sub)
     return p
 
 

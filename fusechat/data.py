@@ -127,21 +127,26 @@ def render(messages: Sequence[Message], template: Template) -> Rendered:
     return out
 
 
-def render_with_tokenizer(messages: Sequence[Message], tokenizer) -> Rendered:
-    """Render with the tokenizer's Jinja ``chat_template``.
+def render_with_tokenizer(
+    messages: Sequence[Message], tokenizer, chat_template: str | None = None
+) -> Rendered:
+    """Render with the tokenizer's Jinja ``chat_template`` (or ``chat_template`` when given:
+    FuseChat renders every model's input with the pivot's template).
 
     The span of assistant turn i is the difference between the rendering of messages[:i] with
     the generation prompt and the rendering of messages[:i+1]; templates for which one is not a
     prefix of the other cannot be masked this way and are rejected.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise FusechatError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat_template; name a template "
             f"({', '.join(TEMPLATES)})"
         )
 
     def apply(msgs, gen):
-        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(
+            list(msgs), chat_template=chat_template, tokenize=False, add_generation_prompt=gen
+        )
 
     text = apply(messages, False)
     spans = []
@@ -211,11 +216,13 @@ def encode(
     tokenizer,
     template: str,
     max_length: int | None = None,
+    chat_template: str | None = None,
 ) -> Encoded:
-    """Render and tokenize one conversation; truncate to ``max_length`` tokens when given."""
+    """Render and tokenize one conversation; truncate to ``max_length`` tokens when given.
+    ``chat_template`` replaces the tokenizer's own when ``template`` is 'tokenizer'."""
     tpl = get_template(template)
     if tpl is None:
-        rendered, add_special = render_with_tokenizer(messages, tokenizer), False
+        rendered, add_special = render_with_tokenizer(messages, tokenizer, chat_template), False
     else:
         # Named templates leave BOS to the tokenizer's post-processor (each model's own).
         rendered, add_special = render(messages, tpl), True

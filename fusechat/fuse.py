@@ -7,9 +7,12 @@ probability 0; an id may repeat (its probabilities add). Nothing is ever vocabul
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Sparse = tuple[np.ndarray, np.ndarray]
 
@@ -76,3 +79,130 @@ def sparse_ce(target: Sparse, logprobs_at: np.ndarray) -> np.ndarray:
 def finite_rows(*arrays: np.ndarray) -> bool:
     """False when any array holds NaN or inf (such a sequence is dropped and counted)."""
     return all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
+
+
+# --------------------------------------------------------------------------- the stage
+
+VERSION = 1
+METHODS = ("minCE", "avgCE")
+
+
+def sequence_ce(row: dict, norm: str) -> float:
+    """A row's cross-entropy against the gold text: NLL of its learned tokens per token
+    (``norm='token'``, the reference's) or per character (``'char'``, comparable across
+    tokenizers that cut the same text into different numbers of tokens)."""
+    n = row["row.n_tokens"] if norm == "token" else row["row.n_chars"]
+    return float(row["row.nll_sum"]) / float(n) if n > 0 else float("nan")
+
+
+def fuse_stage(
+    pivot_dir: str,
+    aligned_dirs: Sequence[str],
+    out: str,
+    method: str = "minCE",
+    ce_norm: str = "token",
+    overwrite: bool = False,
+) -> dict:
+    """Fuse the pivot's captured distributions with aligned sources' (``fusechat fuse``).
+
+    Output rows carry the pivot's ``pos.input_ids`` and ``pos.labels_mask``, the sparse fused
+    target (``pos.target_ids``, ``pos.target_probs``) and ``row.weights`` (per model, pivot
+    first). Rows with NaN/inf anywhere, or with no learned token, are dropped and counted.
+    """
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from fusechat.errors import FusechatError
+    from fusechat.io import fingerprint, read_manifest
+    from fusechat.shards import (
+        StageReader,
+        begin_stage,
+        finish_stage,
+        pack_ids,
+        save_shard,
+        unpack_ids,
+    )
+
+    if method not in METHODS:
+        raise FusechatError(f"unknown fusion method {method!r} (minCE or avgCE)")
+    if ce_norm not in ("token", "char"):
+        raise FusechatError(f"unknown cross-entropy normalisation {ce_norm!r} (token or char)")
+    if not aligned_dirs:
+        raise FusechatError("fuse needs at least one aligned source")
+    piv = StageReader(pivot_dir, "capture")
+    srcs = [StageReader(d, "align") for d in aligned_dirs]
+    for s in srcs:
+        if s.key["pivot_capture"] != fingerprint(piv.key):
+            raise FusechatError(f"{s.folder}: aligned to another pivot capture than {pivot_dir}")
+    for r in (piv, *srcs):
+        r.check_complete()
+    key = {
+        "stage": "fuse",
+        "version": VERSION,
+        "pivot_capture": fingerprint(piv.key),
+        "aligned": [fingerprint(s.key) for s in srcs],
+        "method": method,
+        "ce_norm": ce_norm,
+        "shard_rows": piv.key["shard_rows"],
+    }
+    done = begin_stage(out, key, overwrite)
+    if done is None:
+        log.info("%s: fusion already complete", out)
+        return read_manifest(out)
+    kept = dropped_nonfinite = dropped_empty = 0
+    weight_sum = np.zeros(1 + len(srcs))
+    for i in tqdm(range(piv.n_shards), desc=f"fuse {Path(out).name}"):
+        prows = piv.shard(i)
+        sshards = [s.shard(i) for s in srcs]
+        rows = []
+        for r, prow in enumerate(prows):
+            srows = [sh[r] for sh in sshards]
+            if prow["row.n_tokens"] == 0:
+                dropped_empty += 1
+                continue
+            lp = prow["pos.topk_logprobs"].astype(np.float32)
+            ces = [sequence_ce(prow, ce_norm)]
+            # a source whose (truncated) row holds no learned token cannot be chosen
+            ces += [sequence_ce(s, ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
+            finite = finite_rows(lp, np.array(ces[:1] + [c for c in ces[1:] if c != np.inf]))
+            if not (finite and all(finite_rows(s["pos.probs"]) for s in srows)):
+                dropped_nonfinite += 1
+                continue
+            p = np.exp(lp.astype(np.float64))
+            pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
+            dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
+            valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
+            ids, probs = fuse(dists, valid, ces, method)
+            w = sequence_weights(ces, method)
+            weight_sum += w
+            kept += 1
+            rows.append(
+                {
+                    "pos.input_ids": prow["pos.input_ids"],
+                    "pos.labels_mask": prow["pos.labels_mask"],
+                    "pos.target_ids": pack_ids(ids, prow["pos.topk_ids"].dtype),
+                    "pos.target_probs": probs.astype(np.float16),
+                    "row.index": prow["row.index"],
+                    "row.weights": w.astype(np.float32),
+                }
+            )
+        if i not in done:
+            save_shard(Path(out), i, rows)
+    stats = {
+        "rows": kept,
+        "dropped_nonfinite": dropped_nonfinite,
+        "dropped_empty": dropped_empty,
+        "mean_weights": (weight_sum / max(kept, 1)).round(4).tolist(),
+        "pivot_capture": str(pivot_dir),
+        "aligned": [str(d) for d in aligned_dirs],
+        "pivot_model": piv.key["model"],
+    }
+    log.info(
+        "fused %d rows (%d dropped: NaN/inf, %d: nothing learned); mean weights %s",
+        kept,
+        dropped_nonfinite,
+        dropped_empty,
+        stats["mean_weights"],
+    )
+    return finish_stage(out, key, piv.n_shards, stats)

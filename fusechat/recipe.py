@@ -83,12 +83,43 @@ class Data(_Section):
         return ModelSpec._known_template(v) if v is not None else v
 
 
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class CaptureSection(_Section):
+    """``fusechat capture`` for the pivot and every source (FuseChat: K = 10, 2048 tokens)."""
+
+    k: PositiveInt = 10
+    max_length: PositiveInt = 2048
+    overflow: Literal["truncate", "split"] = "truncate"
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_tokens: PositiveInt = 8192
+    shard_rows: PositiveInt = 256
+
+
+class AlignSection(_Section):
+    """``fusechat align`` of each source to the pivot."""
+
+    sequence: Literal["offsets", "dtw"] = "offsets"
+    vocab: Literal["exact", "mined", "stats"] = "exact"
+
+
+class FuseSection(_Section):
+    """``fusechat fuse``: pairwise (pivot + one source) per target, as FuseChat does."""
+
+    method: Literal["minCE", "avgCE"] = "minCE"
+    ce_norm: Literal["token", "char"] = "token"
+
+
 class Recipe(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
     run_dir: str = "runs"
     seed: int = 0
     models: Models
     data: Data
+    capture: CaptureSection = CaptureSection()
+    align: AlignSection = AlignSection()
+    fuse: FuseSection = FuseSection()
 
     @property
     def render_template(self) -> str:
@@ -105,6 +136,12 @@ class Recipe(_Section):
             f"  data   {self.data.path} (format {self.data.format}, rendered with "
             f"'{self.render_template}' for every model)"
         )
+        c, a, f = self.capture, self.align, self.fuse
+        lines.append(
+            f"  capture top-{c.k}, max length {c.max_length} ({c.overflow}), backend {c.backend}"
+        )
+        lines.append(f"  align  sequence {a.sequence}, vocabulary {a.vocab}")
+        lines.append(f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source")
         return lines
 
 

@@ -31,7 +31,7 @@ def _edit(path_keys, value):
     r = copy.deepcopy(VALID)
     node = r
     for k in path_keys[:-1]:
-        node = node[k]
+        node = node[k] if isinstance(node, list) else node.setdefault(k, {})
     if value is _DELETE:
         del node[path_keys[-1]]
     else:
@@ -108,6 +108,17 @@ BROKEN = [
         "sources not a list",
         _edit(["models", "sources"], {"path": "x"}),
         "recipe.yaml: models.sources: Input should be a valid list",
+    ),
+    ("zero top-K", _edit(["capture", "k"], 0), "recipe.yaml: capture.k: Input should be greater"),
+    (
+        "unknown alignment",
+        _edit(["align", "sequence"], "nw"),
+        "recipe.yaml: align.sequence: Input should be 'offsets' or 'dtw'",
+    ),
+    (
+        "unknown fusion method",
+        _edit(["fuse", "method"], "maxCE"),
+        "recipe.yaml: fuse.method: Input should be 'minCE' or 'avgCE'",
     ),
 ]
 

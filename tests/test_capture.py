@@ -1,0 +1,246 @@
+"""Capture, align and fuse stages on the toy world: contents, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from fusechat.align import align
+from fusechat.capture import CaptureConfig, capture, plan_batches, segments
+from fusechat.cli import main
+from fusechat.fuse import fuse_stage, sequence_ce
+from fusechat.shards import StageReader, save_shard, unpack_ids, unpack_rows
+
+ROWS = 40
+
+
+def _cfg(world: Path, model: str, **kw) -> CaptureConfig:
+    base = dict(template="openchat", max_length=128, shard_rows=16, batch_tokens=2048)
+    return CaptureConfig(model=str(world / model), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def stages(toy_world, tmp_path_factory):
+    """Pivot and Mixtral captures of the held-out corpus, aligned and fused."""
+    d = tmp_path_factory.mktemp("stages")
+    data = toy_world / "corpus" / "heldout.jsonl"
+    capture(_cfg(toy_world, "openchat-mini"), data, d / "cap-pivot", max_rows=ROWS)
+    capture(_cfg(toy_world, "nh2-mixtral-mini"), data, d / "cap-mixtral", max_rows=ROWS)
+    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral")
+    fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
+    return d
+
+
+def _rows(folder: Path, stage: str) -> list[dict]:
+    return [r for _, rows in StageReader(folder, stage).shards() for r in rows]
+
+
+def test_plan_batches_and_segments():
+    batches = plan_batches([5, 50, 10, 48, 9], batch_tokens=100)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert batches[0] == [1, 3]  # longest together, 2 * 50 <= 100
+    assert all(len(b) * max([5, 50, 10, 48, 9][i] for i in b) <= 100 for b in batches)
+    assert segments(10, 4, "split") == [(0, 4), (4, 8), (8, 10)]
+    assert segments(10, 4, "truncate") == [(0, 4)]
+    assert segments(3, 4, "split") == [(0, 3)]
+
+
+def test_capture_matches_a_direct_forward_pass(stages, toy_world):
+    from transformers import AutoModelForCausalLM
+
+    from fusechat.losses import predicts_label, token_nll
+
+    rows = _rows(stages / "cap-pivot", "capture")
+    assert len(rows) == ROWS and [int(r["row.index"]) for r in rows] == list(range(ROWS))
+    model = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini").eval()
+    for r in rows[:3]:
+        ids = torch.tensor(unpack_ids(r["pos.input_ids"]))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        top = logp.topk(10, -1)
+        got_ids = unpack_ids(r["pos.topk_ids"])
+        lp = r["pos.topk_logprobs"].astype(np.float32)
+        assert r["pos.topk_logprobs"].dtype == np.float16
+        np.testing.assert_allclose(lp, top.values.numpy(), atol=2e-2, rtol=1e-3)
+        agree = (got_ids == top.indices.numpy()).mean()
+        assert agree > 0.97  # near-ties may swap under batching
+        assert np.all(np.diff(lp, axis=1) <= 0)  # sorted by probability
+        mask = torch.tensor(r["pos.labels_mask"])[None]
+        nll = token_nll(model(input_ids=ids).logits, ids)[predicts_label(mask)]
+        assert int(r["row.n_tokens"]) == nll.numel() > 0
+        assert float(r["row.nll_sum"]) == pytest.approx(nll.sum().item(), rel=1e-4)
+
+
+def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_path):
+    data = toy_world / "corpus" / "heldout.jsonl"
+    full = capture(_cfg(toy_world, "openchat-mini", shard_rows=8), data, tmp_path / "f", max_rows=8)
+    split = capture(
+        _cfg(toy_world, "openchat-mini", max_length=12, overflow="split", shard_rows=8),
+        data,
+        tmp_path / "s",
+        max_rows=8,
+    )
+    trunc = capture(
+        _cfg(toy_world, "openchat-mini", max_length=12, shard_rows=8),
+        data,
+        tmp_path / "t",
+        max_rows=8,
+    )
+    assert split["stats"]["split"] == 8 and split["stats"]["truncated"] == 0
+    assert trunc["stats"]["truncated"] == 8 and trunc["stats"]["positions"] == 8 * 12
+    assert split["stats"]["positions"] == full["stats"]["positions"]
+    f, s = _rows(tmp_path / "f", "capture"), _rows(tmp_path / "s", "capture")
+    for a, b in zip(f, s, strict=True):
+        assert np.array_equal(a["pos.input_ids"], b["pos.input_ids"])
+        # the first window sees the same context as the full pass
+        np.testing.assert_allclose(
+            a["pos.topk_logprobs"][:12].astype(float),
+            b["pos.topk_logprobs"][:12].astype(float),
+            atol=2e-2,
+        )
+        assert int(a["row.n_tokens"]) == int(b["row.n_tokens"])
+
+
+def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
+    """Kill a capture after its first shard, rerun it, compare with an uninterrupted one."""
+    data = toy_world / "corpus" / "heldout.jsonl"
+    opts = dict(max_length=128, shard_rows=8, batch_tokens=256)
+    ref = tmp_path / "ref"
+    capture(_cfg(toy_world, "nh2-mixtral-mini", **opts), data, ref, max_rows=96)
+    out = tmp_path / "cap"
+    cmd = [sys.executable, "-m", "fusechat.cli", "capture", "--template", "openchat"]
+    cmd += ["--model", str(toy_world / "nh2-mixtral-mini"), "--data", str(data)]
+    cmd += ["--out", str(out), "--max-rows", "96", "--max-length", "128"]
+    cmd += ["--shard-rows", "8", "--batch-tokens", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "shard-00000.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "capture finished before it could be killed"
+    assert len(list(out.glob("shard-*"))) < 12
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    names = sorted(p.name for p in ref.glob("shard-*"))
+    assert names == sorted(p.name for p in out.glob("shard-*")) and len(names) == 12
+    for n in names:
+        assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+
+
+def test_self_alignment_is_the_identity(stages, tmp_path):
+    m = align(stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self")
+    assert m["stats"]["coverage"] == 1.0 and m["stats"]["mapped_mass"] == pytest.approx(1.0)
+    vmap = np.load(tmp_path / "self" / "vocab_map.npy")
+    assert np.array_equal(vmap, np.arange(len(vmap)))
+    piv, ali = _rows(stages / "cap-pivot", "capture"), _rows(tmp_path / "self", "align")
+    for p, a in zip(piv, ali, strict=True):
+        assert a["pos.valid"].all()
+        assert np.array_equal(unpack_ids(a["pos.ids"]), unpack_ids(p["pos.topk_ids"]))
+        q = np.exp(p["pos.topk_logprobs"].astype(np.float64))
+        np.testing.assert_allclose(a["pos.probs"], q / q.sum(1, keepdims=True), atol=1e-3)
+
+
+def test_alignment_across_tokenizers(stages):
+    m = json.loads((stages / "al-mixtral" / "manifest.json").read_text())
+    assert 0.5 < m["stats"]["coverage"] <= m["stats"]["aligned"] <= 1.0
+    assert 0.0 < m["stats"]["mapped_mass"] <= 1.0
+    piv = _rows(stages / "cap-pivot", "capture")
+    src = _rows(stages / "cap-mixtral", "capture")
+    for p, s, a in zip(piv, src, _rows(stages / "al-mixtral", "align"), strict=True):
+        # a valid pivot position has a source token ending at the same character
+        ends = set(s["pos.char_end"].tolist())
+        assert all(int(e) in ends for e in p["pos.char_end"][a["pos.valid"]])
+        probs = a["pos.probs"].astype(np.float64)
+        np.testing.assert_allclose(probs[a["pos.valid"]].sum(1), 1, atol=5e-3)
+        assert np.all(probs[~a["pos.valid"]] == 0)
+
+
+def test_fused_targets(stages):
+    piv = _rows(stages / "cap-pivot", "capture")
+    al = _rows(stages / "al-mixtral", "align")
+    fused = _rows(stages / "fused", "fuse")
+    assert len(fused) == ROWS
+    for p, a, f in zip(piv, al, fused, strict=True):
+        assert np.array_equal(f["pos.input_ids"], p["pos.input_ids"])
+        probs = f["pos.target_probs"].astype(np.float64)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=5e-3)
+        assert f["pos.target_ids"].shape[1] == 20  # sparse: K per model, never the vocabulary
+        src_wins = sequence_ce(a, "token") < sequence_ce(p, "token")
+        assert f["row.weights"].tolist() == ([0.0, 1.0] if src_wins else [1.0, 0.0])
+        if src_wins:  # where the source is aligned its distribution is the target
+            v = a["pos.valid"]
+            np.testing.assert_allclose(probs[v, 10:], a["pos.probs"][v], atol=2e-3)
+            np.testing.assert_allclose(probs[~v, :10].sum(1), 1, atol=5e-3)
+
+
+def test_nonfinite_rows_are_dropped_and_counted(stages, tmp_path):
+    bad = tmp_path / "cap"
+    shutil.copytree(stages / "cap-pivot", bad)
+    rows = unpack_rows(load_file(bad / "shard-00001.safetensors"))
+    rows[3]["pos.topk_logprobs"][5, 0] = np.nan
+    save_shard(bad, 1, rows)
+    align(bad, stages / "cap-mixtral", tmp_path / "al")
+    m = fuse_stage(bad, [tmp_path / "al"], tmp_path / "fused")
+    assert m["stats"]["dropped_nonfinite"] == 1 and m["stats"]["rows"] == ROWS - 1
+
+
+def _err(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_line(stages, toy_world, tmp_path, capsys):
+    data = toy_world / "corpus" / "heldout.jsonl"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["capture", "--model", str(toy_world / "openchat-mini"), "--template", "openchat"]
+    err = _err(capsys, [*base, "--data", str(empty), "--out", str(tmp_path / "c")])
+    assert "no usable conversations" in err
+    # wrong tokenizer for the shards
+    err = _err(
+        capsys,
+        [
+            "align",
+            "--pivot",
+            str(stages / "cap-pivot"),
+            "--source",
+            str(stages / "cap-mixtral"),
+            "--out",
+            str(tmp_path / "a"),
+            "--source-tokenizer",
+            str(toy_world / "nh2-solar-mini"),
+        ],
+    )
+    assert "captured with another tokenizer" in err
+    # missing shard
+    broken = tmp_path / "broken"
+    shutil.copytree(stages / "cap-mixtral", broken)
+    (broken / "shard-00001.safetensors").unlink()
+    argv = ["align", "--pivot", str(stages / "cap-pivot"), "--source", str(broken)]
+    err = _err(capsys, [*argv, "--out", str(tmp_path / "a2")])
+    assert "shard-00001.safetensors: shard missing" in err
+    # captures of different corpora
+    other = tmp_path / "other"
+    capture(_cfg(toy_world, "nh2-mixtral-mini"), data, other, max_rows=ROWS - 1)
+    argv = ["align", "--pivot", str(stages / "cap-pivot"), "--source", str(other)]
+    assert "different corpora" in _err(capsys, [*argv, "--out", str(tmp_path / "a3")])
+    # an unfinished stage is not taken for a finished one
+    (broken / "manifest.json").unlink()
+    argv = ["align", "--pivot", str(stages / "cap-pivot"), "--source", str(broken)]
+    assert "incomplete" in _err(capsys, [*argv, "--out", str(tmp_path / "a4")])
+    # rerunning into a folder made with other settings
+    argv = ["--data", str(data), "--out", str(stages / "cap-pivot"), "--max-rows", str(ROWS)]
+    err = _err(capsys, [*base, *argv, "--k", "5", "--max-length", "128", "--shard-rows", "16"])
+    assert "other settings (k)" in err

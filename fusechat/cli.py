@@ -83,6 +83,47 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from merge.run import run
+
+    report = run(
+        args.config,
+        args.out,
+        overwrite=args.overwrite,
+        shard_size=args.shard_size,
+        device=args.device,
+        lora_merge_dtype=args.lora_merge_dtype,
+        plot=not args.no_plot,
+    )
+    summary = {k: report[k] for k in ("merge_method", "models", "seconds", "warnings")}
+    if "mean_weights" in report:
+        summary["mean_weights"] = report["mean_weights"]
+    print(json.dumps({"out": args.out, **summary}))
+    return 0
+
+
+def _add_merge_command(sub) -> None:
+    m = sub.add_parser(
+        "merge",
+        help="merge checkpoints in parameter space (VaRM and every mergekit method)",
+        description="Merge models with a mergekit-style YAML (models, base_model, "
+        "merge_method, parameters, dtype, tokenizer_source), or a recipe whose 'merge' section "
+        "is one. Every mergekit method works (linear, task_arithmetic, ties, dare_ties, slerp, "
+        "sce, ...) plus 'varm' (parameters: granularity matrix|element|layer|model, statistic "
+        "square|abs, temperature). Inputs: local folders, hub ids, 'BASE+ADAPTER' or a PEFT "
+        "adapter folder. Inputs are checked before anything is written; the output folder "
+        "appears only when complete, with merge_report.json (and varm_weights.png).",
+    )
+    m.add_argument("config", help="mergekit-style YAML, or a recipe with a 'merge' section")
+    m.add_argument("out", help="output model folder")
+    m.add_argument("--shard-size", default="5B", help="output shard size (mergekit, default 5B)")
+    m.add_argument("--device", help="device for the arithmetic (default: cuda if available)")
+    m.add_argument("--lora-merge-dtype", help="dtype for applying LoRA adapters (default: auto)")
+    m.add_argument("--no-plot", action="store_true", help="skip the VaRM heat map PNG")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.set_defaults(func=_cmd_merge)
+
+
 def _add_fusion_commands(sub) -> None:
     from fusechat.align import SEQUENCE_METHODS, VOCAB_METHODS
     from fusechat.data import TEMPLATE_NAMES
@@ -227,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("file", help="recipe YAML file")
     rc.set_defaults(func=_cmd_recipe_check)
     _add_fusion_commands(sub)
+    _add_merge_command(sub)
     return p
 
 

@@ -152,15 +152,16 @@ def _field_path(loc: tuple) -> str:
     return out
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe; any problem raises one-line ``FusechatError``."""
+def read_yaml(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; any problem raises a one-line ``FusechatError``
+    naming ``what`` the file was meant to be."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FusechatError(f"{path}: recipe not found") from None
+        raise FusechatError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise FusechatError(f"{path}: cannot read recipe ({e})") from None
+        raise FusechatError(f"{path}: cannot read {what} ({e})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -169,19 +170,28 @@ def load_recipe(path: str | Path) -> Recipe:
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise FusechatError(f"{path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise FusechatError(
-            f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}"
-        )
+        raise FusechatError(f"{path}: a {what} must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def validation_error(source: str | Path, e: ValidationError) -> FusechatError:
+    """pydantic's first error as ``source: field.path: message (+N more)``."""
+    err = e.errors()[0]
+    field = _field_path(err["loc"]) or "(top level)"
+    msg = err["msg"]
+    msg = {
+        "Field required": "field required",
+        "Extra inputs are not permitted": "unknown field",
+    }.get(msg, msg)
+    msg = msg.removeprefix("Value error, ")
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return FusechatError(f"{source}: {field}: {msg}{more}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe; any problem raises one-line ``FusechatError``."""
+    raw = read_yaml(path, "recipe")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = _field_path(err["loc"]) or "(top level)"
-        msg = err["msg"]
-        msg = {
-            "Field required": "field required",
-            "Extra inputs are not permitted": "unknown field",
-        }.get(msg, msg)
-        msg = msg.removeprefix("Value error, ")
-        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise FusechatError(f"{path}: {field}: {msg}{more}") from None
+        raise validation_error(path, e) from None

@@ -1,0 +1,350 @@
+"""``fusechat merge``: run a mergekit-style YAML through mergekit, with VaRM registered.
+
+Planning and loading stay mergekit's (lazy, shard by shard). Around it fusechat adds what a
+user needs before and after: inputs checked before any output is written (architectures,
+tensor names and shapes, a base that is not an ancestor), PEFT adapter folders accepted as
+inputs, an atomic output folder, and ``merge_report.json`` with the weight each target got
+for each tensor (plus a heat map for VaRM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fusechat.errors import FusechatError
+from fusechat.io import atomic_dir, fingerprint, read_json, write_json
+from fusechat.recipe import read_yaml, validation_error
+from merge import varm
+
+log = logging.getLogger(__name__)
+REPORT = "merge_report.json"
+# Relative delta ||theta_i - theta_base|| / ||theta_base|| above which the base is unlikely to be
+# the model the target was fine-tuned from (fine-tunes move weights by a few percent).
+ANCESTOR_LIMIT = 0.5
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _adapter_ref(value: str) -> str:
+    """A PEFT adapter folder given alone becomes mergekit's ``base+adapter`` reference."""
+    path = Path(value)
+    cfg = path / "adapter_config.json"
+    if "+" not in value and cfg.is_file():
+        base = read_json(cfg).get("base_model_name_or_path")
+        if not base:
+            raise FusechatError(f"{cfg}: no base_model_name_or_path; give 'BASE+{value}'")
+        return f"{base}+{value}"
+    return value
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """A mergekit YAML, or a recipe whose ``merge`` section is one; adapters resolved."""
+    raw = read_yaml(path, "merge configuration")
+    if isinstance(raw.get("merge"), dict):
+        raw = raw["merge"]
+    for m in raw.get("models") or []:
+        if isinstance(m, dict) and isinstance(m.get("model"), str):
+            m["model"] = _adapter_ref(m["model"])
+    if isinstance(raw.get("base_model"), str):
+        raw["base_model"] = _adapter_ref(raw["base_model"])
+    return raw
+
+
+def parse_config(raw: dict, source: str):
+    """Validate with mergekit's own schema; unknown methods are named with the known ones."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry
+    from pydantic import ValidationError
+
+    varm.register()
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    method = raw.get("merge_method")
+    if method not in known:
+        raise FusechatError(
+            f"{source}: merge_method: unknown method {method!r} (known: {', '.join(known)})"
+        )
+    try:
+        return MergeConfiguration.model_validate(raw)
+    except ValidationError as e:
+        raise validation_error(source, e) from None
+    except RuntimeError as e:  # mergekit raises these for malformed model strings
+        raise FusechatError(f"{source}: {e}") from None
+
+
+# --------------------------------------------------------------------------- checking inputs
+
+
+def _local(ref, options):
+    """A reference with its LoRA merged (cached) and its local folder."""
+    try:
+        merged = ref.merged(
+            cache_dir=options.lora_merge_cache, lora_merge_dtype=options.lora_merge_dtype
+        )
+        return merged, merged.local_path(cache_dir=options.transformers_cache)
+    except Exception as e:  # hub errors, missing folders, broken adapters: one line each
+        raise FusechatError(f"{ref}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def _shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+    from safetensors import safe_open
+
+    try:
+        index = ShardedTensorIndex.from_disk(folder)
+    except (RuntimeError, OSError) as e:
+        raise FusechatError(f"{folder}: no model weights ({e})") from None
+    if not index.is_safetensors:
+        return {}  # .bin checkpoints: left to mergekit
+    shapes = {}
+    for shard in index.shards:
+        with safe_open(os.path.join(folder, shard.filename), framework="pt") as f:
+            for k in shard.contained_keys:
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    return shapes
+
+
+def check_inputs(cfg, options) -> list[str]:
+    """Fail with one line on inputs mergekit would choke on (or merge into nonsense) before
+    any output exists; return warnings. Compares every input with the base (or the first)."""
+    from transformers import AutoConfig
+
+    refs = cfg.referenced_models()
+    first = cfg.base_model or refs[0]
+    ordered = [first] + [r for r in refs if r != first]
+    local = {r: _local(r, options)[1] for r in ordered}
+    archs = {}
+    for r in ordered:
+        try:
+            archs[r] = (AutoConfig.from_pretrained(local[r]).architectures or ["?"])[0]
+        except (OSError, ValueError) as e:
+            raise FusechatError(f"{r}: cannot read config ({str(e).splitlines()[0]})") from None
+    for r in ordered[1:]:
+        if archs[r] != archs[first]:
+            raise FusechatError(
+                f"{r}: architecture {archs[r]} differs from {first} ({archs[first]}); "
+                "merging needs one architecture"
+            )
+    shapes = {r: _shapes(local[r]) for r in ordered}
+    ref_shapes = shapes[first]
+    for r in ordered[1:]:
+        if not shapes[r] or not ref_shapes:
+            continue
+        missing = sorted(set(ref_shapes) - set(shapes[r]))
+        if missing:
+            raise FusechatError(f"{r}: missing tensor {missing[0]} (present in {first})")
+        for k, s in shapes[r].items():
+            if k in ref_shapes and s != ref_shapes[k]:
+                raise FusechatError(
+                    f"{r}: tensor {k} has shape {list(s)}, {first} has {list(ref_shapes[k])}"
+                )
+    warnings = []
+    if cfg.base_model is not None:
+        for r in ordered[1:]:
+            rel = relative_delta(local[first], local[r], ref_shapes)
+            if rel is not None and rel > ANCESTOR_LIMIT:
+                warnings.append(
+                    f"{first} does not look like the base of {r} (relative delta {rel:.2f} > "
+                    f"{ANCESTOR_LIMIT}); task vectors from it may be meaningless"
+                )
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
+def relative_delta(base: str, other: str, shapes: dict, n: int = 4) -> float | None:
+    """Median of ``||x - b|| / ||b||`` over the n smallest 2-D tensors (cheap to read)."""
+    import torch
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+    names = sorted((k for k, s in shapes.items() if len(s) == 2), key=lambda k: (shapes[k], k))[:n]
+    if not names:
+        return None
+    lb = LazyTensorLoader(ShardedTensorIndex.from_disk(base), lazy_unpickle=True)
+    lo = LazyTensorLoader(ShardedTensorIndex.from_disk(other), lazy_unpickle=True)
+    rel = []
+    for k in names:
+        b, x = lb.get_tensor(k).float(), lo.get_tensor(k).float()
+        rel.append(((x - b).norm() / b.norm().clamp(min=1e-12)).item())
+    return float(torch.tensor(rel).median())
+
+
+# --------------------------------------------------------------------------- VaRM statistics
+
+
+def varm_parameters(cfg) -> dict[str, Any]:
+    p = {k: v for k, v in (cfg.parameters or {}).items()}
+    return {
+        "granularity": p.get("granularity", "matrix"),
+        "statistic": p.get("statistic", "square"),
+        "temperature": p.get("temperature", 0.0),
+    }
+
+
+def group_statistics(cfg, options, granularity: str, statistic: str) -> dict:
+    """For ``layer``/``model`` granularity: per (target, group) the variation of the group,
+    ``sum over its tensors of sum(stat(d))`` / its number of entries, read tensor by tensor."""
+    import torch
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+    base_dir = _local(cfg.base_model, options)[1]
+    base = LazyTensorLoader(ShardedTensorIndex.from_disk(base_dir), lazy_unpickle=True)
+    stats: dict[tuple[str, str], float] = {}
+    for m in cfg.models:
+        if m.model == cfg.base_model:
+            continue
+        loader = LazyTensorLoader(
+            ShardedTensorIndex.from_disk(_local(m.model, options)[1]), lazy_unpickle=True
+        )
+        sums: dict[str, list[float]] = {}
+        for name in base.index.tensor_paths:
+            d = loader.get_tensor(name).double() - base.get_tensor(name).double()
+            s = d.square() if statistic == "square" else d.abs()
+            acc = sums.setdefault(varm.group_key(name, granularity), [0.0, 0])
+            acc[0] += float(s.sum())
+            acc[1] += d.numel()
+            del d, s
+        for key, (total, count) in sums.items():
+            stats[(str(m.model), key)] = total / max(count, 1)
+        del loader
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return stats
+
+
+# --------------------------------------------------------------------------- report
+
+
+def heatmap(weights: dict[str, dict[str, float]], path: Path) -> bool:
+    """PNG of each target's VaRM weight by decoder layer (rows) and module (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells: dict[tuple[int, str], dict[str, float]] = {}
+    for name, per_model in weights.items():
+        parts = name.split(".")
+        if "layers" not in parts:
+            continue
+        i = parts.index("layers")
+        if i + 1 >= len(parts) or not parts[i + 1].isdigit():
+            continue
+        module = ".".join(p for p in parts[i + 2 :] if p not in ("weight", "bias"))
+        cells[(int(parts[i + 1]), module)] = per_model
+    if not cells:
+        return False
+    layers = sorted({layer for layer, _ in cells})
+    modules = sorted({m for _, m in cells})
+    models = list(next(iter(cells.values())))
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(1 + 0.5 * len(modules) * len(models), 1.5 + 0.3 * len(layers))
+    )
+    axes = np.atleast_1d(axes)
+    for ax, model in zip(axes, models, strict=True):
+        grid = np.full((len(layers), len(modules)), np.nan)
+        for (layer, module), pm in cells.items():
+            grid[layers.index(layer), modules.index(module)] = pm.get(model, np.nan)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(Path(model).name, fontsize=8)
+        ax.set_xticks(range(len(modules)), modules, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+        ax.set_ylabel("layer")
+    fig.subplots_adjust(bottom=0.35, top=0.9)
+    fig.colorbar(im, ax=list(axes), label="VaRM weight")
+    fig.savefig(path, dpi=100)  # no bbox_inches="tight": it draws the figure twice
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(
+    config: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    shard_size: str = "5B",
+    device: str | None = None,
+    lora_merge_dtype: str | None = None,
+    plot: bool = True,
+) -> dict:
+    """Check the inputs, merge with mergekit into ``out`` atomically, write the report (and,
+    with ``plot``, the VaRM heat map; matplotlib costs about half a second)."""
+    from mergekit.common import parse_kmb
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    raw = load_config(config)
+    cfg = parse_config(raw, str(config))
+    key = {"config": raw, "version": 1}
+    out = Path(out)
+    if (out / REPORT).exists():
+        old = read_json(out / REPORT)
+        if old.get("key") == fingerprint(key) and not overwrite:
+            log.info("%s: already merged with this configuration", out)
+            return old
+        if not overwrite:
+            raise FusechatError(f"{out}: exists with another merge; use --overwrite")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FusechatError(f"{out}: exists and is not a merge output; use --overwrite")
+    import torch
+
+    # mergekit caches merged adapters by path, not content: a retrained adapter at the same path
+    # would be served stale, so adapters are applied into a scratch folder per merge.
+    scratch = tempfile.TemporaryDirectory(
+        prefix=".lora-", dir=out.parent if out.parent.exists() else None
+    )
+    options = MergeOptions(
+        out_shard_size=parse_kmb(shard_size),
+        lora_merge_cache=scratch.name,
+        lora_merge_dtype=lora_merge_dtype,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        lazy_unpickle=True,
+        quiet=False,
+        random_seed=0,
+    )
+    warnings = check_inputs(cfg, options)
+    models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)
+    params = varm_parameters(cfg) if cfg.merge_method == "varm" else {}
+    if params and params["granularity"] in ("layer", "model"):
+        varm.set_group_stats(
+            group_statistics(cfg, options, params["granularity"], params["statistic"])
+        )
+    varm.reset_report()
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        try:
+            run_merge(cfg, str(tmp), options)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise FusechatError(f"{config}: mergekit failed: {str(e).splitlines()[0]}") from None
+        weights = varm.reset_report()
+        report = {
+            "key": fingerprint(key),
+            "merge_method": cfg.merge_method,
+            "base_model": str(cfg.base_model) if cfg.base_model else None,
+            "models": models,
+            "parameters": json.loads(json.dumps(raw.get("parameters") or {}, default=str)),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "warnings": warnings,
+        }
+        if weights:
+            targets = list(next(iter(weights.values())))
+            report["varm"] = params
+            report["mean_weights"] = {
+                m: sum(w.get(m, 0.0) for w in weights.values()) / len(weights) for m in targets
+            }
+            report["weights"] = weights
+            report["heatmap"] = (
+                "varm_weights.png" if plot and heatmap(weights, tmp / "varm_weights.png") else None
+            )
+        write_json(tmp / REPORT, report)
+    scratch.cleanup()
+    log.info("merged %s into %s in %.1f s", cfg.merge_method, out, report["seconds"])
+    return report

@@ -1,0 +1,168 @@
+"""VaRM: merging by the variation ratio of each target's parameters (FuseChat, arXiv 2402.16107).
+
+For targets i = 1..N fine-tuned from a common base and one parameter matrix m::
+
+    d_i = theta_i - theta_base
+    v_i = mean(d_i ** 2)                      (statistic 'square'; 'abs' uses mean |d_i|)
+    w_i = v_i / sum_j v_j                     (equal weights 1/N where every v_j is 0)
+    theta = sum_i w_i * theta_i
+
+A target that moved a matrix more during fusion training gets more say over that matrix.
+Granularity: ``matrix`` (the paper's: one v per tensor), ``element`` (one per entry),
+``layer`` and ``model`` (v summed over every tensor of a decoder layer or of the model, from a
+statistics pass; see ``merge.run``). With ``temperature > 0`` the ratios r_i = w_i pass through
+``softmax(r / temperature)``, which flattens (large T) or sharpens (small T) the choice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
+from mergekit.merge_methods.easy_define import merge_method
+
+Granularity = Literal["matrix", "element", "layer", "model"]
+Statistic = Literal["square", "abs"]
+
+
+def variation(
+    targets: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    statistic: str = "square",
+    elementwise: bool = False,
+) -> torch.Tensor:
+    """Per-target variation of ``d_i = theta_i - theta_base``: ``mean(d_i ** 2)`` or
+    ``mean(|d_i|)`` (shape (N,), float64), or the entries themselves when ``elementwise``.
+
+    One delta is alive at a time and reductions run in float32 with float64 results: merging
+    is memory-bound, and a float64 stack of N embedding matrices would dominate both time and
+    peak memory.
+    """
+    out = []
+    b = base.float()
+    buf = None if elementwise else torch.empty_like(b)  # one scratch delta, reused
+    for t in targets:
+        if elementwise:
+            d = t.float() - b
+            out.append(d.square() if statistic == "square" else d.abs())
+            continue
+        flat = torch.sub(t.float(), b, out=buf).reshape(-1)
+        s = torch.dot(flat, flat) if statistic == "square" else flat.abs_().sum()
+        out.append(s.double() / max(flat.numel(), 1))
+    return torch.stack(out).double()
+
+
+def ratio_weights(v: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:
+    """``w_i = v_i / sum_j v_j`` along dim 0 (1/N where the sum is 0), then optionally
+    ``softmax(w / temperature)``."""
+    total = v.sum(dim=0, keepdim=True)
+    w = torch.where(total > 0, v / torch.where(total > 0, total, 1), 1.0 / len(v))
+    if temperature > 0:
+        w = torch.softmax(w / temperature, dim=0)
+    return w
+
+
+def varm_weights(
+    targets: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    statistic: str = "square",
+    temperature: float = 0.0,
+    elementwise: bool = False,
+) -> torch.Tensor:
+    """VaRM weights of N targets for one tensor: shape (N,), or (N, *shape) when elementwise."""
+    return ratio_weights(variation(targets, base, statistic, elementwise), temperature)
+
+
+def weighted_sum(targets: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i theta_i`` in float32 (float64 for float64 inputs), cast back."""
+    dtype = torch.float64 if targets[0].dtype == torch.float64 else torch.float32
+    out = torch.zeros_like(targets[0], dtype=dtype)
+    for t, w in zip(targets, weights, strict=True):
+        out.add_(t.to(dtype), alpha=float(w))
+    return out.to(targets[0].dtype)
+
+
+# --------------------------------------------------------------------------- mergekit method
+
+# tensor name -> {model: weight}, filled while a merge runs; read by ``merge.run``
+_REPORT: dict[str, dict[str, float]] = {}
+_REPORT_LOCK = threading.Lock()
+# (model, group key) -> variation summed over the group's tensors, for layer/model granularity
+_GROUP_STATS: dict[tuple[str, str], float] = {}
+
+
+def reset_report() -> dict[str, dict[str, float]]:
+    with _REPORT_LOCK:
+        out = dict(_REPORT)
+        _REPORT.clear()
+    return out
+
+
+def group_key(name: str, granularity: str) -> str:
+    """The tensors that share one weight: a decoder layer (``model.layers.3``; tensors outside
+    layers, such as embeddings, form their own group each) or the whole model."""
+    if granularity == "model":
+        return "model"
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return name
+
+
+def set_group_stats(stats: dict[tuple[str, str], float]) -> None:
+    _GROUP_STATS.clear()
+    _GROUP_STATS.update(stats)
+
+
+@merge_method(
+    name="varm",
+    pretty_name="VaRM",
+    reference_url="https://arxiv.org/abs/2402.16107",
+    contract=InputContract(base=BasePolicy.REQUIRED),
+)
+def varm_merge(
+    group: TensorGroup,
+    granularity: Granularity = "matrix",
+    statistic: Statistic = "square",
+    temperature: float = 0.0,
+) -> torch.Tensor:
+    """mergekit kernel: VaRM over one tensor's targets (the non-base inputs)."""
+    base = group.base.tensor
+    entries = group.non_base
+    if not entries:
+        return base
+    targets = [e.tensor for e in entries]
+    name = group.metadata.name or ""
+    if granularity in ("layer", "model"):
+        key = group_key(name, granularity)
+        missing = [str(e.id) for e in entries if (str(e.id), key) not in _GROUP_STATS]
+        if missing:
+            raise RuntimeError(
+                f"varm granularity {granularity}: no statistics for {key} of {missing[0]}; "
+                "run it through `fusechat merge`, which computes them first"
+            )
+        v = torch.tensor([_GROUP_STATS[(str(e.id), key)] for e in entries], dtype=torch.float64)
+        weights = ratio_weights(v, temperature)
+    else:
+        weights = varm_weights(targets, base, statistic, temperature, granularity == "element")
+    per_model = weights if weights.ndim == 1 else weights.reshape(len(weights), -1).mean(1)
+    with _REPORT_LOCK:
+        _REPORT[name] = {str(e.id): float(w) for e, w in zip(entries, per_model, strict=True)}
+    if weights.ndim > 1:  # elementwise: sum_i w_i * theta_i entry by entry
+        out = torch.zeros_like(base, dtype=torch.float32)
+        for t, w in zip(targets, weights, strict=True):
+            out.addcmul_(t.float(), w.float())
+        return out.to(base.dtype)
+    return weighted_sum(targets, weights)
+
+
+def register() -> None:
+    """Make ``merge_method: varm`` available to mergekit in this process (idempotent)."""
+    from mergekit.merge_methods import registry
+
+    if "varm" not in {m.spec.name for m in registry.registered_methods()}:
+        registry.register(varm_merge)

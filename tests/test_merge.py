@@ -1,0 +1,245 @@
+"""VaRM against its formula, inside mergekit, and `fusechat merge` on toy-world checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mergekit.merge_methods.base import TensorGroup
+from safetensors.torch import load_file, save_file
+
+from fusechat.cli import main
+from merge import varm
+
+
+def _group(base, targets, name="model.layers.0.mlp.up_proj.weight") -> TensorGroup:
+    return TensorGroup.from_tensors([base, *targets], ids=["base", *range(len(targets))],
+                                    base_index=0, name=name)  # fmt: skip
+
+
+def test_weights_equal_the_formula_and_sum_to_one():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    d = [0.1 * torch.randn(4, 6, generator=g), 0.3 * torch.randn(4, 6, generator=g)]
+    targets = [base + x for x in d]
+    v = torch.tensor([x.double().square().mean() for x in d])
+    w = varm.varm_weights(targets, base)
+    torch.testing.assert_close(w, v / v.sum())
+    assert w.sum().item() == pytest.approx(1.0)
+    merged = varm.varm_merge.merge_group(_group(base, targets))
+    torch.testing.assert_close(merged, w[0].float() * targets[0] + w[1].float() * targets[1])
+    # abs statistic and a temperature
+    va = torch.tensor([x.double().abs().mean() for x in d])
+    torch.testing.assert_close(varm.varm_weights(targets, base, "abs"), va / va.sum())
+    wt = varm.varm_weights(targets, base, temperature=0.5)
+    torch.testing.assert_close(wt, torch.softmax((v / v.sum()) / 0.5, 0))
+    # elementwise: one ratio per entry
+    we = varm.varm_weights(targets, base, elementwise=True)
+    s0, s1 = d[0].double().square(), d[1].double().square()
+    torch.testing.assert_close(we[0], s0 / (s0 + s1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(we.sum(0), torch.ones_like(s0))
+
+
+def test_identical_inputs_and_equal_deltas():
+    base = torch.randn(3, 5)
+    same = varm.varm_merge.merge_group(_group(base, [base.clone(), base.clone()]))
+    torch.testing.assert_close(same, base)  # every v is 0: equal weights, the input back
+    d = torch.randn(3, 5)
+    a, b = base + d, base - d  # same variation, opposite directions
+    out = varm.varm_merge.merge_group(_group(base, [a, b]))
+    torch.testing.assert_close(out, (a + b) / 2)
+
+
+def test_group_keys():
+    assert varm.group_key("model.layers.12.self_attn.q_proj.weight", "layer") == "model.layers.12"
+    assert varm.group_key("model.embed_tokens.weight", "layer") == "model.embed_tokens.weight"
+    assert varm.group_key("model.layers.1.mlp.up_proj.weight", "model") == "model"
+
+
+# --------------------------------------------------------------------------- toy-world merges
+
+
+def _finetune_like(src: Path, out: Path, seed: int, scale: float) -> Path:
+    """A copy of ``src`` whose tensors moved by ``scale`` of their spread, more in some
+    tensors than in others (as fine-tuning does)."""
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("manifest.json"))
+    g = torch.Generator().manual_seed(seed)
+    sd = load_file(out / "model.safetensors")
+    for i, (k, t) in enumerate(sorted(sd.items())):
+        s = scale * (1 + (i * (seed + 3)) % 5) * (t.float().std() if t.numel() > 1 else 1.0)
+        sd[k] = t + s * torch.randn(t.shape, generator=g)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def targets(toy_world, tmp_path_factory):
+    d = tmp_path_factory.mktemp("targets")
+    pivot = toy_world / "openchat-mini"
+    return pivot, [_finetune_like(pivot, d / f"t{i}", i, 0.004 * (i + 1)) for i in range(3)]
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _config(pivot, models, method="varm", **params) -> dict:
+    cfg = {
+        "merge_method": method,
+        "base_model": str(pivot),
+        "models": [{"model": str(m)} for m in models],
+        "dtype": "float32",
+    }
+    if params:
+        cfg["parameters"] = params
+    return cfg
+
+
+def test_varm_merge_loads_and_generates(targets, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pivot, ts = targets
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, _config(pivot, ts))), str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert (out / "varm_weights.png").stat().st_size > 0
+    assert (out / "chat_template.jinja").exists()
+    for name, w in report["weights"].items():
+        assert sum(w.values()) == pytest.approx(1.0), name
+    # check one tensor against the formula on the inputs
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = load_file(pivot / "model.safetensors")[name]
+    ins = [load_file(t / "model.safetensors")[name] for t in ts]
+    w = varm.varm_weights(ins, base)
+    merged = load_file(out / "model.safetensors")[name]
+    torch.testing.assert_close(merged, sum(wi.float() * x for wi, x in zip(w, ins, strict=True)))
+    assert [report["weights"][name][str(t)] for t in ts] == pytest.approx(w.tolist())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )  # fmt: skip
+    gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    # rerun: already merged, nothing redone
+    assert main(["merge", str(tmp_path / "merge.yaml"), str(out)]) == 0
+
+
+def test_varm_model_granularity_equals_mergekit_linear(targets, tmp_path):
+    """With one weight per model, VaRM is a linear merge with those weights."""
+    from merge.run import run
+
+    pivot, ts = targets
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r = run(_write(tmp_path / "a", _config(pivot, ts, granularity="model")), tmp_path / "varm")
+    w = r["mean_weights"]
+    assert len(set(round(x, 9) for x in w.values())) == 3 and sum(w.values()) == pytest.approx(1)
+    lin = _config(pivot, [], method="linear")
+    lin["models"] = [{"model": str(t), "parameters": {"weight": w[str(t)]}} for t in ts]
+    del lin["base_model"]
+    run(_write(tmp_path / "b", lin), tmp_path / "linear")
+    a = load_file(tmp_path / "varm" / "model.safetensors")
+    b = load_file(tmp_path / "linear" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_baselines_run_through_mergekit(targets, tmp_path):
+    from merge.run import run
+
+    pivot, ts = targets
+    for method, params in [("ties", {"density": 0.5, "weight": 0.5}), ("sce", {})]:
+        cfg = _config(pivot, ts, method=method)
+        if params:
+            for m in cfg["models"]:
+                m["parameters"] = params
+        (tmp_path / method).mkdir()
+        r = run(_write(tmp_path / method, cfg), tmp_path / f"out-{method}")
+        assert r["merge_method"] == method and "weights" not in r
+        assert (tmp_path / f"out-{method}" / "model.safetensors").exists()
+
+
+def test_lora_adapter_input(targets, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    pivot, ts = targets
+    model = AutoModelForCausalLM.from_pretrained(pivot)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a trained adapter, not the zero init
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    cfg = _config(pivot, [ts[0], tmp_path / "adapter"])
+    assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert any("+" in m for m in report["models"])
+    AutoModelForCausalLM.from_pretrained(out)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    # only the adapter's q/v moved: its weight there is positive, elsewhere zero
+    lora = next(m for m in report["mean_weights"] if "+" in m)
+    assert report["weights"][name][lora] > 0
+    assert report["weights"]["model.layers.0.mlp.up_proj.weight"][lora] == 0
+
+
+def _one_line_error(capsys, cfg_path, out) -> str:
+    capsys.readouterr()
+    assert main(["merge", str(cfg_path), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert not Path(out).exists(), "no output folder after a rejected merge"
+    return err
+
+
+def test_bad_inputs_give_one_line_and_no_output(targets, toy_world, tmp_path, capsys):
+    pivot, ts = targets
+    out = tmp_path / "out"
+    cfg = _config(pivot, [ts[0], toy_world / "nh2-mixtral-mini"])
+    err = _one_line_error(capsys, _write(tmp_path, cfg), out)
+    assert "architecture MixtralForCausalLM differs" in err
+    assert "unknown method 'fancy'" in _one_line_error(
+        capsys, _write(tmp_path, _config(pivot, ts, method="fancy")), out
+    )
+    # a tensor missing from one input
+    holey = tmp_path / "holey"
+    shutil.copytree(ts[0], holey)
+    sd = load_file(holey / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, holey / "model.safetensors", metadata={"format": "pt"})
+    err = _one_line_error(capsys, _write(tmp_path, _config(pivot, [ts[0], holey])), out)
+    assert "missing tensor model.layers.1.mlp.up_proj.weight" in err
+    # a shape mismatch
+    wide = tmp_path / "wide"
+    shutil.copytree(ts[0], wide)
+    sd = load_file(wide / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(10, 10)
+    save_file(sd, wide / "model.safetensors", metadata={"format": "pt"})
+    err = _one_line_error(capsys, _write(tmp_path, _config(pivot, [ts[0], wide])), out)
+    assert "tensor model.layers.0.mlp.up_proj.weight has shape [10, 10]" in err
+    err = _one_line_error(capsys, _write(tmp_path, _config(pivot, [tmp_path / "nowhere"])), out)
+    assert "nowhere: cannot load" in err
+    (tmp_path / "bad.yaml").write_text("merge_method: [varm\n")
+    assert "YAML syntax error" in _one_line_error(capsys, tmp_path / "bad.yaml", out)
+
+
+def test_unrelated_base_warns(targets, toy_world, tmp_path, caplog):
+    """A base the targets were not fine-tuned from: merged, with a warning in the report."""
+    from merge.run import run
+
+    pivot, ts = targets
+    stranger = _finetune_like(pivot, tmp_path / "stranger", 9, 1.0)
+    r = run(_write(tmp_path, _config(stranger, ts[:2])), tmp_path / "out")
+    assert r["warnings"] and "does not look like the base" in r["warnings"][0]

@@ -102,6 +102,79 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fusechat.train import LoraSpec, TrainConfig, train
+
+    lora = None
+    if args.lora_r:
+        tm = args.lora_target_modules
+        lora = LoraSpec(
+            r=args.lora_r,
+            alpha=args.lora_alpha or 2 * args.lora_r,
+            target_modules=tm[0] if tm == ["all-linear"] else tuple(tm),
+        )
+    cfg = TrainConfig(
+        lam=args.lam,
+        temperature=args.temperature,
+        fusion_loss=args.fusion_loss,
+        lr=args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_length=args.max_length,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        precision=args.precision,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        lora=lora,
+    )
+    m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
+    if m:
+        print(json.dumps({"out": args.out, **m["stats"]}))
+    return 0
+
+
+def _add_train_command(sub) -> None:
+    t = sub.add_parser(
+        "train",
+        help="fine-tune the pivot on fused targets: lambda * CLM + (1 - lambda) * fusion",
+        description="Distil fused targets (from fusechat fuse) into a copy of the pivot with "
+        "loss = lambda * CE(gold) + (1 - lambda) * CE(fused target, student) over assistant "
+        "tokens, computed from the sparse targets. Defaults are the FuseChat paper's. Runs "
+        "under accelerate launch / torchrun (DeepSpeed, FSDP) unchanged; checkpoints go to "
+        "OUT.ckpt and a rerun resumes from the last one. lambda = 1 is plain SFT (the CLM "
+        "baseline) and also accepts a pivot capture folder as data.",
+    )
+    t.add_argument("--model", required=True, help="the pivot: model folder or hub id")
+    t.add_argument("--data", required=True, help="fuse output (or pivot capture, lambda 1)")
+    t.add_argument("--out", required=True, help="output model folder")
+    t.add_argument("--lambda", dest="lam", type=float, default=0.9, help="CLM weight (0.9)")
+    t.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (1.0)")
+    t.add_argument("--fusion-loss", choices=["ce", "kl"], default="ce", help="(ce)")
+    t.add_argument("--lr", type=float, default=5e-6, help="learning rate (5e-6)")
+    t.add_argument("--epochs", type=float, default=3.0, help="(3)")
+    t.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides epochs")
+    t.add_argument("--batch-size", type=int, default=128, help="effective batch size (128)")
+    t.add_argument("--micro-batch-size", type=int, default=4, help="per device (4)")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="(0.03)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="(0)")
+    t.add_argument("--max-length", type=int, default=2048, help="tokens per row (2048)")
+    t.add_argument("--no-gradient-checkpointing", action="store_true")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    t.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (200)")
+    t.add_argument("--logging-steps", type=int, default=10, help="(10)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lora-r", type=int, help="train a LoRA of this rank (merged at the end)")
+    t.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r)")
+    t.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="(all-linear)")
+    t.add_argument("--overwrite", action="store_true", help="replace output and checkpoints")
+    t.set_defaults(func=_cmd_train)
+
+
 def _add_merge_command(sub) -> None:
     m = sub.add_parser(
         "merge",
@@ -268,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("file", help="recipe YAML file")
     rc.set_defaults(func=_cmd_recipe_check)
     _add_fusion_commands(sub)
+    _add_train_command(sub)
     _add_merge_command(sub)
     return p
 

@@ -65,8 +65,26 @@ def fuse(
     wt /= wt.sum(0, keepdims=True)
     ids = np.concatenate([d[0] for d in dists], axis=1)
     probs = np.concatenate([d[1] * wt[m][:, None] for m, d in enumerate(dists)], axis=1)
-    probs = np.where(ids >= 0, probs, 0.0)
-    return ids, probs.astype(np.float32)
+    return combine_duplicates(ids, np.where(ids >= 0, probs, 0.0))
+
+
+def combine_duplicates(ids: np.ndarray, probs: np.ndarray) -> Sparse:
+    """One entry per id and position: probabilities of repeated ids added, ids sorted
+    ascending with padding (-1, probability 0) first. Keeps the width K, so rows stay
+    rectangular; an entropy (for a KL loss) is then exact."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    ids_s = np.take_along_axis(ids, order, 1)
+    p_s = np.take_along_axis(probs, order, 1)
+    start = np.ones_like(ids_s, dtype=bool)
+    start[:, 1:] = ids_s[:, 1:] != ids_s[:, :-1]
+    slot = np.cumsum(start, axis=1) - 1
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+    out_ids = np.full_like(ids, -1)
+    out_p = np.zeros(ids.shape, dtype=np.float64)
+    out_ids[rows, slot] = ids_s
+    np.add.at(out_p, (rows, slot), p_s)
+    out_p[out_ids < 0] = 0.0
+    return out_ids, out_p.astype(np.float32)
 
 
 def sparse_ce(target: Sparse, logprobs_at: np.ndarray) -> np.ndarray:
@@ -145,6 +163,10 @@ def fuse_stage(
         "method": method,
         "ce_norm": ce_norm,
         "shard_rows": piv.key["shard_rows"],
+        # what training checks its model and corpus against
+        "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
+        "corpus_fingerprint": piv.key["corpus_fingerprint"],
+        "pivot_model": piv.key["model"],
     }
     done = begin_stage(out, key, overwrite)
     if done is None:

@@ -21,3 +21,79 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def predicts_label(labels_mask: torch.Tensor) -> torch.Tensor:
     """Positions whose *next* token is learned: ``pred[b, t] = labels_mask[b, t+1]``."""
     return F.pad(labels_mask[:, 1:], (0, 1), value=False)
+
+
+class _SparseSoftCE(torch.autograd.Function):
+    """``L = sum_t w_t (sum_j q_tj logz_t - sum_j q_tj x_t[idx_tj])``: cross-entropy of logits
+    x against a sparse soft label (ids ``idx``, masses ``q``), with ``logz = logsumexp(x)``.
+
+    The backward writes ``dL/dx = w_t (sum_j q_tj softmax(x_t) - sum_j q_tj onehot(idx_tj))``
+    into one (B, T, V) buffer, like ``F.cross_entropy`` does for a hard label; autograd through
+    ``gather`` would allocate a vocabulary-sized gradient per gather.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, idx, q, w):
+        x = logits.float()
+        logz = torch.logsumexp(x, dim=-1)
+        g = x.gather(-1, idx)
+        per = q.sum(-1) * logz - (q * g).sum(-1)
+        ctx.save_for_backward(logits, idx, q, w, logz)
+        logz, g = logz.detach(), g.detach()
+        ctx.mark_non_differentiable(logz, g)
+        return (per * w).sum(), logz, g
+
+    @staticmethod
+    def backward(ctx, grad_out, _glogz, _gg):
+        logits, idx, q, w, logz = ctx.saved_tensors
+        grad = torch.sub(logits.float(), logz[..., None]).exp_()  # softmax, one buffer
+        grad.mul_(q.sum(-1, keepdim=True))
+        grad.scatter_add_(-1, idx, -q)
+        grad.mul_((w * grad_out)[..., None])
+        return grad.to(logits.dtype), None, None, None
+
+
+def fusion_losses(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels_mask: torch.Tensor,
+    target_ids: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    kind: str = "ce",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``loss = lam * CLM + (1 - lam) * fusion`` over the positions that predict a learned token.
+
+    With ``log q_t = logits_t - logsumexp(logits_t)`` the student's log-probabilities at t:
+    ``CLM = mean_t -log q_t(x_{t+1})`` and, for a sparse target ``(ids_t, p_t)`` (K entries,
+    id -1 = padding; ``p`` sharpened or flattened as ``p^(1/T)``, renormalised),
+    ``CE = mean_t -sum_k p_t,k log q_t(ids_t,k)`` or ``KL = CE - H(p_t)`` (same gradient).
+    Both terms are one cross-entropy against the soft label ``lam * onehot(x_{t+1}) +
+    (1 - lam) * p_t`` over 1 + K ids, so no (positions, vocabulary) target exists and the
+    extra memory does not grow with the vocabulary. Returns ``(loss, clm, fusion)``; the last
+    two are detached values for logging (fusion is 0 without targets).
+    """
+    pred = predicts_label(labels_mask)
+    w = pred.float() / pred.sum().clamp(min=1)
+    nxt = F.pad(input_ids[:, 1:], (0, 1))[..., None]
+    if target_ids is None or lam >= 1.0:
+        idx, q = nxt, torch.ones(nxt.shape, device=logits.device)
+        loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w)
+        clm = ((logz - g[..., 0]) * w).sum()
+        return loss, clm.detach(), torch.zeros((), device=logits.device)
+    valid = target_ids >= 0
+    p = torch.where(valid, target_probs.float(), 0.0)
+    if temperature != 1.0:
+        p = torch.where(valid & (p > 0), p.clamp(min=1e-30) ** (1.0 / temperature), 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
+    idx = torch.cat([nxt, target_ids.clamp(min=0)], dim=-1)
+    q = torch.cat([torch.full(nxt.shape, lam, device=p.device), (1.0 - lam) * p], dim=-1)
+    loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w)
+    clm = ((logz - g[..., 0]) * w).sum()
+    fus_t = p.sum(-1) * logz - (p * g[..., 1:]).sum(-1)
+    if kind == "kl":
+        ent = torch.where(p > 0, p * p.clamp(min=1e-30).log(), 0.0).sum(-1)
+        fus_t = fus_t + ent
+        loss = loss + (1.0 - lam) * (ent * w).sum()  # a constant: the gradient is CE's
+    return loss, clm.detach(), (fus_t * w).sum().detach()

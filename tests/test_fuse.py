@@ -31,16 +31,23 @@ def test_fuse_min_and_avg_ce_hand_computed():
     valid = [np.array([True, True]), np.array([True, False])]
     # minCE: the source has the lower CE, so it wins where it is aligned; the pivot elsewhere
     ids, p = fuse([pivot, source], valid, [1.5, 1.0], "minCE")
-    assert ids.tolist() == [[1, 2, 1, 5], [3, 4, 6, -1]]
-    np.testing.assert_allclose(p, [[0, 0, 0.8, 0.2], [0.9, 0.1, 0, 0]], atol=1e-7)
+    assert _dense(ids, p) == [{1: 0.8, 5: 0.2}, {3: 0.9, 4: 0.1}]
     # avgCE: weights softmax(-ce) = (w0, w1) at t=0; at t=1 the source is missing: pivot alone
     ids, p = fuse([pivot, source], valid, [1.5, 1.0], "avgCE")
     w1 = np.exp(-1.0) / (np.exp(-1.0) + np.exp(-1.5))
-    np.testing.assert_allclose(
-        p[0], [0.6 * (1 - w1), 0.4 * (1 - w1), 0.8 * w1, 0.2 * w1], rtol=1e-6
-    )
-    np.testing.assert_allclose(p[1], [0.9, 0.1, 0, 0], atol=1e-7)
+    d = _dense(ids, p)
+    want = {1: 0.6 * (1 - w1) + 0.8 * w1, 2: 0.4 * (1 - w1), 5: 0.2 * w1}
+    assert d[0].keys() == want.keys() and d[1] == {3: 0.9, 4: 0.1}
+    np.testing.assert_allclose([d[0][k] for k in want], list(want.values()), rtol=1e-5)
     np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
+    assert all(len(set(r[r >= 0])) == len(r[r >= 0]) for r in ids)  # one entry per id
+
+
+def _dense(ids, p) -> list[dict]:
+    return [
+        {int(i): round(float(x), 6) for i, x in zip(ri, rp, strict=True) if i >= 0 and x > 0}
+        for ri, rp in zip(ids, p, strict=True)
+    ]
 
 
 def test_sparse_ce_and_finite_rows():

@@ -1,0 +1,210 @@
+"""Fusion training: the sparse loss against dense maths, and `fusechat train` on the toy world."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusechat.align import align
+from fusechat.capture import CaptureConfig, capture
+from fusechat.cli import main
+from fusechat.fuse import fuse_stage
+from fusechat.losses import fusion_losses, predicts_label, token_nll
+from fusechat.train import LoraSpec, ShardRows, TrainConfig, evaluate, train
+
+
+def _dense_reference(logits, ids, mask, tid, p, lam, temperature=1.0):
+    """The loss written densely: a (B, T, V) target tensor, autograd through log_softmax."""
+    v = logits.shape[-1]
+    dense = torch.zeros(logits.shape).scatter_add_(
+        -1, tid.clamp(min=0), torch.where(tid >= 0, p, 0)
+    )
+    dense = dense ** (1 / temperature)
+    dense = dense / dense.sum(-1, keepdim=True)
+    logq = torch.log_softmax(logits, -1)
+    pred = predicts_label(mask)
+    gold = torch.nn.functional.one_hot(torch.nn.functional.pad(ids[:, 1:], (0, 1)), v).float()
+    clm = -(gold * logq).sum(-1)[pred].mean()
+    ce = -(dense * logq).sum(-1)[pred].mean()
+    ent = torch.where(dense > 0, dense * dense.clamp(min=1e-30).log(), 0).sum(-1)[pred].mean()
+    return lam * clm + (1 - lam) * ce, clm, ce, ent
+
+
+def _case(seed=0, b=2, t=7, v=50, k=6, repeat=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    tid = torch.rand(b, t, v, generator=g).argsort(-1)[..., :k]  # distinct ids per position
+    tid[..., -1] = -1  # padding
+    if repeat:
+        tid[..., 1] = tid[..., 0]  # a repeated id: its probabilities add
+    p = torch.rand(b, t, k, generator=g)
+    p[..., -1] = 0
+    return logits, ids, mask, tid, p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_sparse_loss_and_gradient_equal_dense_reference(lam):
+    logits, ids, mask, tid, p = _case(repeat=True)
+    a = logits.clone().requires_grad_()
+    loss, clm, ce = fusion_losses(a, ids, mask, tid, p, lam=lam)
+    loss.backward()
+    b = logits.clone().requires_grad_()
+    want, want_clm, want_ce, _ = _dense_reference(b, ids, mask, tid, p, lam)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(clm, want_clm)
+    if lam < 1:
+        torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(a.grad, b.grad)
+    # lambda = 1 is exactly the plain causal-LM loss on the masked tokens
+    if lam == 1.0:
+        torch.testing.assert_close(loss, token_nll(logits, ids)[predicts_label(mask)].mean())
+
+
+def test_temperature_and_kl():
+    logits, ids, mask, tid, p = _case(seed=1)
+    a = logits.clone().requires_grad_()
+    loss, _, ce = fusion_losses(a, ids, mask, tid, p, lam=0.5, temperature=2.0)
+    loss.backward()
+    b = logits.clone().requires_grad_()
+    want, _, want_ce, ent = _dense_reference(b, ids, mask, tid, p, 0.5, temperature=2.0)
+    want.backward()
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(a.grad, b.grad)
+    kl_loss, _, kl = fusion_losses(logits, ids, mask, tid, p, lam=0.5, temperature=2.0, kind="kl")
+    torch.testing.assert_close(kl, want_ce + ent)
+    torch.testing.assert_close(kl_loss, want + 0.5 * ent)
+    assert kl >= 0
+
+
+@pytest.fixture(scope="module")
+def fused(toy_world, tmp_path_factory):
+    """Pivot + Mixtral captures of 96 training and 32 held-out rows, aligned and fused."""
+    d = tmp_path_factory.mktemp("fused")
+    out = {}
+    for split, n in (("train", 96), ("heldout", 32)):
+        data = toy_world / "corpus" / f"{split}.jsonl"
+        for m in ("openchat-mini", "nh2-mixtral-mini"):
+            cfg = CaptureConfig(
+                model=str(toy_world / m), template="openchat", max_length=128, shard_rows=32
+            )
+            capture(cfg, data, d / f"cap-{split}-{m}", max_rows=n)
+        align(
+            d / f"cap-{split}-openchat-mini", d / f"cap-{split}-nh2-mixtral-mini", d / f"al-{split}"
+        )
+        fuse_stage(d / f"cap-{split}-openchat-mini", [d / f"al-{split}"], d / f"fused-{split}")
+        out[split] = d / f"fused-{split}"
+    out["capture"] = d / "cap-train-openchat-mini"
+    return out
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        lam=0.5, lr=2e-3, max_steps=24, batch_size=8, micro_batch_size=8, warmup_ratio=0.0,
+        gradient_checkpointing=False, precision="fp32", save_steps=1000, logging_steps=4,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_fusion_training_lowers_fusion_loss_and_kl(toy_world, fused, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    held = ShardRows(fused["heldout"], 128, with_targets=True)
+    pivot = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini")
+    before = evaluate(pivot, held)
+    m = train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "t", _cfg())
+    after = evaluate(AutoModelForCausalLM.from_pretrained(tmp_path / "t"), held)
+    assert after["kl"] < before["kl"] - 0.02 and after["fusion_ce"] < before["fusion_ce"]
+    assert m["stats"]["steps"] == 24
+    log = [json.loads(x) for x in (tmp_path / "t" / "train_log.jsonl").read_text().splitlines()]
+    assert any("fusion_loss" in r and "clm_loss" in r for r in log)
+    assert (tmp_path / "t" / "loss.png").exists()
+    assert (tmp_path / "t" / "chat_template.jinja").exists()
+    assert not (tmp_path / "t.ckpt").exists()
+    # rerun: complete, nothing redone
+    assert train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "t", _cfg()) == m
+
+
+def test_lambda_one_is_plain_clm_on_a_capture(toy_world, fused, tmp_path):
+    """lambda = 1 trains on the gold tokens only and needs no fused targets."""
+    m = train(
+        str(toy_world / "openchat-mini"),
+        fused["capture"],
+        tmp_path / "clm",
+        _cfg(lam=1.0, max_steps=4),
+    )
+    assert m["stats"]["steps"] == 4
+    log = [json.loads(x) for x in (tmp_path / "clm" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r for r in log if "loss" in r]
+    assert losses and all("fusion_loss" not in r for r in losses)
+    assert all(r["loss"] == pytest.approx(r["clm_loss"], rel=1e-4) for r in losses)
+
+
+def test_lora_trains_and_merges(toy_world, fused, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(max_steps=3, lora=LoraSpec(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "lora", cfg)
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    a = load_file(toy_world / "openchat-mini" / "model.safetensors")
+    b = load_file(tmp_path / "lora" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"],
+                           b["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert torch.equal(
+        a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_killed_training_resumes_to_the_same_model(toy_world, fused, tmp_path):
+    args = ["train", "--model", str(toy_world / "openchat-mini"), "--data", str(fused["train"])]
+    args += ["--lambda", "0.5", "--lr", "2e-3", "--max-steps", "12", "--batch-size", "8"]
+    args += ["--micro-batch-size", "8", "--warmup-ratio", "0", "--precision", "fp32"]
+    args += ["--no-gradient-checkpointing", "--save-steps", "3", "--logging-steps", "3"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fusechat.cli", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = Path(f"{out}.ckpt")
+    deadline = time.time() + 180
+    while not (ckpt / "checkpoint-6").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not out.exists(), "training finished before it could be killed"
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["resumed_from"] and stats["steps"] == 12
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_targets_from_another_tokenizer_are_rejected(toy_world, fused, tmp_path, capsys):
+    argv = ["train", "--model", str(toy_world / "nh2-solar-mini"), "--data", str(fused["train"])]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another tokenizer" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name,kind", [("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / f"{name}.yaml"
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type.name == kind and cfg.num_processes == 8
+    assert cfg.mixed_precision == "bf16"

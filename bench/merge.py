@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child
 
 _CHILD = """
 import json, resource, shutil, sys, time
@@ -77,13 +77,7 @@ def timed_merge(config: dict, work: Path, name: str) -> dict:
 
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(cfg_path), str(work / f"out-{name}")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, str(cfg_path), str(work / f"out-{name}"))
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
+
+from _child import run_child
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -75,13 +76,7 @@ print(json.dumps({"step_s": sum(times) / len(times), "loss": loss,
 
 
 def run(variant: str, vocab: int, steps: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, variant, str(vocab), str(steps)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, variant, str(vocab), str(steps))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/fusechat toy build --out $(FUSECHAT_CACHE)/toy
+	$(VENV)/bin/fusechat run recipes/mini.yaml
 
 SRC := $(wildcard fusechat merge eval tests bench)
 lint: $(STAMP)

@@ -175,6 +175,34 @@ def _add_train_command(sub) -> None:
     t.set_defaults(func=_cmd_train)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fusechat.run import run_recipe
+
+    run_recipe(args.recipe, dry_run=args.dry_run, only=args.only, start=args.start)
+    return 0
+
+
+def _add_run_command(sub) -> None:
+    from fusechat.run import STAGES
+
+    r = sub.add_parser(
+        "run",
+        help="run a whole recipe: capture, align, fuse, train, merge, eval",
+        description="Run every stage of a recipe YAML. Each step writes under the run directory "
+        "in a folder named after a key of its settings and its inputs' keys: a rerun skips "
+        "finished steps, resumes an interrupted one, and redoes what a changed setting affects "
+        "(and everything downstream). Prints a score table and stage times; writes "
+        "summary.json.",
+    )
+    r.add_argument("recipe", help="recipe YAML")
+    r.add_argument(
+        "--dry-run", action="store_true", help="print the plan: what runs, what is cached"
+    )
+    r.add_argument("--only", choices=STAGES, help="run only this stage (its inputs must be done)")
+    r.add_argument("--from", dest="start", choices=STAGES, help="run this stage and the ones after")
+    r.set_defaults(func=_cmd_run)
+
+
 def _add_merge_command(sub) -> None:
     m = sub.add_parser(
         "merge",
@@ -343,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fusion_commands(sub)
     _add_train_command(sub)
     _add_merge_command(sub)
+    _add_run_command(sub)
     return p
 
 

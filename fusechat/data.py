@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,6 +351,15 @@ def _read_rows(path: Path) -> list:
     )
 
 
+def _read_hub(name: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown id, no train split: one line
+        raise FusechatError(f"{name}: cannot load hub dataset ({str(e).splitlines()[0]})") from None
+
+
 @dataclass
 class _BadJson:
     reason: str
@@ -358,14 +368,17 @@ class _BadJson:
 def load_conversations(
     path: str | Path, fmt: str = "auto", strict: bool = False, max_rows: int | None = None
 ) -> tuple[list[list[Message]], LoadReport]:
-    """Load a chat corpus. Malformed rows are skipped and reported by row number (1-based),
-    or, with ``strict``, the first one raises."""
+    """Load a chat corpus: a file, a saved dataset folder, or a hub dataset id such as
+    ``FuseAI/FuseChat-Mixture`` (its train split). Malformed rows are skipped and reported by
+    row number (1-based), or, with ``strict``, the first one raises."""
+    hub = not Path(path).exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path))
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not hub:
         raise FusechatError(f"{path}: corpus not found")
     report = LoadReport()
     convs: list[list[Message]] = []
-    for n, row in enumerate(_read_rows(path), 1):
+    rows = _read_hub(str(path)) if hub else _read_rows(path)
+    for n, row in enumerate(rows, 1):
         if max_rows is not None and report.rows >= max_rows:
             break
         report.rows += 1

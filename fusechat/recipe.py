@@ -7,6 +7,7 @@ Errors are one line naming the file and field path, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,7 +19,16 @@ from fusechat.data import TEMPLATE_NAMES
 from fusechat.errors import FusechatError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def expand(path: str) -> str:
+    """Expand ``~`` and environment variables in a recipe path; ``${FUSECHAT_CACHE}`` defaults to
+    ``~/.cache/fusechat`` (where ``fusechat toy build`` and the tests keep the toy world)."""
+    cache = os.environ.get("FUSECHAT_CACHE", str(Path.home() / ".cache" / "fusechat"))
+    return os.path.expanduser(os.path.expandvars(path.replace("${FUSECHAT_CACHE}", cache)))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _Section(BaseModel):
@@ -44,10 +54,14 @@ class ModelSpec(_Section):
     def label(self) -> str:
         return self.name or Path(self.path.rstrip("/")).name
 
+    @property
+    def resolved(self) -> str:
+        return expand(self.path)
+
     def where(self) -> str:
-        if Path(self.path).is_dir():
+        if Path(self.resolved).is_dir():
             return "local folder"
-        return "hub id" if _HUB_ID.match(self.path) else "missing local folder"
+        return "hub id" if HUB_ID.match(self.path) else "missing local folder"
 
 
 class Models(_Section):
@@ -111,6 +125,69 @@ class FuseSection(_Section):
     ce_norm: Literal["token", "char"] = "token"
 
 
+class LoraSection(_Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainSection(_Section):
+    """``fusechat train`` of one target per source (FuseChat's defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    fusion_loss: Literal["ce", "kl"] = "ce"
+    lr: Annotated[float, Field(gt=0)] = 5e-6
+    epochs: Annotated[float, Field(gt=0)] = 3.0
+    max_steps: int = -1
+    batch_size: PositiveInt = 128
+    micro_batch_size: PositiveInt = 4
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_length: PositiveInt = 2048
+    gradient_checkpointing: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    save_steps: PositiveInt = 200
+    logging_steps: PositiveInt = 10
+    lora: LoraSection | None = None
+    clm_baseline: bool = False  # also train lambda = 1 on the pivot's capture (the CLM baseline)
+    launcher: str | None = None  # an accelerate config file: run training under accelerate launch
+
+
+class MergeMethodSpec(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
+    method: Annotated[str, Field(min_length=1)]
+    parameters: dict = {}  # mergekit global parameters (e.g. density for ties)
+    model_parameters: dict = {}  # given to every target (e.g. weight, density)
+
+
+class MergeSection(_Section):
+    """Stage two: merge the targets (base: the pivot) with each method listed."""
+
+    methods: Annotated[list[MergeMethodSpec], Field(min_length=1)] = [
+        MergeMethodSpec(name="varm", method="varm")
+    ]
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class EvalSection(_Section):
+    """Score every model: the toy question set with the rule judge, or MT-Bench."""
+
+    kind: Literal["toy", "mt-bench", "none"] = "none"
+    questions: str | None = None  # toy: held-out rows; mt-bench: FastChat question.jsonl
+    max_questions: PositiveInt | None = None
+    max_new_tokens: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _questions_given(self) -> EvalSection:
+        if self.kind != "none" and not self.questions:
+            raise ValueError(f"eval kind {self.kind!r} needs 'questions' (a path)")
+        return self
+
+
 class Recipe(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
     run_dir: str = "runs"
@@ -120,6 +197,9 @@ class Recipe(_Section):
     capture: CaptureSection = CaptureSection()
     align: AlignSection = AlignSection()
     fuse: FuseSection = FuseSection()
+    train: TrainSection = TrainSection()
+    merge: MergeSection = MergeSection()
+    eval: EvalSection = EvalSection()
 
     @property
     def render_template(self) -> str:
@@ -142,6 +222,16 @@ class Recipe(_Section):
         )
         lines.append(f"  align  sequence {a.sequence}, vocabulary {a.vocab}")
         lines.append(f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source")
+        t = self.train
+        lines.append(
+            f"  train  lambda {t.lam}, lr {t.lr}, {t.epochs if t.max_steps < 0 else t.max_steps} "
+            f"{'epochs' if t.max_steps < 0 else 'steps'}, batch {t.batch_size}"
+            + (f", LoRA r={t.lora.r}" if t.lora else "")
+            + (", plus the CLM-only baseline" if t.clm_baseline else "")
+        )
+        lines.append(f"  merge  {', '.join(m.name for m in self.merge.methods)}")
+        if self.eval.kind != "none":
+            lines.append(f"  eval   {self.eval.kind} on {self.eval.questions}")
         return lines
 
 

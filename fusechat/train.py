@@ -238,7 +238,8 @@ def plot_losses(log_path: Path, png: Path) -> None:
             ax.plot(*zip(*pts, strict=True), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 

@@ -1,0 +1,128 @@
+"""The toy question set: generate answers locally and score them with a rule-based judge.
+
+Questions are the toy world's held-out rows (``fusechat/toy/corpus.py``: one user question, a
+``reference`` answer, a ``skill``). The judge has the interface an LLM judge has, ``judge(question,
+answer, reference) -> (score 1..10, raw text)``, with the score from reference overlap, so a CPU
+run can score models without an LLM. Generation uses each model's own chat template, as serving
+would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fusechat.errors import FusechatError
+
+_WORD = re.compile(r"[\w']+")
+
+
+def load_questions(path: str | Path, max_questions: int | None = None) -> list[dict]:
+    """Rows with ``messages`` (the question is every turn before the last answer),
+    ``reference`` and ``skill``."""
+    path = Path(path)
+    if not path.exists():
+        raise FusechatError(f"{path}: question file not found")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            msgs = row["messages"]
+            out.append(
+                {
+                    "id": n,
+                    "skill": row.get("skill", "all"),
+                    "messages": msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs,
+                    "reference": row.get("reference") or msgs[-1]["content"],
+                }
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+            raise FusechatError(f"{path}: line {n}: not a toy question ({e})") from None
+        if max_questions and len(out) >= max_questions:
+            break
+    if not out:
+        raise FusechatError(f"{path}: no questions")
+    return out
+
+
+def rule_judge(question: str, answer: str, reference: str) -> tuple[int, str]:
+    """Score 1..10 from the reference's *answer words* (its words that the question does not
+    contain: the capital's name, the sum) found in the answer: ``1 + round(9 * hits / n)``.
+    Echoing the question earns nothing; an answer equal to the reference scores 10."""
+    norm = lambda s: " ".join(_WORD.findall(s.lower()))  # noqa: E731
+    if norm(answer) == norm(reference):
+        return 10, "[[10]] exact match"
+    asked = set(_WORD.findall(question.lower()))
+    key = [w for w in _WORD.findall(reference.lower()) if w not in asked] or _WORD.findall(
+        reference.lower()
+    )
+    got = set(_WORD.findall(answer.lower()))
+    hits = sum(w in got for w in key)
+    score = 1 + round(9 * hits / max(len(key), 1))
+    return score, f"[[{score}]] {hits}/{len(key)} answer words"
+
+
+@torch.no_grad()
+def generate_answers(
+    model_path: str, questions: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 32
+) -> list[str]:
+    """Greedy answers with the model's own chat template, batched with left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    stops = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_turn|>"),
+                         tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]  # fmt: skip
+    answers = []
+    for i in range(0, len(questions), batch_size):
+        chunk = questions[i : i + batch_size]
+        texts = [
+            tok.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
+            for q in chunk
+        ]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
+        for row in out[:, enc["input_ids"].shape[1] :]:
+            answers.append(tok.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def heldout_nll_per_char(model_path: str, questions: Sequence[dict]) -> float:
+    """Held-out loss of the reference answers, in nats per character (comparable across
+    tokenizers), each conversation in the model's own chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusechat.toy.models import loss_per_char
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    rows = [{"messages": [*q["messages"], {"role": "assistant", "content": q["reference"]}]}
+            for q in questions]  # fmt: skip
+    return loss_per_char(model, tok, rows, "tokenizer")
+
+
+def score(questions: Sequence[dict], answers: Sequence[str], judge=rule_judge) -> dict:
+    """Per-skill and average judge scores."""
+    by_skill: dict[str, list[int]] = defaultdict(list)
+    for q, a in zip(questions, answers, strict=True):
+        s, _ = judge(q["messages"][-1]["content"], a, q["reference"])
+        by_skill[q["skill"]].append(s)
+    table = {k: sum(v) / len(v) for k, v in sorted(by_skill.items())}
+    table["average"] = sum(sum(v) for v in by_skill.values()) / sum(map(len, by_skill.values()))
+    return table

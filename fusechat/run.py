@@ -1,0 +1,385 @@
+"""``fusechat run RECIPE.yaml``: the whole method, stage by stage, each stage cached by its key.
+
+capture (pivot and every source) -> align (each source to the pivot) -> fuse (pairwise) ->
+train (one target per source; optionally the CLM-only baseline) -> merge (each method) ->
+eval (every model). A step's key is its own settings plus the keys of its inputs, and its output
+folder is named after the key: a rerun finds finished steps (skipped), interrupted ones (the
+stage resumes) and, when a setting changes, new keys for that step and everything downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fusechat.errors import FusechatError
+from fusechat.io import file_fingerprint, fingerprint, read_json, read_manifest, write_json
+from fusechat.recipe import HUB_ID, Recipe, expand, load_recipe
+
+log = logging.getLogger(__name__)
+STAGES = ("capture", "align", "fuse", "train", "merge", "eval")
+
+
+@dataclass
+class Step:
+    stage: str
+    name: str  # e.g. "nh2-mixtral-mini"
+    key: dict
+    out: Path
+    action: Callable[[], None] = field(repr=False)
+    inputs: list[Step] = field(default_factory=list, repr=False)
+
+    @property
+    def fp(self) -> str:
+        return fingerprint(self.key)
+
+    def done(self) -> bool:
+        if self.stage == "eval":
+            return self.out.exists() and read_json(self.out).get("key") == self.fp
+        if self.stage == "merge":
+            return (self.out / "merge_report.json").exists()
+        return read_manifest(self.out) is not None
+
+
+def _model_identity(path: str) -> str:
+    from fusechat.capture import model_fingerprint
+
+    return model_fingerprint(path)
+
+
+def check_models(recipe: Recipe, network: bool = True) -> None:
+    """Every model must be a local folder or a hub id that resolves (checked online unless
+    ``network`` is False, as in a dry run): one line otherwise."""
+    from transformers import AutoConfig
+
+    for m in recipe.models.all:
+        if Path(m.resolved).is_dir():
+            continue
+        if not HUB_ID.match(m.path):
+            raise FusechatError(f"models: {m.label}: {m.resolved}: no such folder")
+        if not network:
+            continue
+        try:
+            AutoConfig.from_pretrained(m.path)
+        except (OSError, ValueError) as e:
+            raise FusechatError(
+                f"models: {m.label}: {m.path}: unreachable ({str(e).splitlines()[0]})"
+            ) from None
+
+
+def _chat_template_for_sources(recipe: Recipe) -> tuple[str, str | None]:
+    """FuseChat renders every model's input with the pivot's format: a named template, or the
+    pivot tokenizer's own chat template handed to the sources."""
+    tpl = recipe.render_template
+    if tpl != "tokenizer":
+        return tpl, None
+    from transformers import AutoTokenizer
+
+    return tpl, AutoTokenizer.from_pretrained(recipe.models.pivot.resolved).chat_template
+
+
+def plan(recipe: Recipe, root: Path) -> list[Step]:
+    """Every step of the recipe, in order, with keys and output folders; nothing runs."""
+    from fusechat.capture import CaptureConfig
+
+    steps: list[Step] = []
+    data_path = expand(recipe.data.path)
+    if Path(data_path).exists():
+        data_fp = file_fingerprint(data_path)
+    elif HUB_ID.match(recipe.data.path):
+        data_fp = fingerprint({"hub": recipe.data.path})  # a hub dataset, loaded by datasets
+    else:
+        raise FusechatError(f"data.path: {data_path}: corpus not found")
+    template, chat_template = _chat_template_for_sources(recipe)
+    ids = {m.label: _model_identity(m.resolved) for m in recipe.models.all}
+
+    def add(stage, name, key, action_factory, inputs=(), suffix="") -> Step:
+        key = {"stage": stage, **key, "inputs": [s.fp for s in inputs]}
+        out = root / stage / f"{name}-{fingerprint(key)[:10]}{suffix}"
+        step = Step(stage, name, key, out, lambda: None, list(inputs))
+        step.action = action_factory(step)
+        steps.append(step)
+        return step
+
+    # capture
+    caps: dict[str, Step] = {}
+    c = recipe.capture
+    for m in recipe.models.all:
+        cfg = CaptureConfig(
+            model=m.resolved,
+            template=template,
+            chat_template=chat_template if m is not recipe.models.pivot else None,
+            k=c.k,
+            max_length=c.max_length,
+            overflow=c.overflow,
+            backend=c.backend,
+            dtype=m.dtype,
+            batch_tokens=c.batch_tokens,
+            shard_rows=c.shard_rows,
+        )
+
+        def run_capture(step, cfg=cfg):
+            from fusechat.capture import capture
+
+            return lambda: capture(
+                cfg, data_path, step.out, recipe.data.format, recipe.data.max_rows
+            )
+
+        key = {"model": ids[m.label], "capture": c.model_dump(), "template": template,
+               "chat_template": fingerprint(chat_template), "data": data_fp,
+               "max_rows": recipe.data.max_rows, "format": recipe.data.format}  # fmt: skip
+        caps[m.label] = add("capture", m.label, key, run_capture)
+    pivot = recipe.models.pivot
+    pcap = caps[pivot.label]
+
+    # align + fuse, pairwise per source
+    fused: dict[str, Step] = {}
+    for s in recipe.models.sources:
+
+        def run_align(step, s=s):
+            from fusechat.align import align
+
+            return lambda: align(
+                pcap.out,
+                caps[s.label].out,
+                step.out,
+                sequence=recipe.align.sequence,
+                vocab=recipe.align.vocab,
+            )
+
+        al = add("align", s.label, {"align": recipe.align.model_dump()}, run_align,
+                 [pcap, caps[s.label]])  # fmt: skip
+
+        def run_fuse(step, al=al):
+            from fusechat.fuse import fuse_stage
+
+            return lambda: fuse_stage(
+                pcap.out, [al.out], step.out, recipe.fuse.method, recipe.fuse.ce_norm
+            )
+
+        fused[s.label] = add("fuse", s.label, {"fuse": recipe.fuse.model_dump()}, run_fuse,
+                             [pcap, al])  # fmt: skip
+
+    # train: one target per source, plus the CLM-only baseline
+    t = recipe.train
+    targets: dict[str, Step] = {}
+    jobs = [(f"{pivot.label}--{s.label}", fused[s.label], t.lam) for s in recipe.models.sources]
+    if t.clm_baseline:
+        jobs.append((f"{pivot.label}-clm", pcap, 1.0))
+    for name, data_step, lam in jobs:
+
+        def run_train(step, data_step=data_step, lam=lam):
+            return lambda: _train(recipe, pivot.resolved, data_step.out, step.out, lam)
+
+        # lambda is the job's own (the baseline's is 1 whatever train.lambda says)
+        key = {"train": t.model_dump(exclude={"lam"}), "lambda": lam, "pivot": ids[pivot.label]}
+        targets[name] = add("train", name, key, run_train, [data_step])
+
+    # merge: each method over the fused targets (not the baseline), base = the pivot
+    fusion_targets = [targets[f"{pivot.label}--{s.label}"] for s in recipe.models.sources]
+    merges: dict[str, Step] = {}
+    for spec in recipe.merge.methods if len(fusion_targets) > 1 else []:
+
+        def run_merge(step, spec=spec):
+            return lambda: _merge(recipe, spec, pivot.resolved, fusion_targets, step.out)
+
+        key = {"merge": spec.model_dump(), "dtype": recipe.merge.dtype, "pivot": ids[pivot.label]}
+        merges[spec.name] = add("merge", f"{pivot.label}-{spec.name}", key, run_merge,
+                                fusion_targets)  # fmt: skip
+
+    # eval: every model
+    if recipe.eval.kind != "none":
+        models: list[tuple[str, str, Step | None]] = [
+            (m.label, m.resolved, None) for m in recipe.models.all
+        ]
+        models += [(n, str(st.out), st) for n, st in targets.items()]
+        models += [(st.name, str(st.out), st) for st in merges.values()]
+        for name, path, producer in models:
+
+            def run_eval(step, path=path):
+                return lambda: _evaluate(recipe, path, step)
+
+            qpath = expand(recipe.eval.questions)
+            qfp = file_fingerprint(qpath) if Path(qpath).exists() else qpath
+            key = {"eval": recipe.eval.model_dump(), "model": ids.get(name, name),
+                   "questions": qfp}  # fmt: skip
+            add("eval", name, key, run_eval, [producer] if producer else [], suffix=".json")
+    return steps
+
+
+def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> None:
+    from fusechat.train import LoraSpec, TrainConfig, train
+
+    t = recipe.train
+    lora = None
+    if t.lora is not None:
+        tm = t.lora.target_modules
+        lora = LoraSpec(
+            t.lora.r, t.lora.alpha, t.lora.dropout, tm if isinstance(tm, str) else tuple(tm)
+        )
+    cfg = TrainConfig(
+        lam=lam, temperature=t.temperature, fusion_loss=t.fusion_loss, lr=t.lr, epochs=t.epochs,
+        max_steps=t.max_steps, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_length=t.max_length,
+        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
+        save_steps=t.save_steps, logging_steps=t.logging_steps, seed=recipe.seed, lora=lora,
+    )  # fmt: skip
+    if t.launcher is None:
+        train(pivot, data, out, cfg)
+        return
+    # Multi-GPU: the same command under accelerate launch (DeepSpeed / FSDP from its config).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", expand(t.launcher)]
+    cmd += ["-m", "fusechat.cli", "train", "--model", pivot, "--data", str(data), "--out", str(out)]
+    cmd += ["--lambda", str(lam), "--temperature", str(t.temperature), "--lr", str(t.lr)]
+    cmd += ["--fusion-loss", t.fusion_loss, "--epochs", str(t.epochs)]
+    cmd += ["--max-steps", str(t.max_steps), "--batch-size", str(t.batch_size)]
+    cmd += ["--micro-batch-size", str(t.micro_batch_size), "--warmup-ratio", str(t.warmup_ratio)]
+    cmd += ["--weight-decay", str(t.weight_decay), "--max-length", str(t.max_length)]
+    cmd += ["--precision", t.precision, "--save-steps", str(t.save_steps)]
+    cmd += ["--logging-steps", str(t.logging_steps), "--seed", str(recipe.seed)]
+    if not t.gradient_checkpointing:
+        cmd.append("--no-gradient-checkpointing")
+    if t.lora is not None:
+        cmd += ["--lora-r", str(t.lora.r), "--lora-alpha", str(t.lora.alpha)]
+    if subprocess.run(cmd).returncode != 0:
+        raise FusechatError(f"train {out.name}: accelerate launch failed (see its log above)")
+
+
+def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> None:
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import BasePolicy
+
+    from merge import varm
+    from merge.run import run
+
+    varm.register()
+    try:
+        base_policy = registry.get(spec.method).spec.contract.base
+    except RuntimeError:
+        raise FusechatError(f"merge.methods: {spec.name}: unknown method {spec.method!r}") from None
+    config = {
+        "merge_method": spec.method,
+        # the pivot is the base of every target; methods that ignore a base (linear) get none,
+        # or mergekit would count it as one more input
+        **({"base_model": pivot} if base_policy != BasePolicy.IGNORED else {}),
+        "models": [
+            {
+                "model": str(t.out),
+                **({"parameters": spec.model_parameters} if spec.model_parameters else {}),
+            }
+            for t in targets
+        ],
+        "dtype": recipe.merge.dtype,
+    }
+    if spec.parameters:
+        config["parameters"] = spec.parameters
+    cfg_path = out.with_name(out.name + ".yaml")
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run(cfg_path, out, overwrite=True)
+
+
+def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
+    e = recipe.eval
+    if e.kind == "mt-bench":
+        raise FusechatError("eval.kind mt-bench: not available yet in fusechat run (issue 6)")
+    from eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
+
+    qs = load_questions(expand(e.questions), e.max_questions)
+    answers = generate_answers(model_path, qs, e.max_new_tokens)
+    scores = {**score(qs, answers), "nll/char": heldout_nll_per_char(model_path, qs)}
+    result = {"key": step.fp, "model": model_path, "scores": scores,
+              "answers": [{"id": q["id"], "answer": a} for q, a in zip(qs, answers, strict=True)]}  # fmt: skip
+    write_json(step.out, result)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _select(steps: list[Step], only: str | None, start: str | None) -> list[Step]:
+    if only:
+        return [s for s in steps if s.stage == only]
+    if start:
+        return [s for s in steps if STAGES.index(s.stage) >= STAGES.index(start)]
+    return steps
+
+
+def run_recipe(
+    path: str | os.PathLike,
+    dry_run: bool = False,
+    only: str | None = None,
+    start: str | None = None,
+) -> dict:
+    """Plan, then run each step not yet done. Returns the run summary."""
+    recipe = load_recipe(path)
+    recipe_fp = file_fingerprint(path)
+    check_models(recipe, network=not dry_run)
+    root = Path(expand(recipe.run_dir)) / recipe.name
+    steps = plan(recipe, root)
+    chosen = _select(steps, only, start)
+    if dry_run:
+        for s in steps:
+            state = "cached" if s.done() else ("run" if s in chosen else "skip")
+            print(f"{state:6} {s.stage:7} {s.name:40} {s.out}")
+        return {"steps": [{"stage": s.stage, "name": s.name, "done": s.done()} for s in steps]}
+    times: dict[str, float] = {}
+    for s in chosen:
+        label = f"{s.stage}/{s.name}"
+        if s.done():
+            log.info("%s: cached (%s)", label, s.out)
+            times[label] = 0.0
+            continue
+        missing = [i for i in s.inputs if i not in chosen and not i.done()]
+        if missing:
+            raise FusechatError(
+                f"{label}: input {missing[0].stage}/{missing[0].name} is not done; "
+                f"run without --only/--from or with --from {missing[0].stage}"
+            )
+        if file_fingerprint(path) != recipe_fp:
+            raise FusechatError(f"{path}: changed while running; rerun to use the new recipe")
+        log.info("%s: running -> %s", label, s.out)
+        t0 = time.perf_counter()
+        s.action()
+        times[label] = round(time.perf_counter() - t0, 1)
+    summary = summarize(steps, times)
+    write_json(root / "summary.json", summary)
+    print(format_summary(summary))
+    return summary
+
+
+def summarize(steps: list[Step], times: dict[str, float]) -> dict:
+    scores = {}
+    for s in steps:
+        if s.stage == "eval" and s.done():
+            scores[s.name] = read_json(s.out)["scores"]
+    return {"scores": scores, "seconds": times}
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    scores = summary["scores"]
+    if scores:
+        last = ["average", "nll/char"]
+        cols = sorted({k for v in scores.values() for k in v if k not in last}) + last
+        width = max(len(n) for n in scores) + 2
+        lines.append("model".ljust(width) + "".join(c[:10].rjust(11) for c in cols))
+        for name, sc in scores.items():
+            lines.append(
+                name.ljust(width)
+                + "".join(
+                    f"{sc.get(c, float('nan')):11.{4 if c == 'nll/char' else 2}f}" for c in cols
+                )
+            )
+    ran = {k: v for k, v in summary["seconds"].items() if v > 0}
+    if ran:
+        lines.append("")
+        lines.append("stage times (s): " + ", ".join(f"{k} {v}" for k, v in ran.items()))
+    return "\n".join(lines)

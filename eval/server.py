@@ -1,0 +1,297 @@
+"""An OpenAI-compatible chat server over transformers, for machines without vLLM (CPUs).
+
+``/v1/models``, ``/v1/chat/completions`` (streaming or not) and ``/v1/completions``, with the
+model's chat template. One worker thread owns the model: waiting non-streaming requests are
+batched (left padding, one ``generate`` per batch of equal sampling settings), streaming ones run
+alone through a ``TextIteratorStreamer``. Malformed requests get OpenAI-style 400s; with an API
+key, other requests get 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    seed: int | None = None
+
+
+class _Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Req):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Req):
+    prompt: str
+
+
+@dataclass
+class _Job:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[str, str, int] | None = None  # text, finish reason, completion tokens
+    error: BaseException | None = None
+    streamer: Any = None
+
+
+class Generator:
+    """Owns the model; a worker thread serves jobs from a queue, batching compatible ones."""
+
+    def __init__(self, model_path: str, max_batch: int = 16, default_max_tokens: int = 512):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None
+        ).eval()
+        self.device = self.model.get_input_embeddings().weight.device
+        eos = self.model.generation_config.eos_token_id
+        specials = {self.tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+        for t in ("<|end_of_turn|>", "<|im_end|>", "<|eot_id|>"):
+            i = self.tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != self.tok.unk_token_id and i >= 0:
+                specials.add(i)
+        self.eos = sorted(i for i in specials if isinstance(i, int))
+        self.max_batch = max_batch
+        self.default_max_tokens = default_max_tokens
+        self.max_context = getattr(self.model.config, "max_position_embeddings", 4096)
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    # -- worker
+    def _work(self) -> None:
+        while True:
+            first = self.jobs.get()
+            batch = [first]
+            while first.streamer is None and len(batch) < self.max_batch:
+                try:
+                    nxt = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt.streamer is None and _key(nxt) == _key(first):
+                    batch.append(nxt)
+                else:
+                    self.jobs.put(nxt)  # another kind: its own turn
+                    break
+            try:
+                self._generate(batch)
+            except BaseException as e:  # reported to the waiting requests
+                log.exception("generation failed")
+                for j in batch:
+                    j.error = e
+                    if j.streamer is not None:
+                        j.streamer.end()
+            for j in batch:
+                j.done.set()
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[_Job]) -> None:
+        n = max(len(j.prompt_ids) for j in batch)
+        ids = torch.full((len(batch), n), self.tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, j in enumerate(batch):
+            ids[i, n - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            attn[i, n - len(j.prompt_ids) :] = 1
+        j0 = batch[0]
+        if j0.seed is not None:
+            torch.manual_seed(j0.seed)
+        sample = j0.temperature > 0
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            max_new_tokens=max(j.max_new_tokens for j in batch),
+            do_sample=sample,
+            temperature=j0.temperature if sample else None,
+            top_p=j0.top_p if sample else None,
+            eos_token_id=self.eos,
+            pad_token_id=self.tok.pad_token_id,
+            streamer=j0.streamer,
+        )
+        for i, j in enumerate(batch):
+            gen = out[i, n:].tolist()[: j.max_new_tokens]
+            finish = "length"
+            for k, t in enumerate(gen):
+                if t in self.eos:
+                    gen, finish = gen[:k], "stop"
+                    break
+            text = self.tok.decode(gen, skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, j.stop)
+            j.result = (text, "stop" if stopped else finish, len(gen))
+
+    # -- API side
+    def job(self, prompt: str, req: _Req, stream: bool = False) -> _Job:
+        # chat templates write BOS themselves; a raw completion prompt is taken as given
+        prompt_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        want = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+        room = self.max_context - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}"
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        j = _Job(prompt_ids, min(want, room), req.temperature, req.top_p, stop, req.seed)
+        if stream:
+            from transformers import TextIteratorStreamer
+
+            j.streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        self.jobs.put(j)
+        return j
+
+
+def _key(j: _Job) -> tuple:
+    return (j.temperature, j.top_p, j.seed)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
+
+
+def create_app(model_path: str, served_name: str, api_key: str | None = None, **kw) -> FastAPI:
+    gen = Generator(model_path, **kw)
+    app = FastAPI(title=f"fusechat serve {served_name}")
+    created = int(time.time())
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            return _error(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p != "body")
+        return _error(400, f"{where}: {err['msg']}" if where else err["msg"])
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model",
+                                            "created": created, "owned_by": "fusechat"}]}  # fmt: skip
+
+    async def _complete(prompt: str, req: _Req, chat: bool):
+        try:
+            job = gen.job(prompt, req, stream=req.stream)
+        except ValueError as e:
+            return _error(400, str(e))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        obj = "chat.completion" if chat else "text_completion"
+        if req.stream:
+            return StreamingResponse(_stream(job, rid, chat), media_type="text/event-stream")
+        await asyncio.to_thread(job.done.wait)
+        if job.error is not None:
+            return _error(500, f"generation failed: {job.error}", "server_error")
+        text, finish, n_out = job.result
+        choice = {"index": 0, "finish_reason": finish}
+        choice.update(
+            {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        )
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
+                 "total_tokens": len(job.prompt_ids) + n_out}  # fmt: skip
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": served_name,
+                "choices": [choice], "usage": usage}  # fmt: skip
+
+    async def _stream(job: _Job, rid: str, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                d = (
+                    {"role": "assistant", "content": ""}
+                    if first
+                    else ({"content": delta} if delta else {})
+                )
+                c = {"index": 0, "delta": d, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": delta or "", "finish_reason": finish}
+            body = {"id": rid, "object": obj, "created": int(time.time()), "model": served_name,
+                    "choices": [c]}  # fmt: skip
+            return f"data: {json.dumps(body)}\n\n"
+
+        if chat:
+            yield chunk(None, None, first=True)
+        it = iter(job.streamer)
+        sent = ""
+        while True:
+            piece = await asyncio.to_thread(next, it, None)
+            if piece is None:
+                break
+            cut, stopped = _cut_at_stop(sent + piece, job.stop)
+            if cut[len(sent) :]:
+                yield chunk(cut[len(sent) :], None)
+            sent = cut
+            if stopped:
+                break
+        await asyncio.to_thread(job.done.wait)
+        finish = job.result[1] if job.result else "stop"
+        yield chunk(None, finish)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        msgs = [m.model_dump() for m in req.messages]
+        try:
+            prompt = gen.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that rejects this conversation
+            return _error(400, f"messages: {e}")
+        return await _complete(prompt, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await _complete(req.prompt, req, chat=False)
+
+    return app
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+          api_key: str | None = None, max_batch: int = 16) -> None:  # fmt: skip
+    from pathlib import Path
+
+    import uvicorn
+
+    app = create_app(model_path, name or Path(model_path.rstrip("/")).name, api_key,
+                     max_batch=max_batch)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="info")

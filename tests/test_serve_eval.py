@@ -1,0 +1,179 @@
+"""The CPU OpenAI-compatible server (official `openai` client) and MT-Bench end to end against it,
+with a scripted OpenAI-compatible judge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+from conftest import SHARED
+from fastapi import FastAPI
+
+from eval.mtbench import parse_rating, run_mt_bench
+from eval.server import create_app
+
+MT_BENCH = SHARED / "data" / "mt_bench"
+
+
+def _start(app) -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def server(toy_world) -> str:
+    return _start(create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_batch=16))
+
+
+def test_openai_client_chat_stream_completions(server):
+    c = openai.OpenAI(base_url=server, api_key="none")
+    assert [m.id for m in c.models.list().data] == ["openchat-mini"]
+    msgs = [{"role": "user", "content": "What is the capital of Fenpuzor?"}]
+    r = c.chat.completions.create(
+        model="openchat-mini", messages=msgs, max_tokens=24, temperature=0
+    )
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    chunks = list(c.chat.completions.create(model="openchat-mini", messages=msgs, max_tokens=24,
+                                            temperature=0, stream=True))  # fmt: skip
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert streamed == text  # greedy: the same answer either way
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    p = "GPT4 Correct User: What is 2 + 3?<|end_of_turn|>GPT4 Correct Assistant:"
+    comp = c.completions.create(model="openchat-mini", prompt=p, max_tokens=8, temperature=0)
+    assert comp.choices[0].text
+    stop = c.completions.create(model="openchat-mini", prompt=p, max_tokens=8, temperature=0,
+                                stop=[comp.choices[0].text[:2]])  # fmt: skip
+    assert stop.choices[0].finish_reason == "stop" and len(stop.choices[0].text) < 2
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/chat/completions", {"messages": []}),
+        ("/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),
+        ("/completions", {"max_tokens": 5}),
+        ("/completions", {"prompt": "x" * 5000}),  # longer than the context
+    ],
+)
+def test_malformed_requests_get_400(server, path, body):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server + path, data=json.dumps({"model": "m", **body}).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400
+    assert "message" in json.loads(e.value.read())["error"]
+
+
+def test_api_key_and_32_concurrent_requests(toy_world):
+    url = _start(create_app(str(toy_world / "openchat-mini"), "m", api_key="sesame"))
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong").models.list()
+    client = openai.AsyncOpenAI(base_url=url, api_key="sesame")
+
+    async def many():
+        return await asyncio.gather(*[
+            client.chat.completions.create(model="m", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": f"What is {i} + 7?"}])
+            for i in range(32)
+        ])  # fmt: skip
+
+    rs = asyncio.run(many())
+    assert len(rs) == 32 and all(r.choices[0].message.content is not None for r in rs)
+
+
+# --------------------------------------------------------------------------- MT-Bench
+
+
+def _scripted_judge() -> tuple[FastAPI, list]:
+    """An OpenAI-compatible judge: rating (question_id % 9) + 1, none for ids divisible by 10."""
+    app, seen = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        prompt = body["messages"][-1]["content"]
+        seen.append(body)
+        qid = next(q["question_id"] for q in QUESTIONS if q["turns"][0] in prompt)
+        text = "I cannot rate this." if qid % 10 == 0 else f"Fine. Rating: [[{qid % 9 + 1}]]"
+        return {"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}]}  # fmt: skip
+
+    return app, seen
+
+
+QUESTIONS = [json.loads(x) for x in (MT_BENCH / "question.jsonl").read_text().splitlines() if x]
+
+
+def test_parse_rating():
+    assert parse_rating("Rating: [[7]]") == 7 and parse_rating("score [8.5]") == 8.5
+    assert parse_rating("no rating here") == -1
+
+
+def test_mt_bench_all_80_questions_then_resume(server, tmp_path):
+    judge_app, seen = _scripted_judge()
+    judge = _start(judge_app)
+    out = tmp_path / "mt"
+    table = run_mt_bench(str(MT_BENCH), [("openchat-mini", server)], judge, "gpt-4", str(out),
+                         concurrency=16, max_tokens=16)  # fmt: skip
+    answers = [
+        json.loads(x)
+        for x in (out / "model_answer" / "openchat-mini.jsonl").read_text().splitlines()
+    ]
+    assert len(answers) == 80
+    assert all(
+        set(a) >= {"question_id", "answer_id", "model_id", "choices", "tstamp"} for a in answers
+    )
+    assert all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+    judg = [
+        json.loads(x)
+        for x in (out / "model_judgment" / "gpt-4_single.jsonl").read_text().splitlines()
+    ]
+    assert len(judg) == 160
+    assert all(set(j) >= {"question_id", "model", "judge", "user_prompt", "judgment", "score",
+                          "turn", "tstamp"} for j in judg)  # fmt: skip
+    # math/reasoning/coding used the reference-answer prompts
+    cats = {q["question_id"]: q["category"] for q in QUESTIONS}
+    for j in judg:
+        math = cats[j["question_id"]] in ("math", "reasoning", "coding")
+        assert j["judge"][1].startswith("single-math-v1" if math else "single-v1")
+        assert j["judge"][1].endswith("-multi-turn") == (j["turn"] == 2)
+    assert {j["score"] for j in judg if j["question_id"] % 10 == 0} == {-1}
+    kept = [q["question_id"] % 9 + 1 for q in QUESTIONS if q["question_id"] % 10]
+    assert table["openchat-mini"]["average"] == pytest.approx(sum(kept) / len(kept))
+    assert table["openchat-mini"]["turn 1"] == pytest.approx(sum(kept) / len(kept))
+    assert (out / "radar.png").exists()
+    # resume: drop the last 5 answers and their judgments; only those are redone
+    ans_file = out / "model_answer" / "openchat-mini.jsonl"
+    lines = ans_file.read_text().splitlines()
+    dropped = {json.loads(x)["question_id"] for x in lines[-5:]}
+    ans_file.write_text("\n".join(lines[:-5]) + "\n")
+    jfile = out / "model_judgment" / "gpt-4_single.jsonl"
+    jfile.write_text("".join(x + "\n" for x in jfile.read_text().splitlines()
+                             if json.loads(x)["question_id"] not in dropped))  # fmt: skip
+    n_calls = len(seen)
+    again = run_mt_bench(str(MT_BENCH), [("openchat-mini", server)], judge, "gpt-4", str(out),
+                         concurrency=16, max_tokens=16)  # fmt: skip
+    assert len(seen) - n_calls == 10  # two turns for each of the five
+    assert len(ans_file.read_text().splitlines()) == 80
+    assert again["openchat-mini"]["average"] == pytest.approx(table["openchat-mini"]["average"])

@@ -10,6 +10,7 @@ key, other requests get 401.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -284,6 +285,58 @@ def create_app(model_path: str, served_name: str, api_key: str | None = None, **
         return await _complete(req.prompt, req, chat=False)
 
     return app
+
+
+@contextlib.contextmanager
+def serving(model_path: str, name: str, backend: str = "auto", timeout: float = 600):
+    """Serve a model for the duration of a block; yields the base URL. ``auto`` picks vLLM
+    when it is installed (a subprocess), else this module's server (a thread)."""
+    import importlib.util
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import uvicorn
+
+    from fusechat.errors import FusechatError
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    url = f"http://127.0.0.1:{port}/v1"
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if backend == "hf":
+        server = uvicorn.Server(uvicorn.Config(create_app(model_path, name), host="127.0.0.1",
+                                               port=port, log_level="warning"))  # fmt: skip
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.02)
+        try:
+            yield url
+        finally:
+            server.should_exit = True
+        return
+    import openai
+
+    cmd = [sys.executable, "-m", "fusechat.cli", "serve", model_path, "--backend", "vllm"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--name", name], env=dict(os.environ))
+    try:
+        client, deadline = openai.OpenAI(base_url=url, api_key="none"), time.time() + timeout
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise FusechatError(f"{model_path}: vLLM server did not start") from None
+                time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,

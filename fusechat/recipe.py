@@ -173,18 +173,32 @@ class MergeSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
+class JudgeSection(_Section):
+    """An OpenAI-compatible judge endpoint (GPT-4 in the paper; any served model works)."""
+
+    base_url: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)]
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never the recipe
+
+
 class EvalSection(_Section):
     """Score every model: the toy question set with the rule judge, or MT-Bench."""
 
     kind: Literal["toy", "mt-bench", "none"] = "none"
-    questions: str | None = None  # toy: held-out rows; mt-bench: FastChat question.jsonl
+    questions: str | None = None  # toy: held-out rows; mt-bench: FastChat's question.jsonl,
+    # beside judge_prompts.jsonl and reference_answer/ as in FastChat's data folder
     max_questions: PositiveInt | None = None
     max_new_tokens: PositiveInt = 32
+    judge: JudgeSection | None = None  # mt-bench
+    serve_backend: Literal["auto", "hf", "vllm"] = "auto"  # how mt-bench serves each model
+    concurrency: PositiveInt = 8
 
     @model_validator(mode="after")
     def _questions_given(self) -> EvalSection:
         if self.kind != "none" and not self.questions:
             raise ValueError(f"eval kind {self.kind!r} needs 'questions' (a path)")
+        if self.kind == "mt-bench" and self.judge is None:
+            raise ValueError("eval kind 'mt-bench' needs a 'judge' (base_url, model)")
         return self
 
 

@@ -290,7 +290,19 @@ def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> 
 def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
     e = recipe.eval
     if e.kind == "mt-bench":
-        raise FusechatError("eval.kind mt-bench: not available yet in fusechat run (issue 6)")
+        from eval.mtbench import run_mt_bench
+        from eval.server import serving
+
+        questions = Path(expand(e.questions))
+        with serving(model_path, step.name, e.serve_backend) as url:
+            table = run_mt_bench(
+                str(questions.parent), [(step.name, url)], e.judge.base_url, e.judge.model,
+                str(step.out.parent / "mt-bench"), judge_api_key=os.environ.get(e.judge.api_key_env),
+                concurrency=e.concurrency, max_tokens=e.max_new_tokens,
+                max_questions=e.max_questions,
+            )  # fmt: skip
+        write_json(step.out, {"key": step.fp, "model": model_path, "scores": table[step.name]})
+        return
     from eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
 
     qs = load_questions(expand(e.questions), e.max_questions)

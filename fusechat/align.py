@@ -263,7 +263,7 @@ def check_same_corpus(pivot, source) -> None:
         ("rows", "different numbers of rows"),
         ("shard_rows", "different shard sizes"),
         ("template", "different conversation templates"),
-        ("chat_template", "different chat templates"),
+        ("rendering", "different chat templates (use the pivot's for every model)"),
     ):
         if pk.get(field) != sk.get(field):
             raise FusechatError(

@@ -37,7 +37,8 @@ VERSION = 1
 class CaptureConfig:
     model: str  # local folder or hub id
     template: str = "tokenizer"  # a named template, or 'tokenizer' (the chat template)
-    chat_template: str | None = None  # Jinja replacing the model's own (the pivot's, in FuseChat)
+    render_with: str | None = None  # with template 'tokenizer': whose chat template renders
+    # the text (the pivot's, in FuseChat); default the model's own
     k: int = 10
     max_length: int = 2048
     overflow: Literal["truncate", "split"] = "truncate"
@@ -234,10 +235,10 @@ class _Row:
     truncated: bool
 
 
-def _prepare(convs, tokenizer, cfg: CaptureConfig) -> list[_Row]:
+def _prepare(convs, tokenizer, cfg: CaptureConfig, render_tokenizer=None) -> list[_Row]:
     rows = []
     for i, msgs in enumerate(convs):
-        e = encode(msgs, tokenizer, cfg.template, chat_template=cfg.chat_template)
+        e = encode(msgs, tokenizer, cfg.template, render_tokenizer=render_tokenizer)
         n = len(e.input_ids) if cfg.overflow == "split" else min(len(e.input_ids), cfg.max_length)
         ends = np.array([o[1] for o in e.offsets[:n]], dtype=np.int32)
         rows.append(
@@ -316,12 +317,24 @@ def capture(
         raise FusechatError(
             f"{cfg.model}: cannot load tokenizer ({str(e).splitlines()[0]})"
         ) from None
-    rows = _prepare(convs, tokenizer, cfg)
+    render_tok, rendering = None, None
+    if cfg.template == "tokenizer":
+        render_tok = tokenizer
+        if cfg.render_with:
+            try:
+                render_tok = AutoTokenizer.from_pretrained(cfg.render_with)
+            except (OSError, ValueError) as e:
+                raise FusechatError(
+                    f"{cfg.render_with}: cannot load tokenizer ({str(e).splitlines()[0]})"
+                ) from None
+        # what decides the text: the chat template and the special-token strings it writes
+        rendering = fingerprint([render_tok.chat_template, render_tok.all_special_tokens])
+    rows = _prepare(convs, tokenizer, cfg, render_tok)
     key = {
         "stage": "capture",
         "version": VERSION,
-        **{k: v for k, v in asdict(cfg).items() if k not in ("batch_tokens", "chat_template")},
-        "chat_template": fingerprint(cfg.chat_template) if cfg.chat_template else None,
+        **{k: v for k, v in asdict(cfg).items() if k not in ("batch_tokens", "render_with")},
+        "rendering": rendering,
         "model_fingerprint": model_fingerprint(cfg.model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "corpus_fingerprint": corpus_fingerprint(convs),

@@ -41,17 +41,10 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
 def _cmd_capture(args: argparse.Namespace) -> int:
     from fusechat.capture import CaptureConfig, capture
 
-    chat_template = None
-    if args.chat_template_of:
-        from transformers import AutoTokenizer
-
-        chat_template = AutoTokenizer.from_pretrained(args.chat_template_of).chat_template
-        if not chat_template:
-            raise FusechatError(f"{args.chat_template_of}: tokenizer has no chat_template")
     cfg = CaptureConfig(
         model=args.model,
         template=args.template,
-        chat_template=chat_template,
+        render_with=args.chat_template_of,
         k=args.k,
         max_length=args.max_length,
         overflow=args.overflow,
@@ -353,7 +346,8 @@ def _add_fusion_commands(sub) -> None:
     c.add_argument(
         "--chat-template-of",
         metavar="MODEL",
-        help="with --template tokenizer: use this model's chat_template (e.g. the pivot's)",
+        help="with --template tokenizer: render with this model's chat template and special "
+        "tokens (the pivot's, as FuseChat does), so every capture sees the same text",
     )
     c.add_argument("--k", type=int, default=10, help="top-K kept per position (default 10)")
     c.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (2048)")

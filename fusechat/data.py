@@ -128,26 +128,21 @@ def render(messages: Sequence[Message], template: Template) -> Rendered:
     return out
 
 
-def render_with_tokenizer(
-    messages: Sequence[Message], tokenizer, chat_template: str | None = None
-) -> Rendered:
-    """Render with the tokenizer's Jinja ``chat_template`` (or ``chat_template`` when given:
-    FuseChat renders every model's input with the pivot's template).
+def render_with_tokenizer(messages: Sequence[Message], tokenizer) -> Rendered:
+    """Render with the tokenizer's Jinja ``chat_template`` (and its special-token strings).
 
     The span of assistant turn i is the difference between the rendering of messages[:i] with
     the generation prompt and the rendering of messages[:i+1]; templates for which one is not a
     prefix of the other cannot be masked this way and are rejected.
     """
-    if not (chat_template or getattr(tokenizer, "chat_template", None)):
+    if not getattr(tokenizer, "chat_template", None):
         raise FusechatError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat_template; name a template "
             f"({', '.join(TEMPLATES)})"
         )
 
     def apply(msgs, gen):
-        return tokenizer.apply_chat_template(
-            list(msgs), chat_template=chat_template, tokenize=False, add_generation_prompt=gen
-        )
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen)
 
     text = apply(messages, False)
     spans = []
@@ -217,13 +212,19 @@ def encode(
     tokenizer,
     template: str,
     max_length: int | None = None,
-    chat_template: str | None = None,
+    render_tokenizer=None,
 ) -> Encoded:
     """Render and tokenize one conversation; truncate to ``max_length`` tokens when given.
-    ``chat_template`` replaces the tokenizer's own when ``template`` is 'tokenizer'."""
+
+    With ``template='tokenizer'`` the text comes from ``render_tokenizer``'s chat template
+    (default: ``tokenizer``'s). FuseChat feeds every model the pivot's rendering: the same text,
+    BOS and role markers included, which each model then tokenizes its own way, so that
+    captures of different models align character by character.
+    """
     tpl = get_template(template)
     if tpl is None:
-        rendered, add_special = render_with_tokenizer(messages, tokenizer, chat_template), False
+        rendered = render_with_tokenizer(messages, render_tokenizer or tokenizer)
+        add_special = False
     else:
         # Named templates leave BOS to the tokenizer's post-processor (each model's own).
         rendered, add_special = render(messages, tpl), True

@@ -75,15 +75,11 @@ def check_models(recipe: Recipe, network: bool = True) -> None:
             ) from None
 
 
-def _chat_template_for_sources(recipe: Recipe) -> tuple[str, str | None]:
-    """FuseChat renders every model's input with the pivot's format: a named template, or the
-    pivot tokenizer's own chat template handed to the sources."""
+def _rendering(recipe: Recipe) -> tuple[str, str | None]:
+    """FuseChat renders every model's input in the pivot's format: a named template, or the
+    pivot tokenizer's chat template (and special tokens) rendering the text for every model."""
     tpl = recipe.render_template
-    if tpl != "tokenizer":
-        return tpl, None
-    from transformers import AutoTokenizer
-
-    return tpl, AutoTokenizer.from_pretrained(recipe.models.pivot.resolved).chat_template
+    return tpl, (recipe.models.pivot.resolved if tpl == "tokenizer" else None)
 
 
 def plan(recipe: Recipe, root: Path) -> list[Step]:
@@ -98,7 +94,7 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         data_fp = fingerprint({"hub": recipe.data.path})  # a hub dataset, loaded by datasets
     else:
         raise FusechatError(f"data.path: {data_path}: corpus not found")
-    template, chat_template = _chat_template_for_sources(recipe)
+    template, render_with = _rendering(recipe)
     ids = {m.label: _model_identity(m.resolved) for m in recipe.models.all}
 
     def add(stage, name, key, action_factory, inputs=(), suffix="") -> Step:
@@ -110,13 +106,14 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         return step
 
     # capture
+    pivot_label = recipe.models.pivot.label
     caps: dict[str, Step] = {}
     c = recipe.capture
     for m in recipe.models.all:
         cfg = CaptureConfig(
             model=m.resolved,
             template=template,
-            chat_template=chat_template if m is not recipe.models.pivot else None,
+            render_with=render_with,
             k=c.k,
             max_length=c.max_length,
             overflow=c.overflow,
@@ -134,7 +131,7 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
             )
 
         key = {"model": ids[m.label], "capture": c.model_dump(), "template": template,
-               "chat_template": fingerprint(chat_template), "data": data_fp,
+               "render_with": ids[pivot_label] if render_with else None, "data": data_fp,
                "max_rows": recipe.data.max_rows, "format": recipe.data.format}  # fmt: skip
         caps[m.label] = add("capture", m.label, key, run_capture)
     pivot = recipe.models.pivot

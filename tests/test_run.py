@@ -149,3 +149,16 @@ def test_kill_during_training_then_rerun_gives_the_same_merged_model(toy_world, 
         merged[label] = load_file(out / "model.safetensors")
     for k, v in merged["clean"].items():
         torch.testing.assert_close(v, merged["killed"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_pivot_chat_template_is_handed_to_the_sources(toy_world, tmp_path):
+    """data.template 'tokenizer': every model renders with the pivot tokenizer's chat template,
+    so their captures align (the same text per row)."""
+    raw = _mini(tmp_path, **{"data.template": "tokenizer", "data.max_rows": 32})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--only", "capture"]) == 0
+    assert main(["run", str(path), "--only", "align"]) == 0
+    root = tmp_path / "runs" / "mini"
+    for m in root.glob("align/*/manifest.json"):
+        assert json.loads(m.read_text())["stats"]["coverage"] > 0.5

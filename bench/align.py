@@ -140,6 +140,37 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
     }
 
 
+def gpt2_figures(pivot, rows: list[str]) -> dict:
+    """GPT-2's tokenizer (from the openai-whisper sdist) against the pivot's and SmolLM2's."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from fusechat.errors import FusechatError
+    from fusechat.toy.real import gpt2
+
+    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    try:
+        g = gpt2(cache / "gpt2")
+    except FusechatError as e:
+        return {"gpt2": f"skipped: {e}"}
+    out = {}
+    others = {"mistral": pivot}
+    if (cache / "smollm2" / "tokenizer.json").exists():
+        others["smollm2"] = AutoTokenizer.from_pretrained(cache / "smollm2")
+    for name, tok in others.items():
+        exact = []
+        for r in rows:
+            p = tok(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            s = g(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            exact.append(align_offsets(p, s)[1])
+        vmap = map_exact(token_texts(g), token_texts(tok), byte_fallback_ids(tok))
+        ids = np.concatenate([g(r, add_special_tokens=False)["input_ids"] for r in rows])
+        out[f"gpt2_to_{name}_coverage_exact"] = round(coverage(np.concatenate(exact)), 4)
+        out[f"gpt2_tokens_exact_in_{name}_vocab"] = round(float((vmap[ids] >= 0).mean()), 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -193,6 +224,7 @@ def main() -> None:
 
     disk = capture_cost(convs[: args.capture_rows])
     real = smollm2_figures(convs[: args.capture_rows], pivot, rows)
+    real.update(gpt2_figures(pivot, rows))
 
     offsets_tps = n_pivot / t_off
     dtw_tps = n_dtw / t_dtw

@@ -8,6 +8,8 @@ the inputs: that is in its time. Its heat map PNG (optional, ``--no-plot``) is t
 matplotlib's import included. The last line is JSON.
 
     python bench/merge.py [--workdir DIR] [--targets 3] [--hidden 768] [--layers 8]
+    python bench/merge.py --base SMOLLM2 --inputs T1 T2 T3   # real fine-tunes instead, e.g. the
+                                                           # targets of recipes/smollm2-fuse.yaml
 """
 
 from __future__ import annotations
@@ -87,12 +89,17 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each (best kept)")
+    ap.add_argument("--base", type=Path, help="an existing base checkpoint (with --inputs)")
+    ap.add_argument("--inputs", type=Path, nargs="+", help="existing fine-tunes of --base")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        base, targets = make_inputs(work, args.targets, args.hidden, args.layers)
+        if args.base:
+            base, targets = args.base, list(args.inputs)
+        else:
+            base, targets = make_inputs(work, args.targets, args.hidden, args.layers)
         t_make = time.perf_counter() - t0
         size_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**20
         models = [{"model": str(t)} for t in targets]
@@ -116,7 +123,8 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "merge",
-                "targets": args.targets,
+                "inputs": "given" if args.base else "generated",
+                "targets": len(targets),
                 "checkpoint_mb": round(size_mb),
                 "make_inputs_s": round(t_make, 1),
                 "linear_s": round(lin["seconds"], 2),

@@ -33,6 +33,7 @@ print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     assert "Paris" in r.stdout
     cfg = json.loads((smollm2 / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+    assert "quantization_config" not in cfg  # a plain checkpoint: it trains and merges
 
 
 def test_capture_on_a_real_model(smollm2, toy_world, tmp_path):
@@ -72,3 +73,27 @@ def test_smollm2_served_answers_all_80_mt_bench_questions(smollm2, tmp_path):
     turns = [t for a in answers for t in a["choices"][0]["turns"]]
     assert sum(t != "$ERROR$" and len(t) > 0 for t in turns) == 160  # 8k context: all fit
     assert 1 <= table["smollm2"]["average"] <= 10
+
+
+def test_gpt2_tokenizer_aligns_with_mistral_and_smollm2(smollm2, mistral_tokenizer):
+    """GPT-2's real BPE (openai-whisper's gpt2.tiktoken) against two other real tokenizers."""
+    from conftest import CACHE
+    from transformers import AutoTokenizer
+
+    from fusechat.align import align_offsets, map_exact, token_texts
+    from fusechat.errors import FusechatError
+    from fusechat.toy.real import gpt2
+
+    try:
+        g = gpt2(CACHE / "gpt2")
+    except FusechatError as e:
+        pytest.skip(str(e))
+    assert g("Hello world")["input_ids"] == [15496, 995]  # GPT-2's own ids
+    text = "Fusion aligns 12,345 tokens across vocabularies: naïve café, déjà vu! 🙂"
+    for other in (mistral_tokenizer, AutoTokenizer.from_pretrained(smollm2)):
+        p = other(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        s = g(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        idx, exact = align_offsets(p, s)
+        assert np.all(np.diff(idx) >= 0) and exact.mean() > 0.5
+    vmap = map_exact(token_texts(g), token_texts(g))
+    assert (vmap == np.arange(len(vmap))).mean() > 0.999  # a vocabulary maps onto itself

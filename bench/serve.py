@@ -22,8 +22,8 @@ from pathlib import Path
 import openai
 import torch
 import uvicorn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from eval.chat import load_chat_model
 from eval.server import create_app
 from eval.toy import load_questions
 from fusechat.toy.build import build_toy_world
@@ -31,9 +31,7 @@ from fusechat.toy.build import build_toy_world
 
 def plain_loop(model_path: str, prompts: list[list[dict]], max_tokens: int) -> tuple[float, int]:
     """One ``generate`` per request, one after another: what a script without a server does."""
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_turn|>")]
+    model, tok, eos = load_chat_model(model_path)  # the server's loading and stop ids
     t0, n_tokens = time.perf_counter(), 0
     with torch.inference_mode():
         for msgs in prompts:

@@ -74,24 +74,10 @@ class Generator:
     """Owns the model; a worker thread serves jobs from a queue, batching compatible ones."""
 
     def __init__(self, model_path: str, max_batch: int = 16, default_max_tokens: int = 512):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from eval.chat import load_chat_model
 
-        self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, device_map="auto" if torch.cuda.is_available() else None
-        ).eval()
+        self.model, self.tok, self.eos = load_chat_model(model_path)
         self.device = self.model.get_input_embeddings().weight.device
-        eos = self.model.generation_config.eos_token_id
-        specials = {self.tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-        for t in ("<|end_of_turn|>", "<|im_end|>", "<|eot_id|>"):
-            i = self.tok.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i != self.tok.unk_token_id and i >= 0:
-                specials.add(i)
-        self.eos = sorted(i for i in specials if isinstance(i, int))
         self.max_batch = max_batch
         self.default_max_tokens = default_max_tokens
         self.max_context = getattr(self.model.config, "max_position_embeddings", 4096)

@@ -71,18 +71,12 @@ def rule_judge(question: str, answer: str, reference: str) -> tuple[int, str]:
 
 @torch.no_grad()
 def generate_answers(
-    model_path: str, questions: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 32
-) -> list[str]:
-    """Greedy answers with the model's own chat template, batched with left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    stops = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_turn|>"),
-                         tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]  # fmt: skip
+    model, tok, stops: Sequence[int], questions: Sequence[dict], max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> list[str]:  # fmt: skip
+    """Greedy answers with the model's own chat template, batched with left padding
+    (``model, tok, stops`` from ``eval.chat.load_chat_model``)."""
+    device = model.get_input_embeddings().weight.device
     answers = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i : i + batch_size]
@@ -90,12 +84,12 @@ def generate_answers(
             tok.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
             for q in chunk
         ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=stops,
+            eos_token_id=list(stops),
             pad_token_id=tok.pad_token_id,
         )
         for row in out[:, enc["input_ids"].shape[1] :]:
@@ -103,15 +97,11 @@ def generate_answers(
     return answers
 
 
-def heldout_nll_per_char(model_path: str, questions: Sequence[dict]) -> float:
+def heldout_nll_per_char(model, tok, questions: Sequence[dict]) -> float:
     """Held-out loss of the reference answers, in nats per character (comparable across
     tokenizers), each conversation in the model's own chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fusechat.toy.models import loss_per_char
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
     rows = [{"messages": [*q["messages"], {"role": "assistant", "content": q["reference"]}]}
             for q in questions]  # fmt: skip
     return loss_per_char(model, tok, rows, "tokenizer")

@@ -235,17 +235,11 @@ VOCAB_METHODS = ("exact", "mined", "stats")
 
 def _load_capture_tokenizer(reader, override: str | None, role: str):
     """The tokenizer a capture was made with (or ``override``), checked against its shards."""
-    from transformers import AutoTokenizer
-
     from fusechat.capture import tokenizer_fingerprint
+    from fusechat.data import load_tokenizer
 
     path = override or reader.key["model"]
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise FusechatError(
-            f"{path}: cannot load the {role} tokenizer ({str(e).splitlines()[0]})"
-        ) from None
+    tok = load_tokenizer(path, f"the {role} tokenizer")
     fp = tokenizer_fingerprint(tok)
     if fp != reader.key["tokenizer_fingerprint"]:
         raise FusechatError(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusechat.data import Message, encode, get_template, load_conversations
+from fusechat.data import Message, encode, get_template, load_conversations, load_tokenizer
 from fusechat.errors import FusechatError
 from fusechat.io import fingerprint, read_manifest
 from fusechat.shards import begin_stage, finish_stage, ids_dtype, pack_ids, save_shard
@@ -305,28 +305,14 @@ def capture(
     overwrite: bool = False,
 ) -> dict:
     """Run the capture stage into ``out``; resumes shard by shard. Returns the manifest."""
-    from transformers import AutoTokenizer
-
     if cfg.k < 1:
         raise FusechatError(f"k must be at least 1, got {cfg.k}")
     get_template(cfg.template)
     convs, report = load_conversations(data, data_format, max_rows=max_rows)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    except (OSError, ValueError) as e:
-        raise FusechatError(
-            f"{cfg.model}: cannot load tokenizer ({str(e).splitlines()[0]})"
-        ) from None
+    tokenizer = load_tokenizer(cfg.model)
     render_tok, rendering = None, None
     if cfg.template == "tokenizer":
-        render_tok = tokenizer
-        if cfg.render_with:
-            try:
-                render_tok = AutoTokenizer.from_pretrained(cfg.render_with)
-            except (OSError, ValueError) as e:
-                raise FusechatError(
-                    f"{cfg.render_with}: cannot load tokenizer ({str(e).splitlines()[0]})"
-                ) from None
+        render_tok = load_tokenizer(cfg.render_with) if cfg.render_with else tokenizer
         # what decides the text: the chat template and the special-token strings it writes
         rendering = fingerprint([render_tok.chat_template, render_tok.all_special_tokens])
     rows = _prepare(convs, tokenizer, cfg, render_tok)

@@ -175,6 +175,16 @@ def get_template(name: str) -> Template | None:
 # --------------------------------------------------------------------------- tokenization
 
 
+def load_tokenizer(path: str, what: str = "tokenizer"):
+    """``AutoTokenizer.from_pretrained(path)``, failing with one line that names ``what``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FusechatError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
+
+
 @dataclass
 class Encoded:
     """One tokenized conversation. ``labels_mask[t]`` is True where token t is learned."""

@@ -300,11 +300,13 @@ def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
             )  # fmt: skip
         write_json(step.out, {"key": step.fp, "model": model_path, "scores": table[step.name]})
         return
+    from eval.chat import load_chat_model
     from eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
 
     qs = load_questions(expand(e.questions), e.max_questions)
-    answers = generate_answers(model_path, qs, e.max_new_tokens)
-    scores = {**score(qs, answers), "nll/char": heldout_nll_per_char(model_path, qs)}
+    model, tok, stops = load_chat_model(model_path)  # once, for both measures
+    answers = generate_answers(model, tok, stops, qs, e.max_new_tokens)
+    scores = {**score(qs, answers), "nll/char": heldout_nll_per_char(model, tok, qs)}
     result = {"key": step.fp, "model": model_path, "scores": scores,
               "answers": [{"id": q["id"], "answer": a} for q, a in zip(qs, answers, strict=True)]}  # fmt: skip
     write_json(step.out, result)

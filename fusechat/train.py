@@ -295,9 +295,10 @@ def train(
     overwrite: bool = False,
 ) -> dict:
     """Fine-tune ``model_path`` on a ``fuse`` output (or, with ``lam == 1``, a pivot capture)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     from fusechat.capture import model_fingerprint
+    from fusechat.data import load_tokenizer
 
     if not 0.0 <= cfg.lam <= 1.0:
         raise FusechatError(f"lambda must be in [0, 1], got {cfg.lam}")
@@ -318,10 +319,7 @@ def train(
         return done
     if out.exists() and not overwrite:
         raise FusechatError(f"{out}: exists with another training run; use --overwrite")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise FusechatError(f"{model_path}: cannot load ({str(e).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(model_path)
     check_targets(rows.reader.key, tokenizer, corpus_fingerprint)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")

@@ -87,13 +87,6 @@ def combine_duplicates(ids: np.ndarray, probs: np.ndarray) -> Sparse:
     return out_ids, out_p.astype(np.float32)
 
 
-def sparse_ce(target: Sparse, logprobs_at: np.ndarray) -> np.ndarray:
-    """Cross-entropy per position of a sparse target against a student:
-    ``CE_t = -sum_k p_t,k * log q_t(ids_t,k)`` where ``logprobs_at[t, k] = log q_t(ids_t,k)``."""
-    ids, probs = target
-    return -(np.where(ids >= 0, probs * logprobs_at, 0.0)).sum(-1)
-
-
 def finite_rows(*arrays: np.ndarray) -> bool:
     """False when any array holds NaN or inf (such a sequence is dropped and counted)."""
     return all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")

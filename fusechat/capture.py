@@ -269,9 +269,12 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
             results[j] = res
         bar.update(sum(len(t) for t in toks))
     dtype = ids_dtype(scorer.vocab_size)
+    by_row: dict[int, list] = {}  # each row's windows, in order (segs is row- then start-sorted)
+    for j, (r, _, _) in enumerate(segs):
+        by_row.setdefault(r, []).append(results[j])
     out = []
     for r, row in enumerate(rows):
-        parts = [results[j] for j in range(len(segs)) if segs[j][0] == r]
+        parts = by_row.get(r, [])
         ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, cfg.k), np.int64)
         lps = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, cfg.k), np.float32)
         gold = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)

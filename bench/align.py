@@ -20,15 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align import (
-    align_dtw,
-    align_offsets,
-    byte_fallback_ids,
-    coverage,
-    map_exact,
-    token_texts,
-)
+from fusechat.align import align_dtw, align_offsets, coverage, map_exact
 from fusechat.data import TEMPLATES, render
+from fusechat.tokens import byte_fallback_ids, token_texts
 from fusechat.toy.real import mistral_sentencepiece, tekken
 
 

@@ -1,10 +1,11 @@
 """The toy question set: generate answers locally and score them with a rule-based judge.
 
 Questions are the toy world's held-out rows (``fusechat/toy/corpus.py``: one user question, a
-``reference`` answer, a ``skill``). The judge has the interface an LLM judge has, ``judge(question,
-answer, reference) -> (score 1..10, raw text)``, with the score from reference overlap, so a CPU
-run can score models without an LLM. Generation uses each model's own chat template, as serving
-would.
+``reference`` answer, a ``skill`` and optionally ``answers``, every right value). The judge has
+the interface an LLM judge has, ``judge(question, answer, reference) -> (score 1..10, raw
+text)``, scored by rule, so a CPU run can score models without an LLM: where a row lists
+``answers`` the best of them is judged (any right moon of a planet is right). Generation uses
+each model's own chat template, as serving would.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def load_questions(path: str | Path, max_questions: int | None = None) -> list[d
                     "skill": row.get("skill", "all"),
                     "messages": msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs,
                     "reference": row.get("reference") or msgs[-1]["content"],
+                    "answers": [str(a) for a in row.get("answers") or []],
                 }
             )
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
@@ -55,7 +57,8 @@ def load_questions(path: str | Path, max_questions: int | None = None) -> list[d
 def rule_judge(question: str, answer: str, reference: str) -> tuple[int, str]:
     """Score 1..10 from the reference's *answer words* (its words that the question does not
     contain: the capital's name, the sum) found in the answer: ``1 + round(9 * hits / n)``.
-    Echoing the question earns nothing; an answer equal to the reference scores 10."""
+    Echoing the question earns nothing; an answer equal to the reference scores 10. A
+    reference that is one right value (``Kelo``, ``82``) is thus judged by that value."""
     norm = lambda s: " ".join(_WORD.findall(s.lower()))  # noqa: E731
     if norm(answer) == norm(reference):
         return 10, "[[10]] exact match"
@@ -100,19 +103,21 @@ def generate_answers(
 def heldout_nll_per_char(model, tok, questions: Sequence[dict]) -> float:
     """Held-out loss of the reference answers, in nats per character (comparable across
     tokenizers), each conversation in the model's own chat template."""
-    from fusechat.toy.models import loss_per_char
+    from fusechat.heldout import nll_per_char
 
     rows = [{"messages": [*q["messages"], {"role": "assistant", "content": q["reference"]}]}
             for q in questions]  # fmt: skip
-    return loss_per_char(model, tok, rows, "tokenizer")
+    return nll_per_char(model, tok, rows, "tokenizer")
 
 
 def score(questions: Sequence[dict], answers: Sequence[str], judge=rule_judge) -> dict:
-    """Per-skill and average judge scores."""
+    """Per-skill and average judge scores; a question with several right ``answers`` takes
+    the best score over them."""
     by_skill: dict[str, list[int]] = defaultdict(list)
     for q, a in zip(questions, answers, strict=True):
-        s, _ = judge(q["messages"][-1]["content"], a, q["reference"])
-        by_skill[q["skill"]].append(s)
+        asked = q["messages"][-1]["content"]
+        refs = q.get("answers") or [q["reference"]]
+        by_skill[q["skill"]].append(max(judge(asked, a, r)[0] for r in refs))
     table = {k: sum(v) / len(v) for k, v in sorted(by_skill.items())}
     table["average"] = sum(sum(v) for v in by_skill.values()) / sum(map(len, by_skill.values()))
     return table

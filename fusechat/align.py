@@ -1,86 +1,41 @@
-"""Align a source model's tokenization to the pivot's: positions (sequence) and ids (vocabulary).
+"""Align a source model's captured distributions to the pivot's positions and vocabulary.
 
 A next-token distribution at position t is conditioned on the text up to the end of token t and
-predicts what follows. A pivot position and a source position therefore predict the same next
-text exactly when their tokens end at the same character; ``align_offsets`` finds these pairs in
-linear time from the fast tokenizers' offset mappings. ``align_dtw`` is the reference's
-(FuseLLM's) dynamic time warping over token-string edit distances, kept for parity.
+predicts what follows. Methods (``METHODS``):
 
-Vocabulary mappings send each source id to a pivot id (or -1): ``exact`` (same text after
-normalising ``▁``, ``Ġ`` and byte tokens), ``mined`` (minimum edit distance), ``stats`` (FuseChat:
-the pivot token most often aligned with it over the corpus, ties by edit distance).
+- ``text`` (the default; ``fusechat.textalign``): every learned pivot position gets the
+  source's distribution over the pivot tokens that the pivot's own tokenizer would emit there,
+  each candidate mapped by the text it continues with, inside source tokens too;
+- ``exact``, ``mined``, ``stats``: the baselines. A pivot position takes the source position
+  whose token ends at the same byte (``align_offsets``, linear time; or FuseLLM's edit-distance
+  DTW, ``align_dtw``), and each source id is sent to one pivot id: ``exact`` (same bytes),
+  ``mined`` (FuseLLM's minimum edit distance), ``stats`` (FuseChat-2.0: the pivot token most
+  often aligned with it over the corpus, ties by edit distance). Positions without such a
+  partner, or whose candidates all map to nothing, get no distribution.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist, extractOne
 
 from fusechat.errors import FusechatError
+from fusechat.sparse import map_topk
+from fusechat.tokens import byte_fallback_ids, token_bytes, token_texts
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- token text
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: the printable stand-in character -> byte."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and "ByteLevel" in repr(backend.pre_tokenizer)
-
-
-def token_texts(tokenizer, tokens: Sequence[str] | None = None) -> list[str]:
-    """Canonical text of each token (the whole vocabulary, by id, when ``tokens`` is None).
-
-    Tokens become the bytes they stand for (``▁`` and ``Ġ`` are spaces, ``<0xNN>`` and byte-level
-    characters are raw bytes), decoded as UTF-8 with lone bytes kept as surrogates, so a partial
-    character is the same string under either kind of tokenizer. Special tokens stay as written.
-    """
-    if tokens is None:
-        vocab = tokenizer.get_vocab()
-        tokens = [""] * (max(vocab.values()) + 1)
-        for t, i in vocab.items():
-            tokens[i] = t
-    specials = set(tokenizer.all_special_tokens)
-    decoder = _byte_decoder() if is_byte_level(tokenizer) else None
-    out = []
-    for t in tokens:
-        if t in specials:
-            out.append(t)
-            continue
-        if decoder is not None:
-            raw = bytes(decoder[c] for c in t) if all(c in decoder for c in t) else t.encode()
-        elif m := _SP_BYTE.fullmatch(t):
-            raw = bytes([int(m.group(1), 16)])
-        else:
-            raw = t.replace("▁", " ").encode()
-        out.append(raw.decode("utf-8", errors="surrogateescape"))
-    return out
-
 
 # --------------------------------------------------------------------------- sequence alignment
 
 
 def token_ends(offsets: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
-    """End character of every token, made non-decreasing (zero-width tokens such as BOS end
-    where the text so far ends)."""
+    """End of every token (the second column of ``offsets``), made non-decreasing (zero-width
+    tokens such as BOS end where the text so far ends)."""
     ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
     return np.maximum.accumulate(ends) if len(ends) else ends
 
@@ -88,13 +43,15 @@ def token_ends(offsets: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
 def align_offsets(
     pivot_offsets: Sequence[tuple[int, int]], source_offsets: Sequence[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Linear-time alignment by character offsets.
+    """Linear-time alignment by offsets (byte ends, ``fusechat.tokens.byte_ends``, or
+    character offsets).
 
     ``idx[t] = max{j : end_s(j) <= end_p(t)}`` (-1 if none): the source position that has read
     the most text without reading past the pivot's position t; monotone and defined for every
     position after the first source token. ``exact[t]`` is True where the two predict the same
-    next text: ``end_s(idx[t]) == end_p(t)`` and no later pivot token ends at the same character
-    (byte-fallback pieces of one character share its end; only the last completes it).
+    next text: ``end_s(idx[t]) == end_p(t)`` and no later pivot token ends at the same place
+    (zero-width tokens, and byte pieces given character offsets, share an end; only the last
+    completes it).
     """
     ep, es = token_ends(pivot_offsets), token_ends(source_offsets)
     idx = np.searchsorted(es, ep, side="right") - 1
@@ -142,13 +99,6 @@ def align_dtw(
 
 
 # --------------------------------------------------------------------------- vocabulary mapping
-
-
-def byte_fallback_ids(tokenizer) -> set[int]:
-    """Ids of SentencePiece byte-fallback tokens (``<0xNN>``)."""
-    if is_byte_level(tokenizer):
-        return set()
-    return {i for t, i in tokenizer.get_vocab().items() if _SP_BYTE.fullmatch(t)}
 
 
 def map_exact(
@@ -228,9 +178,10 @@ def coverage(exact: np.ndarray, positions: np.ndarray | None = None) -> float:
 
 # --------------------------------------------------------------------------- the stage
 
-VERSION = 1
+VERSION = 2  # 2: the text method; byte ends
+METHODS = ("text", "exact", "mined", "stats")
 SEQUENCE_METHODS = ("offsets", "dtw")
-VOCAB_METHODS = ("exact", "mined", "stats")
+CONFIDENT = 0.9  # agreement is measured where the source gives the gold text at least this
 
 
 def _load_capture_tokenizer(reader, override: str | None, role: str):
@@ -251,6 +202,14 @@ def _load_capture_tokenizer(reader, override: str | None, role: str):
 
 def check_same_corpus(pivot, source) -> None:
     """Two captures can be aligned only if they scored the same rows rendered the same way."""
+    from fusechat.capture import VERSION as CAPTURE_VERSION
+
+    for reader in (pivot, source):
+        if reader.key.get("version") != CAPTURE_VERSION:
+            raise FusechatError(
+                f"{reader.folder}: a capture of format version {reader.key.get('version')}; "
+                f"this fusechat reads version {CAPTURE_VERSION}: capture it again"
+            )
     pk, sk = pivot.key, source.key
     for field, what in (
         ("corpus_fingerprint", "different corpora"),
@@ -266,21 +225,23 @@ def check_same_corpus(pivot, source) -> None:
             )
 
 
-def _vocab_map_cached(method: str, src_tok, piv_tok, src_texts, piv_texts) -> np.ndarray:
-    """``exact`` and ``mined`` maps depend only on the tokenizer pair: computed once, cached."""
+def vocab_map(method: str, src_tok, piv_tok) -> np.ndarray:
+    """The ``exact`` or ``mined`` map of a tokenizer pair (source id -> pivot id or -1),
+    computed once and cached under ``$FUSECHAT_CACHE/vocab_maps``; one vocabulary maps by
+    identity, byte tokens included."""
     import os
-    from pathlib import Path
 
     from fusechat.capture import tokenizer_fingerprint
+    from fusechat.io import cache_dir
 
-    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
-    path = (
-        cache
-        / "vocab_maps"
-        / (f"{tokenizer_fingerprint(src_tok)}-{tokenizer_fingerprint(piv_tok)}-{method}.npy")
-    )
+    sfp, pfp = tokenizer_fingerprint(src_tok), tokenizer_fingerprint(piv_tok)
+    src_texts = token_texts(src_tok)
+    if sfp == pfp:
+        return np.arange(len(src_texts))
+    path = cache_dir() / "vocab_maps" / f"{sfp}-{pfp}-{method}-v{VERSION}.npy"
     if path.exists():
         return np.load(path)
+    piv_texts = token_texts(piv_tok)
     vmap = map_exact(src_texts, piv_texts, byte_fallback_ids(piv_tok))
     if method == "mined":
         vmap = map_mined(src_texts, piv_texts, base=vmap)
@@ -291,48 +252,125 @@ def _vocab_map_cached(method: str, src_tok, piv_tok, src_texts, piv_texts) -> np
     return vmap
 
 
-def _align_row(prow, srow, sequence: str, piv_tok, src_tok) -> tuple[np.ndarray, np.ndarray]:
-    """Source position for every pivot position of one row, and where it is exact."""
-    from fusechat.shards import unpack_ids
+def learned_positions(prow) -> np.ndarray:
+    """Pivot positions whose next token is learned (the positions a target is needed at)."""
+    return np.append(prow["pos.labels_mask"][1:], False)
 
-    if int(prow["row.text_hash"]) != int(srow["row.text_hash"]):
-        raise FusechatError(
-            f"row {int(prow['row.index'])}: the captures rendered different texts "
-            "(same corpus, different templates?)"
+
+class RowAligner:
+    """One source's captured rows onto the pivot's, by one method: what the ``align`` stage
+    and ``bench/transfer.py`` share. ``stats`` needs its map (``set_stats``) before use."""
+
+    def __init__(self, method: str, sequence: str, piv_tok, src_tok, k: int):
+        if method not in METHODS:
+            raise FusechatError(f"unknown alignment method {method!r} ({', '.join(METHODS)})")
+        if sequence not in SEQUENCE_METHODS:
+            raise FusechatError(f"unknown sequence alignment {sequence!r} (offsets or dtw)")
+        if method == "text" and sequence != "offsets":
+            raise FusechatError("the text method aligns by byte offsets (sequence: offsets)")
+        self.method, self.sequence, self.k = method, sequence, k
+        self.piv_tok, self.src_tok = piv_tok, src_tok
+        self.vmap: np.ndarray | None = None
+        if method == "text":
+            from fusechat.capture import tokenizer_fingerprint
+            from fusechat.textalign import SourceVocab
+            from fusechat.tokens import FirstToken
+
+            first = FirstToken(piv_tok)
+            self.vocab = SourceVocab.build(token_bytes(src_tok), first)
+            if tokenizer_fingerprint(src_tok) == tokenizer_fingerprint(piv_tok):
+                self.vocab.table = np.arange(len(self.vocab.bytes))  # one vocabulary: identity
+        elif method in ("exact", "mined"):
+            self.vmap = vocab_map(method, src_tok, piv_tok)
+
+    def pairs(self, prow, srow) -> tuple[np.ndarray, np.ndarray]:
+        """The baselines' sequence alignment: source position per pivot position, and where
+        the two end at the same place (``align_offsets``) or pair one to one (``align_dtw``)."""
+        from fusechat.shards import unpack_ids
+
+        if self.sequence == "offsets":
+            pe, se = prow["pos.byte_end"], srow["pos.byte_end"]
+            return align_offsets(np.stack([pe, pe], 1), np.stack([se, se], 1))
+        p_ids, s_ids = unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"])
+        return align_dtw(
+            token_texts(self.piv_tok, self.piv_tok.convert_ids_to_tokens(p_ids.tolist())),
+            token_texts(self.src_tok, self.src_tok.convert_ids_to_tokens(s_ids.tolist())),
         )
-    if sequence == "offsets":
-        return align_offsets(
-            np.stack([prow["pos.char_end"], prow["pos.char_end"]], 1),
-            np.stack([srow["pos.char_end"], srow["pos.char_end"]], 1),
+
+    def cooccurrence(self, prow, srow) -> Counter:
+        from fusechat.shards import unpack_ids
+
+        idx, exact = self.pairs(prow, srow)
+        return cooccurrence(
+            unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"]), idx, exact
         )
-    p_ids, s_ids = unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"])
-    return align_dtw(
-        token_texts(piv_tok, piv_tok.convert_ids_to_tokens(p_ids.tolist())),
-        token_texts(src_tok, src_tok.convert_ids_to_tokens(s_ids.tolist())),
-    )
+
+    def set_stats(self, counts: Counter) -> None:
+        src_texts, piv_texts = token_texts(self.src_tok), token_texts(self.piv_tok)
+        base = vocab_map("exact", self.src_tok, self.piv_tok)
+        self.vmap = map_stats(counts, src_texts, piv_texts, base)
+
+    def __call__(self, prow, srow) -> dict[str, np.ndarray]:
+        """``ids`` (T, k), ``probs`` (T, k) and ``valid`` (T,) at every pivot position (only
+        learned positions for ``text``), plus ``mass`` (the mapped share of the source's
+        top-K) for the baselines and ``gold_prob``, ``gold_only`` for ``text``."""
+        from fusechat.shards import unpack_ids
+
+        if int(prow["row.text_hash"]) != int(srow["row.text_hash"]):
+            raise FusechatError(
+                f"row {int(prow['row.index'])}: the captures rendered different texts "
+                "(same corpus, different templates?)"
+            )
+        s_top = unpack_ids(srow["pos.topk_ids"])
+        if self.method == "text":
+            from fusechat.textalign import align_text
+
+            return align_text(
+                unpack_ids(prow["pos.input_ids"]), prow["pos.byte_end"].astype(np.int64),
+                unpack_ids(srow["pos.input_ids"]), srow["pos.byte_end"].astype(np.int64),
+                s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
+                np.flatnonzero(learned_positions(prow)), self.vocab, self.k,
+            )  # fmt: skip
+        idx, exact = self.pairs(prow, srow)
+        j = np.clip(idx, 0, None)
+        lp = srow["pos.topk_logprobs"][j]
+        ids, probs, mass = map_topk(s_top[j], lp, self.vmap)
+        valid = exact & (idx >= 0) & (mass > 0)
+        top_mass = np.exp(lp.astype(np.float64)).sum(-1)
+        return {
+            "ids": np.where(valid[:, None], ids, -1),
+            "probs": np.where(valid[:, None], probs, 0).astype(np.float32),
+            "valid": valid,
+            "exact": exact & (idx >= 0),
+            "mass": np.where(exact, mass / np.maximum(top_mass, 1e-30), 0.0),
+        }
 
 
 def align(
     pivot_dir: str,
     source_dir: str,
     out: str,
+    method: str = "text",
     sequence: str = "offsets",
-    vocab: str = "exact",
     pivot_tokenizer: str | None = None,
     source_tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Map a source capture onto the pivot's positions and vocabulary (``fusechat align``).
 
-    Each output row has, per pivot position, the source's top-K sent through the vocabulary
-    map (``pos.ids``, ``pos.probs`` renormalised over mapped entries) and ``pos.valid`` (an
-    exactly aligned position with some mapped mass), plus the source's sequence NLL.
+    Each output row has, per pivot position, the source's distribution over pivot tokens
+    (``pos.ids``, ``pos.probs``, k wide) and ``pos.valid`` (a distribution exists there), plus
+    the source's sequence NLL for MinCE/AvgCE. Statistics over learned pivot positions:
+    ``coverage`` (share with a distribution); for ``text`` also ``gold_only`` (share whose
+    distribution is the gold token alone: nothing else the source proposed fits the text
+    read) and ``agreement`` (share whose most probable token is the pivot's gold one, where
+    the source gives the gold text probability >= 0.9); for the baselines ``aligned`` (share
+    with an exactly aligned source position) and ``mapped_mass``.
     """
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from fusechat.fuse import map_topk
     from fusechat.io import fingerprint, read_manifest
     from fusechat.shards import (
         StageReader,
@@ -341,13 +379,8 @@ def align(
         ids_dtype,
         pack_ids,
         save_shard,
-        unpack_ids,
     )
 
-    if sequence not in SEQUENCE_METHODS:
-        raise FusechatError(f"unknown sequence alignment {sequence!r} (offsets or dtw)")
-    if vocab not in VOCAB_METHODS:
-        raise FusechatError(f"unknown vocabulary mapping {vocab!r} (exact, mined or stats)")
     piv, src = StageReader(pivot_dir, "capture"), StageReader(source_dir, "capture")
     check_same_corpus(piv, src)
     piv.check_complete()
@@ -357,58 +390,51 @@ def align(
         "version": VERSION,
         "pivot_capture": fingerprint(piv.key),
         "source_capture": fingerprint(src.key),
+        "method": method,
         "sequence": sequence,
-        "vocab": vocab,
         "k": src.key["k"],
         "shard_rows": piv.key["shard_rows"],
         "rows": piv.key["rows"],
     }
+    if method not in METHODS or sequence not in SEQUENCE_METHODS:
+        RowAligner(method, sequence, None, None, 0)  # raises the one-line error
     done = begin_stage(out, key, overwrite)
     if done is None:
         log.info("%s: alignment already complete", out)
         return read_manifest(out)
     piv_tok = _load_capture_tokenizer(piv, pivot_tokenizer, "pivot")
     src_tok = _load_capture_tokenizer(src, source_tokenizer, "source")
-    piv_texts, src_texts = token_texts(piv_tok), token_texts(src_tok)
-    if piv.key["tokenizer_fingerprint"] == src.key["tokenizer_fingerprint"]:
-        vmap = np.arange(len(src_texts))  # one vocabulary: the identity, byte tokens included
-    elif vocab == "stats":
+    aligner = RowAligner(method, sequence, piv_tok, src_tok, src.key["k"])
+    if method == "stats":
         counts: Counter = Counter()
         for i, prows in tqdm(piv.shards(), total=piv.n_shards, desc="co-occurrence"):
             for prow, srow in zip(prows, src.shard(i), strict=True):
-                idx, exact = _align_row(prow, srow, sequence, piv_tok, src_tok)
-                counts += cooccurrence(
-                    unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"]), idx, exact
-                )
-        base = _vocab_map_cached("exact", src_tok, piv_tok, src_texts, piv_texts)
-        vmap = map_stats(counts, src_texts, piv_texts, base)
-    else:
-        vmap = _vocab_map_cached(vocab, src_tok, piv_tok, src_texts, piv_texts)
-    np.save(Path(out) / "vocab_map.npy", vmap)
-    dtype = ids_dtype(len(piv_texts))
-    learned_total = learned_valid = learned_exact = 0
+                counts += aligner.cooccurrence(prow, srow)
+        aligner.set_stats(counts)
+    dtype = ids_dtype(max(piv_tok.get_vocab().values()) + 1)
+    tally: Counter = Counter()
     mass_sum = 0.0
     for i in tqdm(range(piv.n_shards), desc=f"align {Path(out).name}"):
-        prows, srows = piv.shard(i), src.shard(i)
         rows = []
-        for prow, srow in zip(prows, srows, strict=True):
-            idx, exact = _align_row(prow, srow, sequence, piv_tok, src_tok)
-            j = np.clip(idx, 0, None)
-            s_ids = unpack_ids(srow["pos.topk_ids"])[j]
-            s_lp = srow["pos.topk_logprobs"][j]
-            pid, probs, mass = map_topk(s_ids, s_lp, vmap)
-            valid = exact & (idx >= 0) & (mass > 0)
-            learned = np.append(prow["pos.labels_mask"][1:], False)
-            learned_total += int(learned.sum())
-            learned_valid += int((learned & valid).sum())
-            learned_exact += int((learned & exact).sum())
-            top_mass = np.exp(s_lp.astype(np.float64)).sum(-1)
-            mass_sum += float((mass / top_mass)[learned & exact].sum())
+        for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
+            r = aligner(prow, srow)
+            learned = learned_positions(prow)
+            tally["learned"] += int(learned.sum())
+            tally["valid"] += int((learned & r["valid"]).sum())
+            if method == "text":
+                confident = learned & r["valid"] & (r["gold_prob"] >= CONFIDENT)
+                gold = np.append(prow["pos.input_ids"][1:], 0).astype(np.int64)
+                tally["gold_only"] += int((learned & r["gold_only"]).sum())
+                tally["confident"] += int(confident.sum())
+                tally["agree"] += int((confident & (r["ids"][:, 0] == gold)).sum())
+            else:
+                tally["exact"] += int((learned & r["exact"]).sum())
+                mass_sum += float(r["mass"][learned & r["exact"]].sum())
             rows.append(
                 {
-                    "pos.ids": pack_ids(np.where(valid[:, None], pid, -1), dtype),
-                    "pos.probs": np.where(valid[:, None], probs, 0).astype(np.float16),
-                    "pos.valid": valid,
+                    "pos.ids": pack_ids(r["ids"], dtype),
+                    "pos.probs": r["probs"].astype(np.float16),
+                    "pos.valid": r["valid"],
                     "row.index": prow["row.index"],
                     "row.nll_sum": srow["row.nll_sum"],
                     "row.n_tokens": srow["row.n_tokens"],
@@ -417,23 +443,15 @@ def align(
             )
         if i not in done:
             save_shard(Path(out), i, rows)
-    src_vocab = len(src_texts)
-    stats = {
-        "coverage": learned_valid / max(learned_total, 1),
-        "aligned": learned_exact / max(learned_total, 1),
-        "mapped_mass": mass_sum / max(learned_exact, 1),
-        "vocab_mapped": float((vmap >= 0).sum() / max(src_vocab, 1)),
-        "learned_positions": learned_total,
-        "pivot_capture": str(pivot_dir),
-        "source_capture": str(source_dir),
-    }
-    log.info(
-        "aligned %s: %.4f of learned pivot positions aligned, coverage %.4f, mapped mass %.4f "
-        "of the source top-K, %.4f of the source vocabulary mapped",
-        source_dir,
-        stats["aligned"],
-        stats["coverage"],
-        stats["mapped_mass"],
-        stats["vocab_mapped"],
-    )
+    n = max(tally["learned"], 1)
+    stats = {"method": method, "coverage": tally["valid"] / n, "learned_positions": n,
+             "pivot_capture": str(pivot_dir), "source_capture": str(source_dir)}  # fmt: skip
+    if method == "text":
+        stats["gold_only"] = tally["gold_only"] / n
+        stats["agreement"] = tally["agree"] / max(tally["confident"], 1)
+    else:
+        stats["aligned"] = tally["exact"] / n
+        stats["mapped_mass"] = mass_sum / max(tally["exact"], 1)
+    log.info("aligned %s (%s): %s", source_dir, method,
+             ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
     return finish_stage(out, key, piv.n_shards, stats)

@@ -2,11 +2,13 @@
 
 Every conversation is rendered with one template (FuseChat renders every model's input with the
 pivot's) and tokenized by the model's own tokenizer. Per row the stage stores, in shards (see
-``fusechat.shards``): ``pos.input_ids``, ``pos.labels_mask`` (learned tokens), ``pos.char_end``
-(where each token ends in the text, for alignment), ``pos.topk_ids`` and ``pos.topk_logprobs``
-(fp16) of the distribution at each position (predicting the next token), and the gold
-negative log-likelihood of the learned tokens (``row.nll_sum`` over ``row.n_tokens`` tokens
-covering ``row.n_chars`` characters): the sequence cross-entropy that MinCE/AvgCE compare.
+``fusechat.shards``): ``pos.input_ids``, ``pos.labels_mask`` (learned tokens), ``pos.byte_end``
+(the UTF-8 byte at which each token ends in the text, for alignment: ``fusechat.tokens``),
+``pos.topk_ids`` and ``pos.topk_logprobs`` (fp16) of the distribution at each position
+(predicting the next token), ``pos.gold_logprob`` (fp16, the log-probability of the token
+that really follows, in the top-K or not), and the gold negative log-likelihood of the learned
+tokens (``row.nll_sum`` over ``row.n_tokens`` tokens covering ``row.n_chars`` characters): the
+sequence cross-entropy that MinCE/AvgCE compare.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fusechat.io import fingerprint, read_manifest
 from fusechat.shards import begin_stage, finish_stage, ids_dtype, pack_ids, save_shard
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: byte ends and the gold token's log-probability per position
 
 
 @dataclass(frozen=True)
@@ -230,23 +232,30 @@ class _Row:
     index: int
     input_ids: list[int]
     labels_mask: list[bool]
-    char_end: np.ndarray
+    byte_end: np.ndarray
+    n_chars: int  # characters of the learned tokens (the 'char' cross-entropy normalisation)
     text_hash: np.uint64
     truncated: bool
 
 
 def _prepare(convs, tokenizer, cfg: CaptureConfig, render_tokenizer=None) -> list[_Row]:
+    from fusechat.tokens import byte_ends, token_bytes
+
+    widths = np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
     rows = []
     for i, msgs in enumerate(convs):
         e = encode(msgs, tokenizer, cfg.template, render_tokenizer=render_tokenizer)
         n = len(e.input_ids) if cfg.overflow == "split" else min(len(e.input_ids), cfg.max_length)
-        ends = np.array([o[1] for o in e.offsets[:n]], dtype=np.int32)
+        ids = e.input_ids[:n]
+        char_end = np.maximum.accumulate([o[1] for o in e.offsets[:n]]) if n else np.zeros(0)
+        prev = np.concatenate([[0], char_end[:-1]])
         rows.append(
             _Row(
                 index=i,
-                input_ids=e.input_ids[:n],
+                input_ids=ids,
                 labels_mask=e.labels_mask[:n],
-                char_end=np.maximum.accumulate(ends) if n else ends,
+                byte_end=byte_ends(e.text, e.offsets[:n], widths[ids]),
+                n_chars=int((char_end - prev)[np.array(e.labels_mask[:n], dtype=bool)].sum()),
                 text_hash=text_hash(e.text),
                 truncated=n < len(e.input_ids),
             )
@@ -280,18 +289,19 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
         gold = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
         mask = np.array(row.labels_mask, dtype=bool)
         learned = np.append(mask[1:], False)  # position t predicts a learned token t+1
-        prev = np.concatenate([[0], row.char_end[:-1]])
         out.append(
             {
                 "pos.input_ids": pack_ids(np.array(row.input_ids, np.int64), dtype),
                 "pos.labels_mask": mask,
-                "pos.char_end": row.char_end,
+                "pos.byte_end": row.byte_end.astype(np.int32),
                 "pos.topk_ids": pack_ids(ids, dtype),
                 "pos.topk_logprobs": lps.astype(np.float16),
+                # fp16 keeps -inf; clamp so a vanishing probability is not NaN after exp/log
+                "pos.gold_logprob": np.maximum(gold, -60000.0).astype(np.float16),
                 "row.index": np.int64(row.index),
                 "row.nll_sum": np.float64(-gold[learned].astype(np.float64).sum()),
                 "row.n_tokens": np.int64(learned.sum()),
-                "row.n_chars": np.int64((row.char_end - prev)[mask].sum()),
+                "row.n_chars": np.int64(row.n_chars),
                 "row.text_hash": row.text_hash,
                 "row.truncated": np.bool_(row.truncated),
             }

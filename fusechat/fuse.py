@@ -1,8 +1,6 @@
 """Fuse sparse next-token distributions over the pivot's vocabulary (MinCE, AvgCE).
 
-A sparse distribution over T positions is a pair ``(ids, probs)`` of arrays of shape (T, K):
-``probs[t, k]`` is the probability of pivot token ``ids[t, k]``; padding has id -1 and
-probability 0; an id may repeat (its probabilities add). Nothing is ever vocabulary-sized.
+Distributions are sparse, ``(ids, probs)`` rows over the pivot's vocabulary (``fusechat.sparse``).
 """
 
 from __future__ import annotations
@@ -12,23 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fusechat.sparse import Sparse, combine_duplicates, finite_rows
+
 log = logging.getLogger(__name__)
-
-Sparse = tuple[np.ndarray, np.ndarray]
-
-
-def map_topk(
-    ids: np.ndarray, logprobs: np.ndarray, vocab_map: np.ndarray, renormalize: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Send a source's top-K ``(ids, logprobs)`` through ``vocab_map`` (source id -> pivot id
-    or -1). Returns pivot ids, probabilities (renormalised over the mapped entries unless told
-    otherwise) and the mapped mass per position, ``sum_k p_k [map(id_k) >= 0]``."""
-    pid = np.where(ids >= 0, vocab_map[np.clip(ids, 0, None)], -1)
-    p = np.where(pid >= 0, np.exp(logprobs.astype(np.float64)), 0.0)
-    mass = p.sum(-1)
-    if renormalize:
-        p = p / np.where(mass > 0, mass, 1.0)[:, None]
-    return pid, p.astype(np.float32), mass
 
 
 def sequence_weights(ces: Sequence[float], method: str) -> np.ndarray:
@@ -49,53 +33,38 @@ def sequence_weights(ces: Sequence[float], method: str) -> np.ndarray:
 
 
 def fuse(
-    dists: Sequence[Sparse], valid: Sequence[np.ndarray], ces: Sequence[float], method: str
+    dists: Sequence[Sparse],
+    valid: Sequence[np.ndarray],
+    ces: Sequence[float],
+    method: str,
+    fallback: Sparse | None = None,
 ) -> Sparse:
     """Fuse M sparse distributions of one sequence; model 0 must be the pivot (always valid).
 
     Per position t, ``fused_t = sum_m w_m [valid_m,t] p_m,t / sum_m w_m [valid_m,t]``: a model
-    without an aligned distribution at t gives its weight to the others, and where none of the
-    chosen models is valid the pivot's own distribution is kept. The result concatenates the
-    models' entries (K_fused = sum of K_m), so it stays sparse.
+    without an aligned distribution at t gives its weight to the others. Where none of the
+    chosen models is valid, ``fallback`` is the target (FuseChat-2.0: one-hot on the gold next
+    token) or, without one (or where it is empty), the pivot's own (FuseLLM). The result concatenates
+    the models' entries (K_fused = sum of K_m), so it stays sparse.
     """
     w = sequence_weights(ces, method)
     wt = np.stack([w[m] * np.asarray(v, dtype=np.float64) for m, v in enumerate(valid)])  # (M, T)
-    total = wt.sum(0)
-    wt[0] = np.where(total > 0, wt[0], 1.0)  # nobody chosen is valid here: the pivot's own
+    nobody = wt.sum(0) <= 0
+    use_fb = nobody & (fallback[1].sum(1) > 0) if fallback is not None else np.zeros_like(nobody)
+    wt[0] = np.where(nobody & ~use_fb, 1.0, wt[0])  # no fallback there (the last position)
+    if fallback is not None:
+        dists, wt = [*dists, fallback], np.vstack([wt, use_fb.astype(np.float64)])
     wt /= wt.sum(0, keepdims=True)
     ids = np.concatenate([d[0] for d in dists], axis=1)
     probs = np.concatenate([d[1] * wt[m][:, None] for m, d in enumerate(dists)], axis=1)
     return combine_duplicates(ids, np.where(ids >= 0, probs, 0.0))
 
 
-def combine_duplicates(ids: np.ndarray, probs: np.ndarray) -> Sparse:
-    """One entry per id and position: probabilities of repeated ids added, ids sorted
-    ascending with padding (-1, probability 0) first. Keeps the width K, so rows stay
-    rectangular; an entropy (for a KL loss) is then exact."""
-    order = np.argsort(ids, axis=1, kind="stable")
-    ids_s = np.take_along_axis(ids, order, 1)
-    p_s = np.take_along_axis(probs, order, 1)
-    start = np.ones_like(ids_s, dtype=bool)
-    start[:, 1:] = ids_s[:, 1:] != ids_s[:, :-1]
-    slot = np.cumsum(start, axis=1) - 1
-    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
-    out_ids = np.full_like(ids, -1)
-    out_p = np.zeros(ids.shape, dtype=np.float64)
-    out_ids[rows, slot] = ids_s
-    np.add.at(out_p, (rows, slot), p_s)
-    out_p[out_ids < 0] = 0.0
-    return out_ids, out_p.astype(np.float32)
-
-
-def finite_rows(*arrays: np.ndarray) -> bool:
-    """False when any array holds NaN or inf (such a sequence is dropped and counted)."""
-    return all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
-
-
 # --------------------------------------------------------------------------- the stage
 
-VERSION = 1
+VERSION = 2  # 2: the unaligned setting
 METHODS = ("minCE", "avgCE")
+UNALIGNED = ("gold", "pivot")  # what a position without a chosen model's distribution learns
 
 
 def sequence_ce(row: dict, norm: str) -> float:
@@ -112,13 +81,16 @@ def fuse_stage(
     out: str,
     method: str = "minCE",
     ce_norm: str = "token",
+    unaligned: str = "gold",
     overwrite: bool = False,
 ) -> dict:
     """Fuse the pivot's captured distributions with aligned sources' (``fusechat fuse``).
 
     Output rows carry the pivot's ``pos.input_ids`` and ``pos.labels_mask``, the sparse fused
     target (``pos.target_ids``, ``pos.target_probs``) and ``row.weights`` (per model, pivot
-    first). Rows with NaN/inf anywhere, or with no learned token, are dropped and counted.
+    first). Where no chosen model has a distribution, the target is one-hot on the gold next
+    token (``unaligned='gold'``) or the pivot's own distribution (``'pivot'``). Rows with
+    NaN/inf anywhere, or with no learned token, are dropped and counted.
     """
     from pathlib import Path
 
@@ -137,6 +109,8 @@ def fuse_stage(
 
     if method not in METHODS:
         raise FusechatError(f"unknown fusion method {method!r} (minCE or avgCE)")
+    if unaligned not in UNALIGNED:
+        raise FusechatError(f"unknown unaligned target {unaligned!r} (gold or pivot)")
     if ce_norm not in ("token", "char"):
         raise FusechatError(f"unknown cross-entropy normalisation {ce_norm!r} (token or char)")
     if not aligned_dirs:
@@ -155,6 +129,7 @@ def fuse_stage(
         "aligned": [fingerprint(s.key) for s in srcs],
         "method": method,
         "ce_norm": ce_norm,
+        "unaligned": unaligned,
         "shard_rows": piv.key["shard_rows"],
         # what training checks its model and corpus against
         "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
@@ -188,7 +163,11 @@ def fuse_stage(
             pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
             dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
             valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
-            ids, probs = fuse(dists, valid, ces, method)
+            gold = None
+            if unaligned == "gold":
+                nxt = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
+                gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
+            ids, probs = fuse(dists, valid, ces, method, gold)
             w = sequence_weights(ces, method)
             weight_sum += w
             kept += 1

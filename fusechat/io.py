@@ -14,6 +14,12 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+def cache_dir() -> Path:
+    """Where slow artifacts are kept (the toy world, vocabulary maps, real checkpoints):
+    ``$FUSECHAT_CACHE``, default ``~/.cache/fusechat``."""
+    return Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to ``path`` only if the block succeeds.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -112,10 +113,17 @@ class CaptureSection(_Section):
 
 
 class AlignSection(_Section):
-    """``fusechat align`` of each source to the pivot."""
+    """``fusechat align`` of each source to the pivot (``fusechat.align``: ``text`` maps by
+    continuation text; ``exact``, ``mined``, ``stats`` are the baselines)."""
 
-    sequence: Literal["offsets", "dtw"] = "offsets"
-    vocab: Literal["exact", "mined", "stats"] = "exact"
+    method: Literal["text", "exact", "mined", "stats"] = "text"
+    sequence: Literal["offsets", "dtw"] = "offsets"  # the baselines' position pairing
+
+    @model_validator(mode="after")
+    def _text_by_offsets(self) -> AlignSection:
+        if self.method == "text" and self.sequence != "offsets":
+            raise ValueError("method 'text' aligns by byte offsets (sequence: offsets)")
+        return self
 
 
 class FuseSection(_Section):
@@ -123,6 +131,7 @@ class FuseSection(_Section):
 
     method: Literal["minCE", "avgCE"] = "minCE"
     ce_norm: Literal["token", "char"] = "token"
+    unaligned: Literal["gold", "pivot"] = "gold"  # target where no chosen model has one
 
 
 class LoraSection(_Section):
@@ -152,6 +161,8 @@ class TrainSection(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     save_steps: PositiveInt = 200
     logging_steps: PositiveInt = 10
+    heldout: str | None = None  # held-out conversations whose loss is logged while training
+    eval_steps: Annotated[int, Field(ge=0)] = 0  # that curve's interval (0: never)
     lora: LoraSection | None = None
     clm_baseline: bool = False  # also train lambda = 1 on the pivot's capture (the CLM baseline)
     launcher: str | None = None  # an accelerate config file: run training under accelerate launch
@@ -234,7 +245,7 @@ class Recipe(_Section):
         lines.append(
             f"  capture top-{c.k}, max length {c.max_length} ({c.overflow}), backend {c.backend}"
         )
-        lines.append(f"  align  sequence {a.sequence}, vocabulary {a.vocab}")
+        lines.append(f"  align  {a.method}" + (f" ({a.sequence})" if a.method != "text" else ""))
         lines.append(f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source")
         t = self.train
         lines.append(
@@ -292,10 +303,60 @@ def validation_error(source: str | Path, e: ValidationError) -> FusechatError:
     return FusechatError(f"{source}: {field}: {msg}{more}")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe; any problem raises one-line ``FusechatError``."""
+_KEY_PART = re.compile(r"(\w[\w-]*)|\[(\d+)\]")
+
+
+def apply_override(raw: dict, spec: str) -> None:
+    """Apply one ``--set`` override, ``a.b.c=VALUE`` (list items as ``a[0].b`` or ``a.0.b``),
+    VALUE read as YAML (``0.5``, ``true``, ``[q_proj, v_proj]``, ``null``); torchtune's
+    ``key=value`` overrides. The result is validated with the rest of the recipe."""
+    path, sep, value = spec.partition("=")
+    if not sep or not path:
+        raise FusechatError(f"--set {spec!r}: expected KEY=VALUE, e.g. train.lambda=0.5")
+    parts: list[str | int] = []
+    for seg in path.strip().split("."):
+        found = [int(i) if i else (int(n) if n.isdigit() else n) for n, i in _KEY_PART.findall(seg)]
+        if not found or "".join(_KEY_PART.sub("", seg)):
+            raise FusechatError(f"--set {spec!r}: bad key segment {seg!r}")
+        parts += found
+    try:
+        val = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise FusechatError(f"--set {spec!r}: the value is not valid YAML") from None
+    node: object = raw
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict | list):
+            raise FusechatError(f"--set {spec!r}: {_field_path(tuple(parts[:i]))} is not a section")
+        nxt = node[part] if _has(node, part) else None
+        if nxt is None:
+            if isinstance(part, int):
+                raise FusechatError(
+                    f"--set {spec!r}: no item {part} at {_field_path(tuple(parts[:i]))}"
+                )
+            nxt = node[part] = {} if isinstance(parts[i + 1], str) else []
+        node = nxt
+    last = parts[-1]
+    if isinstance(last, int) and not _has(node, last):
+        raise FusechatError(f"--set {spec!r}: no item {last} at {_field_path(tuple(parts[:-1]))}")
+    if not isinstance(node, dict | list):
+        raise FusechatError(f"--set {spec!r}: {_field_path(tuple(parts[:-1]))} is not a section")
+    node[last] = val
+
+
+def _has(node: object, part: str | int) -> bool:
+    if isinstance(part, int):
+        return isinstance(node, list) and 0 <= part < len(node)
+    return isinstance(node, dict) and part in node
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Parse and validate a recipe, with ``--set`` overrides applied first (validated like the
+    file); any problem raises one-line ``FusechatError``."""
     raw = read_yaml(path, "recipe")
+    for spec in overrides:
+        apply_override(raw, spec)
+    source = f"{path} (with --set {' '.join(overrides)})" if overrides else path
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise validation_error(path, e) from None
+        raise validation_error(source, e) from None

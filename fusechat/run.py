@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ class Step:
     out: Path
     action: Callable[[], None] = field(repr=False)
     inputs: list[Step] = field(default_factory=list, repr=False)
+    role: str = ""  # eval steps: pivot, source, target, clm (the baseline) or merge
 
     @property
     def fp(self) -> str:
@@ -82,6 +83,13 @@ def _rendering(recipe: Recipe) -> tuple[str, str | None]:
     return tpl, (recipe.models.pivot.resolved if tpl == "tokenizer" else None)
 
 
+def _stage_versions() -> dict[str, int]:
+    from fusechat import align, capture, fuse, train
+
+    return {"capture": capture.VERSION, "align": align.VERSION, "fuse": fuse.VERSION,
+            "train": train.VERSION, "merge": 1, "eval": 1}  # fmt: skip
+
+
 def plan(recipe: Recipe, root: Path) -> list[Step]:
     """Every step of the recipe, in order, with keys and output folders; nothing runs."""
     from fusechat.capture import CaptureConfig
@@ -97,8 +105,11 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
     template, render_with = _rendering(recipe)
     ids = {m.label: _model_identity(m.resolved) for m in recipe.models.all}
 
+    versions = _stage_versions()
+
     def add(stage, name, key, action_factory, inputs=(), suffix="") -> Step:
-        key = {"stage": stage, **key, "inputs": [s.fp for s in inputs]}
+        # the stage's format version: outputs of older code are never taken for current ones
+        key = {"stage": stage, "version": versions[stage], **key, "inputs": [s.fp for s in inputs]}
         out = root / stage / f"{name}-{fingerprint(key)[:10]}{suffix}"
         step = Step(stage, name, key, out, lambda: None, list(inputs))
         step.action = action_factory(step)
@@ -148,8 +159,8 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
                 pcap.out,
                 caps[s.label].out,
                 step.out,
+                method=recipe.align.method,
                 sequence=recipe.align.sequence,
-                vocab=recipe.align.vocab,
             )
 
         al = add("align", s.label, {"align": recipe.align.model_dump()}, run_align,
@@ -158,8 +169,9 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         def run_fuse(step, al=al):
             from fusechat.fuse import fuse_stage
 
+            f = recipe.fuse
             return lambda: fuse_stage(
-                pcap.out, [al.out], step.out, recipe.fuse.method, recipe.fuse.ce_norm
+                pcap.out, [al.out], step.out, f.method, f.ce_norm, f.unaligned
             )
 
         fused[s.label] = add("fuse", s.label, {"fuse": recipe.fuse.model_dump()}, run_fuse,
@@ -168,6 +180,11 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
     # train: one target per source, plus the CLM-only baseline
     t = recipe.train
     targets: dict[str, Step] = {}
+    heldout_fp = None
+    if t.heldout:
+        if not Path(expand(t.heldout)).exists():
+            raise FusechatError(f"train.heldout: {expand(t.heldout)}: not found")
+        heldout_fp = file_fingerprint(expand(t.heldout))
     jobs = [(f"{pivot.label}--{s.label}", fused[s.label], t.lam) for s in recipe.models.sources]
     if t.clm_baseline:
         jobs.append((f"{pivot.label}-clm", pcap, 1.0))
@@ -176,8 +193,10 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         def run_train(step, data_step=data_step, lam=lam):
             return lambda: _train(recipe, pivot.resolved, data_step.out, step.out, lam)
 
-        # lambda is the job's own (the baseline's is 1 whatever train.lambda says)
-        key = {"train": t.model_dump(exclude={"lam"}), "lambda": lam, "pivot": ids[pivot.label]}
+        # lambda is the job's own (the baseline's is 1 whatever train.lambda says); the seed
+        # orders the data and initialises LoRA, so each seed is another run
+        key = {"train": t.model_dump(exclude={"lam"}), "lambda": lam, "pivot": ids[pivot.label],
+               "seed": recipe.seed, "heldout": heldout_fp}  # fmt: skip
         targets[name] = add("train", name, key, run_train, [data_step])
 
     # merge: each method over the fused targets (not the baseline), base = the pivot
@@ -188,18 +207,21 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         def run_merge(step, spec=spec):
             return lambda: _merge(recipe, spec, pivot.resolved, fusion_targets, step.out)
 
-        key = {"merge": spec.model_dump(), "dtype": recipe.merge.dtype, "pivot": ids[pivot.label]}
+        key = {"merge": spec.model_dump(), "dtype": recipe.merge.dtype, "pivot": ids[pivot.label],
+               "seed": recipe.seed}  # fmt: skip
         merges[spec.name] = add("merge", f"{pivot.label}-{spec.name}", key, run_merge,
                                 fusion_targets)  # fmt: skip
 
     # eval: every model
     if recipe.eval.kind != "none":
-        models: list[tuple[str, str, Step | None]] = [
-            (m.label, m.resolved, None) for m in recipe.models.all
+        models: list[tuple[str, str, Step | None, str]] = [
+            (m.label, m.resolved, None, "pivot" if m is pivot else "source")
+            for m in recipe.models.all
         ]
-        models += [(n, str(st.out), st) for n, st in targets.items()]
-        models += [(st.name, str(st.out), st) for st in merges.values()]
-        for name, path, producer in models:
+        models += [(n, str(st.out), st, "clm" if n == f"{pivot.label}-clm" else "target")
+                   for n, st in targets.items()]  # fmt: skip
+        models += [(st.name, str(st.out), st, "merge") for st in merges.values()]
+        for name, path, producer, role in models:
 
             def run_eval(step, path=path):
                 return lambda: _evaluate(recipe, path, step)
@@ -208,7 +230,8 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
             qfp = file_fingerprint(qpath) if Path(qpath).exists() else qpath
             key = {"eval": recipe.eval.model_dump(), "model": ids.get(name, name),
                    "questions": qfp}  # fmt: skip
-            add("eval", name, key, run_eval, [producer] if producer else [], suffix=".json")
+            ev = add("eval", name, key, run_eval, [producer] if producer else [], suffix=".json")
+            ev.role = role
     return steps
 
 
@@ -228,6 +251,7 @@ def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> Non
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_length=t.max_length,
         gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         save_steps=t.save_steps, logging_steps=t.logging_steps, seed=recipe.seed, lora=lora,
+        heldout=expand(t.heldout) if t.heldout else None, eval_steps=t.eval_steps,
     )  # fmt: skip
     if t.launcher is None:
         train(pivot, data, out, cfg)
@@ -242,6 +266,8 @@ def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> Non
     cmd += ["--weight-decay", str(t.weight_decay), "--max-length", str(t.max_length)]
     cmd += ["--precision", t.precision, "--save-steps", str(t.save_steps)]
     cmd += ["--logging-steps", str(t.logging_steps), "--seed", str(recipe.seed)]
+    if t.heldout:
+        cmd += ["--heldout", expand(t.heldout), "--eval-steps", str(t.eval_steps)]
     if not t.gradient_checkpointing:
         cmd.append("--no-gradient-checkpointing")
     if t.lora is not None:
@@ -281,7 +307,7 @@ def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> 
     cfg_path = out.with_name(out.name + ".yaml")
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    run(cfg_path, out, overwrite=True)
+    run(cfg_path, out, overwrite=True, random_seed=recipe.seed)
 
 
 def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
@@ -328,9 +354,12 @@ def run_recipe(
     dry_run: bool = False,
     only: str | None = None,
     start: str | None = None,
+    overrides: Sequence[str] = (),
+    quiet: bool = False,
 ) -> dict:
-    """Plan, then run each step not yet done. Returns the run summary."""
-    recipe = load_recipe(path)
+    """Plan, then run each step not yet done (``overrides``: ``--set KEY=VALUE``, applied to
+    the recipe before validation). Returns the run summary (printed unless ``quiet``)."""
+    recipe = load_recipe(path, overrides)
     recipe_fp = file_fingerprint(path)
     check_models(recipe, network=not dry_run)
     root = Path(expand(recipe.run_dir)) / recipe.name
@@ -362,16 +391,20 @@ def run_recipe(
         times[label] = round(time.perf_counter() - t0, 1)
     summary = summarize(steps, times)
     write_json(root / "summary.json", summary)
-    print(format_summary(summary))
+    if not quiet:
+        print(format_summary(summary))
     return summary
 
 
 def summarize(steps: list[Step], times: dict[str, float]) -> dict:
-    scores = {}
+    """Scores per evaluated model, each model's role and folder, seconds per step."""
+    scores, models = {}, {}
     for s in steps:
         if s.stage == "eval" and s.done():
             scores[s.name] = read_json(s.out)["scores"]
-    return {"scores": scores, "seconds": times}
+            models[s.name] = {"role": s.role,
+                              "path": str(s.inputs[0].out) if s.inputs else read_json(s.out)["model"]}  # fmt: skip
+    return {"scores": scores, "models": models, "seconds": times}
 
 
 def format_summary(summary: dict) -> str:

@@ -60,6 +60,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
     save_steps: int = 200
     logging_steps: int = 10
+    heldout: str | None = None  # held-out conversations: their loss is logged during training
+    eval_steps: int = 0  # every this many steps (and at the start); 0 = never
     seed: int = 0
     lora: LoraSpec | None = None
     extra: dict = field(default_factory=dict)  # more TrainingArguments, e.g. deepspeed, fsdp
@@ -224,6 +226,35 @@ def _jsonl_callback(path: Path):
     return JsonlLog()
 
 
+def _heldout_callback(rows: list, tokenizer, every: int, path: Path):
+    """Logs ``heldout_nll_per_char`` (``fusechat.heldout``) with the tokens trained on so far,
+    at the start and every ``every`` steps: the curve a token-efficiency study reads."""
+    from transformers import TrainerCallback
+
+    from fusechat.heldout import nll_per_char
+
+    class HeldoutCurve(TrainerCallback):
+        def _measure(self, state, model):
+            value = nll_per_char(
+                model, tokenizer, rows, "tokenizer"
+            )  # every rank: ZeRO-3 needs all
+            if state.is_world_process_zero:
+                entry = {"step": state.global_step, "tokens": int(state.num_input_tokens_seen),
+                         "heldout_nll_per_char": value}  # fmt: skip
+                with open(path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 0:
+                self._measure(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                self._measure(state, model)
+
+    return HeldoutCurve()
+
+
 def plot_losses(log_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -381,16 +412,24 @@ def train(
         report_to=[],
         dataloader_num_workers=0,
         disable_tqdm=False,
+        include_num_input_tokens_seen=True,
         **_precision(cfg.precision),
         **cfg.extra,
     )
     log_path = ckpt / "train_log.jsonl"
+    callbacks = [_jsonl_callback(log_path)]
+    if cfg.heldout and cfg.eval_steps > 0:
+        from fusechat.data import load_conversations
+
+        convs, _ = load_conversations(cfg.heldout)
+        held = [{"messages": c} for c in convs]
+        callbacks.append(_heldout_callback(held, tokenizer, cfg.eval_steps, log_path))
     trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=rows,
         data_collator=collate_rows,
-        callbacks=[_jsonl_callback(log_path)],
+        callbacks=callbacks,
         lam=cfg.lam,
         temperature=cfg.temperature,
         fusion_loss=cfg.fusion_loss,

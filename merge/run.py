@@ -274,6 +274,7 @@ def run(
     device: str | None = None,
     lora_merge_dtype: str | None = None,
     plot: bool = True,
+    random_seed: int = 0,
 ) -> dict:
     """Check the inputs, merge with mergekit into ``out`` atomically, write the report (and,
     with ``plot``, the VaRM heat map; matplotlib costs about half a second)."""
@@ -283,7 +284,7 @@ def run(
 
     raw = load_config(config)
     cfg = parse_config(raw, str(config))
-    key = {"config": raw, "version": 1}
+    key = {"config": raw, "version": 1, "random_seed": random_seed}
     out = Path(out)
     if (out / REPORT).exists():
         old = read_json(out / REPORT)
@@ -308,7 +309,7 @@ def run(
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
         lazy_unpickle=True,
         quiet=False,
-        random_seed=0,
+        random_seed=random_seed,  # DARE's random drops; the other methods ignore it
     )
     warnings = check_inputs(cfg, options)
     models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)

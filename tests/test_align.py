@@ -6,13 +6,12 @@ import pytest
 from fusechat.align import (
     align_dtw,
     align_offsets,
-    byte_fallback_ids,
     cooccurrence,
     map_exact,
     map_mined,
     map_stats,
-    token_texts,
 )
+from fusechat.tokens import byte_fallback_ids, token_texts
 
 TEXT = (
     "FuseChat fuses chat models with different tokenizers, e.g. naïve café owners' 1,234 "

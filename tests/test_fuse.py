@@ -1,9 +1,10 @@
-"""MinCE/AvgCE fusion against hand-computed values."""
+"""MinCE/AvgCE fusion and sparse distributions against hand-computed values."""
 
 import numpy as np
 import pytest
 
-from fusechat.fuse import finite_rows, fuse, map_topk, sequence_weights
+from fusechat.fuse import fuse, sequence_weights
+from fusechat.sparse import finite_rows, map_topk, top_k
 
 
 def test_sequence_weights_hand_computed():
@@ -41,6 +42,38 @@ def test_fuse_min_and_avg_ce_hand_computed():
     np.testing.assert_allclose([d[0][k] for k in want], list(want.values()), rtol=1e-5)
     np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
     assert all(len(set(r[r >= 0])) == len(r[r >= 0]) for r in ids)  # one entry per id
+
+
+def test_min_ce_keeps_the_pivot_where_it_wins():
+    # the pivot's cross-entropy is the lowest: its own distribution is the target everywhere,
+    # also where the source is aligned (a MinCE over the sources alone would pick the source)
+    pivot = (np.array([[1, 2]]), np.array([[0.7, 0.3]], np.float32))
+    source = (np.array([[5, 6]]), np.array([[0.9, 0.1]], np.float32))
+    ids, p = fuse([pivot, source], [np.array([True]), np.array([True])], [0.5, 2.0], "minCE")
+    assert _dense(ids, p) == [{1: 0.7, 2: 0.3}]
+    w = sequence_weights([0.5, 2.0], "avgCE")
+    assert w[0] > w[1]  # avgCE leans to the pivot too
+
+
+def test_unaligned_positions_learn_the_gold_token_or_the_pivot():
+    pivot = (np.array([[1, 2], [3, 4]]), np.array([[0.6, 0.4], [0.5, 0.5]], np.float32))
+    source = (np.array([[7, -1], [8, -1]]), np.array([[1.0, 0], [1.0, 0]], np.float32))
+    valid = [np.array([True, True]), np.array([True, False])]
+    gold = (np.array([[9], [4]]), np.array([[1.0], [1.0]], np.float32))
+    ids, p = fuse([pivot, source], valid, [2.0, 1.0], "minCE", fallback=gold)
+    assert _dense(ids, p) == [{7: 1.0}, {4: 1.0}]  # t=1: the source has nothing: gold 4
+    ids, p = fuse([pivot, source], valid, [2.0, 1.0], "minCE")
+    assert _dense(ids, p) == [{7: 1.0}, {3: 0.5, 4: 0.5}]  # without fallback: the pivot's
+
+
+def test_top_k_combines_keeps_the_largest_and_renormalises():
+    ids = np.array([[4, 2, 4, 9, -1]])
+    p = np.array([[0.1, 0.3, 0.2, 0.05, 0.0]])
+    out_ids, out_p = top_k(ids, p, 2)
+    assert out_ids.tolist() == [[4, 2]] or out_ids.tolist() == [[2, 4]]
+    d = dict(zip(out_ids[0].tolist(), out_p[0].tolist(), strict=True))
+    np.testing.assert_allclose([d[4], d[2]], [0.3 / 0.6, 0.3 / 0.6], rtol=1e-6)
+    assert top_k(ids, p, 6)[0].shape == (1, 6)  # padded to width k
 
 
 def _dense(ids, p) -> list[dict]:

@@ -80,8 +80,9 @@ def test_gpt2_tokenizer_aligns_with_mistral_and_smollm2(smollm2, mistral_tokeniz
     from conftest import CACHE
     from transformers import AutoTokenizer
 
-    from fusechat.align import align_offsets, map_exact, token_texts
+    from fusechat.align import align_offsets, map_exact
     from fusechat.errors import FusechatError
+    from fusechat.tokens import token_texts
     from fusechat.toy.real import gpt2
 
     try:

@@ -60,7 +60,7 @@ def test_cache_keys_change_when_and_only_when_inputs_change(toy_world, tmp_path)
         k for k in base if k.startswith("eval/")
     }
     # the vocabulary mapping: every align step and everything downstream, never a capture
-    diff = changed(_mini(tmp_path, **{"align.vocab": "mined"}))
+    diff = changed(_mini(tmp_path, **{"align.method": "mined"}))
     assert not any(k.startswith("capture/") for k in diff)
     assert {k for k in base if k.startswith(("align/", "fuse/", "merge/"))} <= diff
     assert "train/openchat-mini-clm" not in diff  # the CLM baseline reads the capture only
@@ -69,6 +69,12 @@ def test_cache_keys_change_when_and_only_when_inputs_change(toy_world, tmp_path)
     diff = changed(_mini(tmp_path, **{"train.lambda": 0.5}))
     assert "train/openchat-mini--nh2-mixtral-mini" in diff
     assert "train/openchat-mini-clm" not in diff
+    # the seed: every training, merge and their evaluations; never a capture, an alignment,
+    # a fusion or an input model's evaluation (the study shares those across seeds)
+    diff = changed(_mini(tmp_path, seed=1))
+    assert {k for k in base if k.startswith(("train/", "merge/"))} <= diff
+    assert not any(k.startswith(("capture/", "align/", "fuse/")) for k in diff)
+    assert "eval/openchat-mini" not in diff and "eval/openchat-mini-clm" in diff
 
 
 @pytest.mark.slow

@@ -58,10 +58,10 @@ def test_one_sentence_tokenizes_three_different_ways(toy_world):
     assert len({tuple(t) for t in toks.values()}) == 3
     assert any("Ġ" in t for t in toks["nh2-mixtral-mini"])  # byte-level BPE
     assert any(t.startswith("▁") for t in toks["openchat-mini"])  # metaspace
-    # the pivot splits digits (as Mistral does); the byte-level source does not (as GPT-2)
-    assert "4" in toks["openchat-mini"] and not any(
-        t in ("4", "Ġ4") for t in toks["nh2-mixtral-mini"]
-    )
+    # the pivot splits digits (as Mistral does); the byte-level source keeps numbers whole
+    # where its merges allow (as GPT-2), so the sum 35 is one token there
+    assert "4" in toks["openchat-mini"] and "3" in toks["openchat-mini"]
+    assert "Ġ35" in toks["nh2-mixtral-mini"]
 
 
 def test_sources_beat_the_pivot_on_their_own_skill(toy_world):
@@ -82,7 +82,7 @@ def test_build_resumes_and_reuses_finished_parts(tmp_path):
     """A small build; a rerun reuses every part; a deleted model folder alone is rebuilt."""
     from fusechat.toy.build import ToyConfig, build_toy_world
 
-    cfg = ToyConfig(n_train=200, n_heldout_per_skill=4, steps=3)
+    cfg = ToyConfig(n_train=200, n_heldout_per_skill=4, steps_scale=0.003)
     build_toy_world(tmp_path, cfg)
     stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     build_toy_world(tmp_path, cfg)

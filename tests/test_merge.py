@@ -243,3 +243,41 @@ def test_unrelated_base_warns(targets, toy_world, tmp_path, caplog):
     stranger = _finetune_like(pivot, tmp_path / "stranger", 9, 1.0)
     r = run(_write(tmp_path, _config(stranger, ts[:2])), tmp_path / "out")
     assert r["warnings"] and "does not look like the base" in r["warnings"][0]
+
+
+def _independent_weights(pivot, ts, names) -> torch.Tensor:
+    """VaRM weights of a group of tensors from the files: ``v_i = sum over the group of
+    sum(d_i^2) / its number of entries`` (pooled, not a mean of per-tensor means), normalised."""
+    base = load_file(pivot / "model.safetensors")
+    v = []
+    for t in ts:
+        sd = load_file(t / "model.safetensors")
+        sq = sum(float((sd[n].double() - base[n].double()).square().sum()) for n in names)
+        v.append(sq / sum(base[n].numel() for n in names))
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.sum()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model", "element"])
+def test_varm_granularities_against_weights_from_the_files(targets, tmp_path, granularity):
+    from merge.run import run
+
+    pivot, ts = targets
+    run(_write(tmp_path, _config(pivot, ts, granularity=granularity)), tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(pivot / "model.safetensors")
+    ins = [load_file(t / "model.safetensors") for t in ts]
+    name = "model.layers.1.self_attn.q_proj.weight"
+    if granularity == "element":
+        d2 = torch.stack([(x[name].double() - base[name].double()).square() for x in ins])
+        w = d2 / d2.sum(0, keepdim=True)  # entry by entry, the targets' (not the base's) values
+        want = (w * torch.stack([x[name].double() for x in ins])).sum(0)
+        torch.testing.assert_close(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+        return
+    group = [n for n in base if granularity == "model" or n.startswith("model.layers.1.")]
+    w = _independent_weights(pivot, ts, group)
+    want = sum(wi * x[name].double() for wi, x in zip(w, ins, strict=True))
+    torch.testing.assert_close(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+    # pooled and per-tensor-mean weights differ here, so the test tells them apart
+    per_tensor = torch.stack([_independent_weights(pivot, ts, [n]) for n in group]).mean(0)
+    assert not torch.allclose(w, per_tensor, atol=1e-4)

@@ -87,20 +87,31 @@ def test_malformed_requests_get_400(server, path, body):
 
 
 def test_api_key_and_32_concurrent_requests(toy_world):
+    """32 concurrent requests, greedy and seeded sampling mixed, each with its own question:
+    every answer equals the one the same request gets alone (a batch never mixes answers)."""
     url = _start(create_app(str(toy_world / "openchat-mini"), "m", api_key="sesame"))
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="wrong").models.list()
+    held = [
+        json.loads(x) for x in (toy_world / "corpus" / "heldout.jsonl").read_text().splitlines()
+    ]
+    asks = [held[(i * 7) % len(held)]["messages"][0]["content"] for i in range(32)]
+    sampling = [dict(temperature=0) if i % 3 else dict(temperature=0.9, seed=i) for i in range(32)]
+
+    def kw(i: int) -> dict:
+        msgs = [{"role": "user", "content": asks[i]}]
+        return dict(model="m", max_tokens=12, messages=msgs, **sampling[i])
+
     client = openai.AsyncOpenAI(base_url=url, api_key="sesame")
 
     async def many():
-        return await asyncio.gather(*[
-            client.chat.completions.create(model="m", max_tokens=12, temperature=0,
-                                           messages=[{"role": "user", "content": f"What is {i} + 7?"}])
-            for i in range(32)
-        ])  # fmt: skip
+        return await asyncio.gather(*[client.chat.completions.create(**kw(i)) for i in range(32)])
 
-    rs = asyncio.run(many())
-    assert len(rs) == 32 and all(r.choices[0].message.content is not None for r in rs)
+    together = [r.choices[0].message.content for r in asyncio.run(many())]
+    sync = openai.OpenAI(base_url=url, api_key="sesame")
+    alone = [sync.chat.completions.create(**kw(i)).choices[0].message.content for i in range(32)]
+    assert together == alone
+    assert len(set(together)) >= 16  # different questions, different answers: a swap shows
 
 
 # --------------------------------------------------------------------------- MT-Bench

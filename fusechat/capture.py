@@ -316,12 +316,14 @@ def capture(
     data_format: str = "auto",
     max_rows: int | None = None,
     overwrite: bool = False,
+    strict: bool = False,
 ) -> dict:
-    """Run the capture stage into ``out``; resumes shard by shard. Returns the manifest."""
+    """Run the capture stage into ``out``; resumes shard by shard (``strict``: a malformed
+    corpus row fails the stage instead of being skipped). Returns the manifest."""
     if cfg.k < 1:
         raise FusechatError(f"k must be at least 1, got {cfg.k}")
     get_template(cfg.template)
-    convs, report = load_conversations(data, data_format, max_rows=max_rows)
+    convs, report = load_conversations(data, data_format, strict=strict, max_rows=max_rows)
     tokenizer = load_tokenizer(cfg.model)
     render_tok, rendering = None, None
     if cfg.template == "tokenizer":

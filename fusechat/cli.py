@@ -55,7 +55,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         shard_rows=args.shard_rows,
     )
-    m = capture(cfg, args.data, args.out, args.format, args.max_rows, args.overwrite)
+    m = capture(cfg, args.data, args.out, args.format, args.max_rows, args.overwrite, args.strict)
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
 
@@ -426,6 +426,8 @@ def _add_fusion_commands(sub) -> None:
     c.add_argument("--shard-rows", type=int, default=256, help="conversations per shard (256)")
     c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"])
     c.add_argument("--max-rows", type=int, help="use only the first N rows of the corpus")
+    c.add_argument("--strict", action="store_true",
+                   help="fail on the first malformed row (default: skip it and report it)")  # fmt: skip
     c.add_argument("--overwrite", **overwrite)
     c.set_defaults(func=_cmd_capture)
 

@@ -137,13 +137,17 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
         def run_capture(step, cfg=cfg):
             from fusechat.capture import capture
 
-            return lambda: capture(
-                cfg, data_path, step.out, recipe.data.format, recipe.data.max_rows
-            )
+            d = recipe.data
+            return lambda: capture(cfg, data_path, step.out, d.format, d.max_rows, strict=d.strict)
 
-        key = {"model": ids[m.label], "capture": c.model_dump(), "template": template,
+        # the model's dtype shapes its distributions; strict decides which rows are kept
+        # batch_tokens is the padding budget of a forward pass: speed, not results (the
+        # capture stage's own key leaves it out too)
+        key = {"model": ids[m.label], "capture": c.model_dump(exclude={"batch_tokens"}),
+               "template": template,
                "render_with": ids[pivot_label] if render_with else None, "data": data_fp,
-               "max_rows": recipe.data.max_rows, "format": recipe.data.format}  # fmt: skip
+               "max_rows": recipe.data.max_rows, "format": recipe.data.format,
+               "dtype": m.dtype, "strict": recipe.data.strict}  # fmt: skip
         caps[m.label] = add("capture", m.label, key, run_capture)
     pivot = recipe.models.pivot
     pcap = caps[pivot.label]
@@ -228,7 +232,8 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
 
             qpath = expand(recipe.eval.questions)
             qfp = file_fingerprint(qpath) if Path(qpath).exists() else qpath
-            key = {"eval": recipe.eval.model_dump(), "model": ids.get(name, name),
+            # an input model by its fingerprint; a trained or merged one by its producer's key
+            key = {"eval": recipe.eval.model_dump(), "model": ids.get(name),
                    "questions": qfp}  # fmt: skip
             ev = add("eval", name, key, run_eval, [producer] if producer else [], suffix=".json")
             ev.role = role

@@ -97,7 +97,7 @@ def _model_current(out: Path, spec: ToyModelSpec, cfg: ToyConfig) -> bool:
     return (read_manifest(out / spec.name) or {}).get("key") == _model_key(spec, cfg)
 
 
-def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig) -> Path:
+def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig, progress: bool = True) -> Path:
     key = _model_key(spec, cfg)
     folder = out / spec.name
     if (read_manifest(folder) or {}).get("key") == key:
@@ -114,7 +114,7 @@ def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig) -> Path:
     tokenizer = train_tokenizer(spec.tokenizer, texts, spec.vocab_size, spec.templates[0])
     model = build_model(spec, tokenizer, seed)
     spec = replace(spec, steps=max(1, round(spec.steps * cfg.steps_scale)))
-    losses = train_model(model, tokenizer, world, spec, seed, cfg.batch_size)
+    losses = train_model(model, tokenizer, world, spec, seed, cfg.batch_size, progress)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(folder) as tmp:
@@ -139,7 +139,7 @@ def _build_in_worker(out: Path, spec: ToyModelSpec, cfg: ToyConfig, threads: int
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return _build_model(out, spec, cfg)
+    return _build_model(out, spec, cfg, progress=False)
 
 
 def _build_models(out: Path, cfg: ToyConfig) -> dict[str, Path]:

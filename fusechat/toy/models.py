@@ -16,6 +16,7 @@ language. None of them sees the fusion corpus.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from transformers import LlamaConfig, MistralConfig, MixtralConfig, PreTrainedMo
 
 from fusechat.data import collate, encode
 from fusechat.heldout import learned_nll
+
+log = logging.getLogger(__name__)
 
 _CONFIGS = {"mistral": MistralConfig, "mixtral": MixtralConfig, "llama": LlamaConfig}
 
@@ -143,7 +146,13 @@ def pretraining_rows(world, spec: ToyModelSpec, rng: random.Random, n: int) -> l
 
 
 def train_model(
-    model: PreTrainedModel, tokenizer, world, spec: ToyModelSpec, seed: int, batch_size: int = 16
+    model: PreTrainedModel,
+    tokenizer,
+    world,
+    spec: ToyModelSpec,
+    seed: int,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> list[float]:
     """AdamW with warmup and cosine decay to ``spec.lr`` on assistant tokens, ``spec.steps``
     steps, each on a batch of fresh pretraining conversations in one of the model's templates."""
@@ -157,7 +166,9 @@ def train_model(
     )
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc=f"train {spec.name}", leave=False):
+    for step in tqdm(range(steps), desc=f"train {spec.name}", leave=False, disable=not progress):
+        if not progress and (step + 1) % max(1, steps // 4) == 0:  # side by side: log lines
+            log.info("%s: step %d of %d", spec.name, step + 1, steps)
         rows = pretraining_rows(world, spec, rng, batch_size)
         encoded = [
             encode(r["messages"], tokenizer, rng.choice(spec.templates), max_length=256)

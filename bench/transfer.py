@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align import CONFIDENT, METHODS, RowAligner, learned_positions
-from fusechat.shards import StageReader, unpack_ids
+from fusechat.align import METHODS, RowAligner, transfer_counts, transfer_stats
+from fusechat.shards import StageReader
 
 
 def method_figures(piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None) -> dict:
@@ -53,40 +53,14 @@ def method_figures(piv: StageReader, src: StageReader, piv_tok, src_tok, skills=
         tally: dict[str, Counter] = defaultdict(Counter)
         n_tokens = 0
         for (p, s), gp in zip(rows, gold_prob, strict=True):
-            r = al(p, s)
+            c = transfer_counts(p, al(p, s), gp)
             n_tokens += len(p["pos.input_ids"])
-            learned = learned_positions(p)
-            gold = np.append(unpack_ids(p["pos.input_ids"])[1:], -1)
-            top1 = np.take_along_axis(r["ids"], np.argmax(r["probs"], 1)[:, None], 1)[:, 0]
-            conf = learned & (np.nan_to_num(gp) >= CONFIDENT)
-            hit = conf & r["valid"] & (top1 == gold)
-            for key in ("all", skills[int(p["row.index"])] if skills else None):
-                if key is None:
-                    continue
-                c = tally[key]
-                c["learned"] += int(learned.sum())
-                c["valid"] += int((learned & r["valid"]).sum())
-                c["confident"] += int(conf.sum())
-                c["confident_valid"] += int((conf & r["valid"]).sum())
-                c["hit"] += int(hit.sum())
-                if method == "text":
-                    c["gold_only"] += int((learned & r["gold_only"]).sum())
-                else:
-                    c["exact"] += int((learned & r["exact"]).sum())
-                    c["mass"] += float(r["mass"][learned & r["exact"]].sum())
+            tally["all"].update(c)
+            if skills:
+                tally[skills[int(p["row.index"])]].update(c)
         seconds = time.perf_counter() - t0
-        figs = {}
-        for key, c in tally.items():
-            f = {
-                "coverage": c["valid"] / max(c["learned"], 1),
-                "agreement": c["hit"] / max(c["confident_valid"], 1),
-                "confident_hit": c["hit"] / max(c["confident"], 1),
-            }
-            if method == "text":
-                f["gold_only"] = c["gold_only"] / max(c["learned"], 1)
-            else:
-                f["mapped_mass"] = c["mass"] / max(c["exact"], 1)
-            figs[key] = {n: round(v, 4) for n, v in f.items()}
+        figs = {key: {n: round(v, 4) for n, v in transfer_stats(c).items()}
+                for key, c in tally.items()}  # fmt: skip
         figs["all"]["tokens_per_s"] = round(n_tokens / seconds)
         figs["all"]["setup_s"] = round(setup, 2)
         out[method] = figs

@@ -257,6 +257,50 @@ def learned_positions(prow) -> np.ndarray:
     return np.append(prow["pos.labels_mask"][1:], False)
 
 
+def transfer_counts(prow, r: dict, gold_prob: np.ndarray | None = None) -> Counter:
+    """The counts behind the transfer statistics of one row aligned by one method (``r``, a
+    ``RowAligner`` result): learned pivot positions and those with a distribution; with
+    ``gold_prob`` (the source's probability of the pivot's gold next-token text, the text
+    method's measure, used for every method) the confident positions (``>= CONFIDENT``), those
+    with a distribution, and those whose most probable token is the gold one; the gold-only
+    positions (text) or the exactly aligned ones and their mapped mass (baselines)."""
+    from fusechat.shards import unpack_ids
+
+    learned = learned_positions(prow)
+    c = Counter({"learned": int(learned.sum()), "valid": int((learned & r["valid"]).sum())})
+    if gold_prob is not None:
+        gold = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
+        top1 = np.take_along_axis(r["ids"], np.argmax(r["probs"], 1)[:, None], 1)[:, 0]
+        conf = learned & (np.nan_to_num(gold_prob) >= CONFIDENT)
+        c["confident"] = int(conf.sum())
+        c["confident_valid"] = int((conf & r["valid"]).sum())
+        c["hit"] = int((conf & r["valid"] & (top1 == gold)).sum())
+    if "gold_only" in r:
+        c["gold_only"] = int((learned & r["gold_only"]).sum())
+    if "exact" in r:
+        c["exact"] = int((learned & r["exact"]).sum())
+        c["mass"] = float(r["mass"][learned & r["exact"]].sum())
+    return c
+
+
+def transfer_stats(c: Counter) -> dict[str, float]:
+    """Shares from summed ``transfer_counts`` (``Counter.update`` keeps the zero entries):
+    ``coverage``; ``agreement`` (hits among confident positions with a distribution) and
+    ``confident_hit`` (among all confident positions); ``gold_only``; ``aligned`` and
+    ``mapped_mass``."""
+    n = max(c["learned"], 1)
+    out = {"coverage": c["valid"] / n}
+    if "confident" in c:
+        out["agreement"] = c["hit"] / max(c["confident_valid"], 1)
+        out["confident_hit"] = c["hit"] / max(c["confident"], 1)
+    if "gold_only" in c:
+        out["gold_only"] = c["gold_only"] / n
+    if "exact" in c:
+        out["aligned"] = c["exact"] / n
+        out["mapped_mass"] = c["mass"] / max(c["exact"], 1)
+    return out
+
+
 class RowAligner:
     """One source's captured rows onto the pivot's, by one method: what the ``align`` stage
     and ``bench/transfer.py`` share. ``stats`` needs its map (``set_stats``) before use."""
@@ -276,10 +320,8 @@ class RowAligner:
             from fusechat.textalign import SourceVocab
             from fusechat.tokens import FirstToken
 
-            first = FirstToken(piv_tok)
-            self.vocab = SourceVocab.build(token_bytes(src_tok), first)
-            if tokenizer_fingerprint(src_tok) == tokenizer_fingerprint(piv_tok):
-                self.vocab.table = np.arange(len(self.vocab.bytes))  # one vocabulary: identity
+            same = tokenizer_fingerprint(src_tok) == tokenizer_fingerprint(piv_tok)
+            self.vocab = SourceVocab.build(token_bytes(src_tok), FirstToken(piv_tok), same)
         elif method in ("exact", "mined"):
             self.vmap = vocab_map(method, src_tok, piv_tok)
 
@@ -413,23 +455,11 @@ def align(
         aligner.set_stats(counts)
     dtype = ids_dtype(max(piv_tok.get_vocab().values()) + 1)
     tally: Counter = Counter()
-    mass_sum = 0.0
     for i in tqdm(range(piv.n_shards), desc=f"align {Path(out).name}"):
         rows = []
         for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
             r = aligner(prow, srow)
-            learned = learned_positions(prow)
-            tally["learned"] += int(learned.sum())
-            tally["valid"] += int((learned & r["valid"]).sum())
-            if method == "text":
-                confident = learned & r["valid"] & (r["gold_prob"] >= CONFIDENT)
-                gold = np.append(prow["pos.input_ids"][1:], 0).astype(np.int64)
-                tally["gold_only"] += int((learned & r["gold_only"]).sum())
-                tally["confident"] += int(confident.sum())
-                tally["agree"] += int((confident & (r["ids"][:, 0] == gold)).sum())
-            else:
-                tally["exact"] += int((learned & r["exact"]).sum())
-                mass_sum += float(r["mass"][learned & r["exact"]].sum())
+            tally.update(transfer_counts(prow, r, r.get("gold_prob")))
             rows.append(
                 {
                     "pos.ids": pack_ids(r["ids"], dtype),
@@ -443,15 +473,8 @@ def align(
             )
         if i not in done:
             save_shard(Path(out), i, rows)
-    n = max(tally["learned"], 1)
-    stats = {"method": method, "coverage": tally["valid"] / n, "learned_positions": n,
+    stats = {"method": method, **transfer_stats(tally), "learned_positions": tally["learned"],
              "pivot_capture": str(pivot_dir), "source_capture": str(source_dir)}  # fmt: skip
-    if method == "text":
-        stats["gold_only"] = tally["gold_only"] / n
-        stats["agreement"] = tally["agree"] / max(tally["confident"], 1)
-    else:
-        stats["aligned"] = tally["exact"] / n
-        stats["mapped_mass"] = mass_sum / max(tally["exact"], 1)
     log.info("aligned %s (%s): %s", source_dir, method,
              ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
     return finish_stage(out, key, piv.n_shards, stats)

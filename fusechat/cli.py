@@ -192,6 +192,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(parser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe setting, validated like the file (repeatable), "
+                        "e.g. --set train.lambda=0.5 --set fuse.method=avgCE "
+                        "--set models.sources[0].dtype=float32")  # fmt: skip
+
+
 def _add_run_command(sub) -> None:
     from fusechat.run import STAGES
 
@@ -210,9 +217,7 @@ def _add_run_command(sub) -> None:
     )
     r.add_argument("--only", choices=STAGES, help="run only this stage (its inputs must be done)")
     r.add_argument("--from", dest="start", choices=STAGES, help="run this stage and the ones after")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, validated like the file (repeatable), e.g. "
-                   "--set train.lambda=0.5 --set seed=1 --set models.sources[0].dtype=float32")  # fmt: skip
+    _add_set_option(r)
     r.set_defaults(func=_cmd_run)
 
 
@@ -251,9 +256,7 @@ def _add_study_command(sub) -> None:
     )
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(0 1 2)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for every run (repeatable), e.g. --set "
-                   "train.lambda=0.5 --set fuse.method=avgCE")  # fmt: skip
+    _add_set_option(s)
     s.set_defaults(func=_cmd_study)
 
 

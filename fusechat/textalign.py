@@ -41,33 +41,32 @@ from fusechat.tokens import FirstToken
 
 @dataclass
 class SourceVocab:
-    """A source vocabulary seen from the pivot: each token's bytes and byte length, ``pi`` of
-    each whole token (``table``) and ``pi`` itself (``first``, for partial continuations)."""
+    """A source vocabulary seen from the pivot: each token's bytes, byte length and first byte
+    (-1 if empty), ``pi`` of each whole token (``table``, and as a list for the scalar walk)
+    and ``pi`` itself (``first``, for partial continuations)."""
 
     bytes: list[bytes]
     lengths: np.ndarray
+    first_byte: np.ndarray
     table: np.ndarray
+    table_list: list[int]
     first: FirstToken
 
     @classmethod
-    def build(cls, source_bytes: Sequence[bytes], first: FirstToken) -> SourceVocab:
+    def build(
+        cls, source_bytes: Sequence[bytes], first: FirstToken, identity: bool = False
+    ) -> SourceVocab:
+        """``identity``: the source's vocabulary is the pivot's, so each token maps to itself."""
         sb = list(source_bytes)
-        return cls(sb, np.array([len(b) for b in sb], dtype=np.int64), first.table(sb), first)
-
-    @property
-    def first_byte(self) -> np.ndarray:
-        """Each token's first byte (-1 for an empty one)."""
-        if getattr(self, "_fb", None) is None:
-            self._fb = np.array([b[0] if b else -1 for b in self.bytes], dtype=np.int64)
-        return self._fb
-
-    @property
-    def table_list(self) -> list[int]:
-        """``table`` as a Python list, for the scalar walk (cached while the table is the
-        same object)."""
-        if getattr(self, "_list_of", None) is not self.table:
-            self._list, self._list_of = self.table.tolist(), self.table
-        return self._list
+        table = np.arange(len(sb)) if identity else first.table(sb)
+        return cls(
+            sb,
+            np.array([len(b) for b in sb], dtype=np.int64),
+            np.array([b[0] if b else -1 for b in sb], dtype=np.int64),
+            table,
+            table.tolist(),
+            first,
+        )
 
 
 def _walk(

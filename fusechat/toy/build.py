@@ -30,6 +30,7 @@ from fusechat.toy.models import (
     SPECS,
     ToyModelSpec,
     build_model,
+    known_world,
     pretraining_rows,
     train_model,
 )
@@ -109,7 +110,7 @@ def _build_model(out: Path, spec: ToyModelSpec, cfg: ToyConfig, progress: bool =
     # goes on to learn (a real 32k vocabulary covers the names a model has no facts about)
     rng = random.Random(seed - 1)
     everything = replace(spec, knows={"facts": 1.0, "glossary": 1.0, "generic": 1.0})
-    sample = pretraining_rows(world, everything, rng, 3000)
+    sample = pretraining_rows(known_world(world, everything), everything, rng, 3000)
     texts = [render(r["messages"], TEMPLATES[t]).text for r in sample for t in spec.templates]
     tokenizer = train_tokenizer(spec.tokenizer, texts, spec.vocab_size, spec.templates[0])
     model = build_model(spec, tokenizer, seed)

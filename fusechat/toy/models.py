@@ -137,11 +137,11 @@ def known_world(world, spec: ToyModelSpec):
     return known.union(make_world(GENERIC_SEED)) if spec.knows.get("generic") else known
 
 
-def pretraining_rows(world, spec: ToyModelSpec, rng: random.Random, n: int) -> list[dict]:
-    """``n`` fresh conversations of the model's own pretraining data."""
+def pretraining_rows(known, spec: ToyModelSpec, rng: random.Random, n: int) -> list[dict]:
+    """``n`` fresh conversations of the model's own pretraining data, about ``known`` (its
+    ``known_world``, built once: it holds a whole generic world for the pivot)."""
     from fusechat.toy.corpus import conversation
 
-    known = known_world(world, spec)
     return [conversation(known, rng, spec.mix) for _ in range(n)]
 
 
@@ -159,6 +159,7 @@ def train_model(
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.98))
     steps = spec.steps
+    known = known_world(world, spec)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -169,7 +170,7 @@ def train_model(
     for step in tqdm(range(steps), desc=f"train {spec.name}", leave=False, disable=not progress):
         if not progress and (step + 1) % max(1, steps // 4) == 0:  # side by side: log lines
             log.info("%s: step %d of %d", spec.name, step + 1, steps)
-        rows = pretraining_rows(world, spec, rng, batch_size)
+        rows = pretraining_rows(known, spec, rng, batch_size)
         encoded = [
             encode(r["messages"], tokenizer, rng.choice(spec.templates), max_length=256)
             for r in rows

@@ -177,8 +177,10 @@ def plot(runs: dict[int, dict], result: dict, png: Path) -> None:
     lo = min(min(c["loss"]) for r in runs.values() for c in r.get("curves", {}).values() if c)
     ax.set_ylim(bottom=lo * 0.95, top=lo * 2.0)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    tmp = png.with_name(f".{png.name}.tmp.png")  # written whole, then renamed
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(png)
 
 
 def run_study(recipe: str, seeds: Sequence[int], overrides: Sequence[str] = ()) -> dict:

@@ -23,14 +23,16 @@ def stop_token_ids(tok, model) -> list[int]:
 def load_chat_model(model_path: str):
     """``(model, tokenizer, stop ids)``; bf16 spread over GPUs where there are any, else
     float32 on CPU; the tokenizer pads on the left, as batched generation needs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from fusechat.data import load_model
 
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_model(
         model_path,
         dtype=torch.bfloat16 if cuda else torch.float32,
         device_map="auto" if cuda else None,

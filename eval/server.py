@@ -3,8 +3,10 @@
 ``/v1/models``, ``/v1/chat/completions`` (streaming or not) and ``/v1/completions``, with the
 model's chat template. One worker thread owns the model: waiting non-streaming requests are
 batched (left padding, one ``generate`` per batch of equal sampling settings), streaming ones run
-alone through a ``TextIteratorStreamer``. Malformed requests get OpenAI-style 400s; with an API
-key, other requests get 401.
+alone through a ``TextIteratorStreamer``. Malformed requests get OpenAI-style 400s, bodies over
+``max_body`` bytes 413 (before they are read), an unknown model name 404; with an API key, other
+requests get 401. Bodies are parsed and prompts tokenized off the event loop, so a large request
+never stalls the small ones beside it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fusechat.errors import FusechatError
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +180,65 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
-def create_app(model_path: str, served_name: str, api_key: str | None = None, **kw) -> FastAPI:
-    gen = Generator(model_path, **kw)
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _validation_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"] if p != "body")
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+MAX_BODY = 4 << 20  # bytes: about a million tokens of text, far beyond any context served here
+
+
+def create_app(
+    model_path: str,
+    served_name: str,
+    api_key: str | None = None,
+    max_body: int = MAX_BODY,
+    **kw,
+) -> FastAPI:
+    try:
+        gen = Generator(model_path, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FusechatError(f"{model_path}: cannot load the model ({msg})") from None
     app = FastAPI(title=f"fusechat serve {served_name}")
     created = int(time.time())
+
+    @app.exception_handler(_Reject)
+    async def _rejected(request: Request, exc: _Reject):
+        return _error(exc.status, exc.message, exc.kind)
+
+    async def _parse(request: Request, cls: type[_Req]) -> _Req:
+        """The request body as ``cls``: size checked before reading, parsed in a thread."""
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read as it arrives: the loop stays free
+            size += len(chunk)
+            if size <= max_body:
+                chunks.append(chunk)
+            elif size > 16 * max_body:
+                break  # draining so the client can read the 413 has its limits too
+        if size > max_body:
+            raise _Reject(413, f"request body over {max_body} bytes (the server's limit)")
+        body = b"".join(chunks)
+        try:
+            req = await asyncio.to_thread(cls.model_validate_json, body)
+        except ValidationError as e:
+            raise _Reject(400, _validation_message(e)) from None
+        if req.model not in (None, served_name):
+            raise _Reject(404, f"model {req.model!r} does not exist (serving {served_name!r})",
+                          "model_not_found")  # fmt: skip
+        return req
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
             return _error(401, "invalid or missing API key", "authentication_error")
         return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if p != "body")
-        return _error(400, f"{where}: {err['msg']}" if where else err["msg"])
 
     @app.get("/v1/models")
     async def models():
@@ -201,7 +247,7 @@ def create_app(model_path: str, served_name: str, api_key: str | None = None, **
 
     async def _complete(prompt: str, req: _Req, chat: bool):
         try:
-            job = gen.job(prompt, req, stream=req.stream)
+            job = await asyncio.to_thread(gen.job, prompt, req, req.stream)
         except ValueError as e:
             return _error(400, str(e))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -258,16 +304,20 @@ def create_app(model_path: str, served_name: str, api_key: str | None = None, **
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(request: Request):
+        req = await _parse(request, ChatRequest)
         msgs = [m.model_dump() for m in req.messages]
         try:
-            prompt = gen.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            prompt = await asyncio.to_thread(
+                gen.tok.apply_chat_template, msgs, tokenize=False, add_generation_prompt=True
+            )
         except Exception as e:  # a template that rejects this conversation
             return _error(400, f"messages: {e}")
         return await _complete(prompt, req, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request):
+        req = await _parse(request, CompletionRequest)
         return await _complete(req.prompt, req, chat=False)
 
     return app

@@ -137,12 +137,12 @@ class HFScorer:
     """transformers forward passes; ``device_map="auto"`` spreads large models over GPUs."""
 
     def __init__(self, path: str, dtype: str):
-        from transformers import AutoModelForCausalLM
+        from fusechat.data import load_model
 
         cuda = torch.cuda.is_available()
         if dtype == "auto":
             dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.model = load_model(
             path, dtype=getattr(torch, dtype), device_map="auto" if cuda else None
         )
         self.model.eval()
@@ -295,8 +295,9 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
                 "pos.labels_mask": mask,
                 "pos.byte_end": row.byte_end.astype(np.int32),
                 "pos.topk_ids": pack_ids(ids, dtype),
-                "pos.topk_logprobs": lps.astype(np.float16),
-                # fp16 keeps -inf; clamp so a vanishing probability is not NaN after exp/log
+                # fp16 turns below -65504 into -inf: clamp, a vanishing probability stays finite
+                # (a NaN from the model itself is refused when the shard is written)
+                "pos.topk_logprobs": np.maximum(lps, -60000.0).astype(np.float16),
                 "pos.gold_logprob": np.maximum(gold, -60000.0).astype(np.float16),
                 "row.index": np.int64(row.index),
                 "row.nll_sum": np.float64(-gold[learned].astype(np.float64).sum()),
@@ -341,6 +342,10 @@ def capture(
         "corpus_fingerprint": corpus_fingerprint(convs),
         "rows": len(rows),
     }
+    if cfg.k > len(tokenizer):
+        raise FusechatError(
+            f"k = {cfg.k} is larger than the vocabulary of {cfg.model} ({len(tokenizer)} tokens)"
+        )
     out = Path(out)
     done = begin_stage(out, key, overwrite)
     if done is None:

@@ -42,6 +42,12 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from fusechat.capture import CaptureConfig, capture
+    from fusechat.recipe import CaptureSection, check_options
+
+    check_options(CaptureSection, {k: getattr(args, k) for k in
+                                   ("k", "max_length", "batch_tokens", "shard_rows")})  # fmt: skip
+    if args.max_rows is not None and args.max_rows < 1:
+        raise FusechatError(f"--max-rows: must be at least 1 (got {args.max_rows})")
 
     cfg = CaptureConfig(
         model=args.model,
@@ -108,8 +114,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fusechat.recipe import LoraSection, TrainSection, check_options
     from fusechat.train import LoraSpec, TrainConfig, train
 
+    check_options(TrainSection, {k: getattr(args, k) for k in (
+        "lam", "temperature", "lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
+        "warmup_ratio", "weight_decay", "max_length", "save_steps", "logging_steps", "eval_steps",
+    )})  # fmt: skip
+    if args.lora_r is not None:
+        check_options(
+            LoraSection, {"r": args.lora_r, "alpha": args.lora_alpha or 2 * args.lora_r}, "lora-"
+        )
     lora = None
     if args.lora_r:
         tm = args.lora_target_modules
@@ -561,17 +576,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    debug = os.environ.get("FUSECHAT_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except FusechatError as e:
+        if debug:
+            raise
         print(f"fusechat: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # a full disk, a permission, a vanished file: one line, the path
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fusechat: error: {where}{e.strerror or e} (FUSECHAT_DEBUG=1 for the traceback)",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("fusechat: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (| head): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
 
 
 if __name__ == "__main__":

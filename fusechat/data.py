@@ -185,6 +185,19 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
         raise FusechatError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
 
 
+def load_model(path: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, failing with one line: a
+    missing folder, a truncated or damaged weights file, a config transformers cannot read."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FusechatError(f"{path}: cannot load the model ({msg})") from None
+
+
 @dataclass
 class Encoded:
     """One tokenized conversation. ``labels_mask[t]`` is True where token t is learned."""
@@ -323,6 +336,21 @@ def normalize_row(row: dict, fmt: str = "auto") -> list[Message]:
 
 
 def _read_rows(path: Path) -> list:
+    """The file's rows; any failure to read it is one line naming the file."""
+    try:
+        return _read_rows_unchecked(path)
+    except UnicodeDecodeError as e:
+        raise FusechatError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise FusechatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except FusechatError:
+        raise
+    except Exception as e:  # pyarrow and datasets raise their own kinds for damaged files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FusechatError(f"{path}: unreadable corpus ({msg})") from None
+
+
+def _read_rows_unchecked(path: Path) -> list:
     if path.is_dir():
         import datasets
 
@@ -335,9 +363,9 @@ def _read_rows(path: Path) -> list:
         return list(ds)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import datasets
+        import pyarrow.parquet as pq
 
-        return list(datasets.Dataset.from_parquet(str(path)))
+        return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
         rows = []

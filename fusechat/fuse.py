@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fusechat.sparse import Sparse, combine_duplicates, finite_rows
+from fusechat.sparse import Sparse, combine_duplicates
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def fuse_stage(
     if done is None:
         log.info("%s: fusion already complete", out)
         return read_manifest(out)
-    kept = dropped_nonfinite = dropped_empty = 0
+    kept = dropped_empty = 0
     weight_sum = np.zeros(1 + len(srcs))
     for i in tqdm(range(piv.n_shards), desc=f"fuse {Path(out).name}"):
         prows = piv.shard(i)
@@ -155,10 +155,6 @@ def fuse_stage(
             ces = [sequence_ce(prow, ce_norm)]
             # a source whose (truncated) row holds no learned token cannot be chosen
             ces += [sequence_ce(s, ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
-            finite = finite_rows(lp, np.array(ces[:1] + [c for c in ces[1:] if c != np.inf]))
-            if not (finite and all(finite_rows(s["pos.probs"]) for s in srows)):
-                dropped_nonfinite += 1
-                continue
             p = np.exp(lp.astype(np.float64))
             pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
             dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
@@ -185,7 +181,6 @@ def fuse_stage(
             save_shard(Path(out), i, rows)
     stats = {
         "rows": kept,
-        "dropped_nonfinite": dropped_nonfinite,
         "dropped_empty": dropped_empty,
         "mean_weights": (weight_sum / max(kept, 1)).round(4).tolist(),
         "pivot_capture": str(pivot_dir),
@@ -193,9 +188,8 @@ def fuse_stage(
         "pivot_model": piv.key["model"],
     }
     log.info(
-        "fused %d rows (%d dropped: NaN/inf, %d: nothing learned); mean weights %s",
+        "fused %d rows (%d dropped: nothing learned); mean weights %s",
         kept,
-        dropped_nonfinite,
         dropped_empty,
         stats["mean_weights"],
     )

@@ -78,6 +78,19 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def stat_fingerprint(path: str | os.PathLike) -> str | None:
+    """A cheap content fingerprint of a local file or folder: every file's relative name, size
+    and modification time (a rewritten checkpoint changes it without hashing gigabytes); None
+    for what is not a local path (a hub id, whose name is its identity)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size,
+              p.stat().st_mtime_ns) for p in files]  # fmt: skip
+    return fingerprint(stats)
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     """The folder's manifest, or None when the folder or manifest is missing or unreadable."""
     p = Path(folder) / MANIFEST

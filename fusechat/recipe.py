@@ -151,7 +151,7 @@ class TrainSection(_Section):
     fusion_loss: Literal["ce", "kl"] = "ce"
     lr: Annotated[float, Field(gt=0)] = 5e-6
     epochs: Annotated[float, Field(gt=0)] = 3.0
-    max_steps: int = -1
+    max_steps: int = -1  # optimizer steps; -1: as many as ``epochs`` make
     batch_size: PositiveInt = 128
     micro_batch_size: PositiveInt = 4
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
@@ -166,6 +166,13 @@ class TrainSection(_Section):
     lora: LoraSection | None = None
     clm_baseline: bool = False  # also train lambda = 1 on the pivot's capture (the CLM baseline)
     launcher: str | None = None  # an accelerate config file: run training under accelerate launch
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (train for epochs) or at least 1")
+        return v
 
 
 class MergeMethodSpec(_Section):
@@ -301,6 +308,18 @@ def validation_error(source: str | Path, e: ValidationError) -> FusechatError:
     msg = msg.removeprefix("Value error, ")
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return FusechatError(f"{source}: {field}: {msg}{more}")
+
+
+def check_options(section: type[BaseModel], values: dict, prefix: str = "") -> None:
+    """Command-line options checked by the recipe section that declares them (one rule for
+    both): the first error as ``--option: message``."""
+    try:
+        section.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        flag = "--" + prefix + {"lam": "lambda"}.get(name, name).replace("_", "-")
+        raise FusechatError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 _KEY_PART = re.compile(r"(\w[\w-]*)|\[(\d+)\]")

@@ -5,7 +5,10 @@ Each shard packs a run of rows flat: arrays named ``pos.*`` concatenate the rows
 arrays along the first axis, ``row.*`` hold one entry per row, and ``row.splits`` (n_rows + 1
 offsets) cuts the positions back into rows. Shards are written whole (temporary name, rename),
 so a killed stage resumes at the first missing shard, and ``stage.json`` records the settings a
-partial folder was made with, so a resume never mixes two configurations.
+partial folder was made with, so a resume never mixes two configurations. The manifest holds
+each shard's BLAKE2b digest and one of its own content: overwritten bytes inside a shard, or a
+hand-edited manifest, are an error when the next stage reads them, never a silent change. A
+non-finite number in a distribution is refused when written (naming the row) and when read.
 
 Token ids are stored as ``uint16`` when the vocabulary fits (65535 marks padding, -1 in memory)
 and ``int32`` otherwise: a top-10 distribution then costs 4 bytes per (position, k) on disk.
@@ -13,6 +16,8 @@ and ``int32`` otherwise: a top-10 distribution then costs 4 bytes per (position,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -21,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
 from fusechat.errors import FusechatError
 from fusechat.io import MANIFEST, read_json, read_manifest, write_json
@@ -87,10 +92,27 @@ def unpack_rows(arrays: dict[str, np.ndarray]) -> list[Row]:
     return rows
 
 
+def digest(data: bytes) -> str:
+    """A fast content checksum (BLAKE2b, 16 bytes: about 1 GB/s on one core)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
+    """Every float array finite, else an error naming ``where`` and the first bad row."""
+    for k, v in arrays.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            bad = int(np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(1))[0])
+            if k.startswith("pos."):
+                bad = int(np.searchsorted(arrays["row.splits"], bad, side="right")) - 1
+            raise FusechatError(f"{where}: row {bad}: non-finite values in {k}")
+
+
 def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> None:
     path = folder / shard_name(i)
+    arrays = pack_rows(rows)
+    check_finite(arrays, str(path))
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(pack_rows(rows), str(tmp))
+    tmp.write_bytes(save(arrays))
     os.replace(tmp, path)
 
 
@@ -129,10 +151,19 @@ def begin_stage(folder: str | os.PathLike, key: dict, overwrite: bool = False) -
     return done
 
 
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return digest(json.dumps(body, sort_keys=True, default=str).encode())
+
+
 def finish_stage(folder: str | os.PathLike, key: dict, n_shards: int, stats: dict) -> dict:
-    """Write the manifest that marks the stage complete."""
-    manifest = {"key": key, "shards": n_shards, "stats": stats}
-    write_json(Path(folder) / MANIFEST, manifest)
+    """Write the manifest that marks the stage complete, with every shard's checksum (read
+    back from disk: shards of a resumed run were written by another process)."""
+    folder = Path(folder)
+    sums = {shard_name(i): digest((folder / shard_name(i)).read_bytes()) for i in range(n_shards)}
+    manifest = {"key": key, "shards": n_shards, "stats": stats, "checksums": sums}
+    manifest["digest"] = _manifest_digest(manifest)
+    write_json(folder / MANIFEST, manifest)
     return manifest
 
 
@@ -153,25 +184,61 @@ class StageReader:
                 f"{self.folder}: {what} a finished {stage} output (no {MANIFEST}); "
                 f"run fusechat {stage} to complete it"
             )
+        where = self.folder / MANIFEST
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("key"), dict):
+            raise FusechatError(
+                f"{self.folder}: not a {stage} output (its {MANIFEST} is not a stage's)"
+            )
         if manifest.get("key", {}).get("stage") != stage:
             got = manifest.get("key", {}).get("stage", "unknown")
             raise FusechatError(f"{self.folder}: is a {got} output, expected {stage}")
+        if manifest.get("digest") != _manifest_digest(manifest):
+            raise FusechatError(f"{where}: edited or damaged (its digest does not match)")
+        if not isinstance(manifest.get("shards"), int) or manifest["shards"] < 0:
+            raise FusechatError(f"{where}: 'shards' must be a count")
         self.manifest: dict = manifest
         self.key: dict = manifest["key"]
         self.n_shards: int = manifest["shards"]
+        self.checksums: dict = manifest.get("checksums") or {}
 
     def shard(self, i: int) -> list[Row]:
         path = self.folder / shard_name(i)
         if not path.exists():
             raise FusechatError(f"{path}: shard missing ({self.n_shards} expected)")
         try:
-            return unpack_rows(load_file(str(path)))
-        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FusechatError(f"{path}: unreadable shard ({e.strerror})") from None
+        if digest(data) != self.checksums.get(path.name):
+            raise FusechatError(f"{path}: damaged shard (its checksum does not match the manifest)")
+        try:
+            arrays = load(data)
+        except (SafetensorError, ValueError) as e:
+            raise FusechatError(f"{path}: corrupt shard ({e})") from None
+        check_finite(arrays, str(path))
+        try:
+            return unpack_rows(arrays)
+        except (KeyError, ValueError, IndexError) as e:
             raise FusechatError(f"{path}: corrupt shard ({e})") from None
 
     def shards(self) -> Iterator[tuple[int, list[Row]]]:
         for i in range(self.n_shards):
             yield i, self.shard(i)
+
+    def verify(self) -> None:
+        """Every shard present and matching its checksum, read in chunks (for readers that
+        memory-map slices instead of loading shards whole)."""
+        self.check_complete()
+        for i in range(self.n_shards):
+            path = self.folder / shard_name(i)
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            if h.hexdigest() != self.checksums.get(path.name):
+                raise FusechatError(
+                    f"{path}: damaged shard (its checksum does not match the manifest)"
+                )
 
     def check_complete(self) -> None:
         """Fail before any work when a shard is missing."""

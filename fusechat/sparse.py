@@ -60,8 +60,3 @@ def top_k(ids: np.ndarray, probs: np.ndarray, k: int) -> Sparse:
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         probs = np.pad(probs, ((0, 0), (0, pad)))
     return ids, probs.astype(np.float32)
-
-
-def finite_rows(*arrays: np.ndarray) -> bool:
-    """False when any float array holds NaN or inf."""
-    return all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")

@@ -78,7 +78,7 @@ class ShardRows(torch.utils.data.Dataset):
         stage = read_manifest(folder)
         kind = (stage or {}).get("key", {}).get("stage", "fuse")
         self.reader = StageReader(folder, kind)
-        self.reader.check_complete()
+        self.reader.verify()
         if with_targets and kind != "fuse":
             raise FusechatError(
                 f"{folder}: is a {kind} output; fusion training needs fused targets"
@@ -326,10 +326,10 @@ def train(
     overwrite: bool = False,
 ) -> dict:
     """Fine-tune ``model_path`` on a ``fuse`` output (or, with ``lam == 1``, a pivot capture)."""
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import TrainingArguments
 
     from fusechat.capture import model_fingerprint
-    from fusechat.data import load_tokenizer
+    from fusechat.data import load_model, load_tokenizer
 
     if not 0.0 <= cfg.lam <= 1.0:
         raise FusechatError(f"lambda must be in [0, 1], got {cfg.lam}")
@@ -352,10 +352,7 @@ def train(
         raise FusechatError(f"{out}: exists with another training run; use --overwrite")
     tokenizer = load_tokenizer(model_path)
     check_targets(rows.reader.key, tokenizer, corpus_fingerprint)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
-    except (OSError, ValueError) as e:
-        raise FusechatError(f"{model_path}: cannot load ({str(e).splitlines()[0]})") from None
+    model = load_model(model_path, dtype="auto")
     if len(tokenizer) > model.config.vocab_size:
         raise FusechatError(
             f"{model_path}: tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat.errors import FusechatError
-from fusechat.io import atomic_dir, fingerprint, read_json, write_json
+from fusechat.io import atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
 from fusechat.recipe import read_yaml, validation_error
 from merge import varm
 
@@ -115,6 +115,16 @@ def check_inputs(cfg, options) -> list[str]:
     any output exists; return warnings. Compares every input with the base (or the first)."""
     from transformers import AutoConfig
 
+    if cfg.merge_method in ("linear", "task_arithmetic"):
+        # normalised weights that sum to zero divide by zero: a model of NaNs
+        weights = [float((m.parameters or {}).get("weight", 1.0)) for m in cfg.models or []
+                   if not isinstance((m.parameters or {}).get("weight", 1.0), (dict, list))]  # fmt: skip
+        normalize = (cfg.parameters or {}).get("normalize", cfg.merge_method == "linear")
+        if weights and normalize is not False and abs(sum(weights)) < 1e-12:
+            raise FusechatError(
+                f"{cfg.merge_method}: the models' weights sum to zero ({weights}); normalising "
+                "them would divide by zero"
+            )
     refs = cfg.referenced_models()
     first = cfg.base_model or refs[0]
     ordered = [first] + [r for r in refs if r != first]
@@ -284,14 +294,20 @@ def run(
 
     raw = load_config(config)
     cfg = parse_config(raw, str(config))
-    key = {"config": raw, "version": 1, "random_seed": random_seed}
+    # the inputs' content, not only their names: a retrained target at the same path merges anew
+    refs = [m.model for m in cfg.models or []] + ([cfg.base_model] if cfg.base_model else [])
+    inputs = [str(p.path) for r in refs for p in (r.model, r.lora) if p is not None]
+    same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
+    key = fingerprint({"merge": same_merge, "inputs": {p: stat_fingerprint(p) for p in inputs}})
     out = Path(out)
     if (out / REPORT).exists():
         old = read_json(out / REPORT)
-        if old.get("key") == fingerprint(key) and not overwrite:
-            log.info("%s: already merged with this configuration", out)
+        if old.get("key") == key and not overwrite:
+            log.info("%s: already merged with this configuration and these inputs", out)
             return old
-        if not overwrite:
+        if old.get("merge") == same_merge:
+            log.info("%s: an input changed since it was merged: merging again", out)
+        elif not overwrite:
             raise FusechatError(f"{out}: exists with another merge; use --overwrite")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise FusechatError(f"{out}: exists and is not a merge output; use --overwrite")
@@ -327,7 +343,8 @@ def run(
             raise FusechatError(f"{config}: mergekit failed: {str(e).splitlines()[0]}") from None
         weights = varm.reset_report()
         report = {
-            "key": fingerprint(key),
+            "key": key,
+            "merge": same_merge,
             "merge_method": cfg.merge_method,
             "base_model": str(cfg.base_model) if cfg.base_model else None,
             "models": models,

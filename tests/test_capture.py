@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
 
 from fusechat.align import align
 from fusechat.capture import CaptureConfig, capture, plan_batches, segments
 from fusechat.cli import main
 from fusechat.fuse import fuse_stage, sequence_ce
-from fusechat.shards import StageReader, save_shard, unpack_ids, unpack_rows
+from fusechat.shards import StageReader, save_shard, unpack_ids
 
 ROWS = 40
 
@@ -227,15 +226,42 @@ def _as_dict(ids: np.ndarray, probs: np.ndarray) -> dict[int, float]:
     return out
 
 
-def test_nonfinite_rows_are_dropped_and_counted(stages, tmp_path):
-    bad = tmp_path / "cap"
-    shutil.copytree(stages / "cap-pivot", bad)
-    rows = unpack_rows(load_file(bad / "shard-00001.safetensors"))
+def test_nan_is_refused_when_written_and_damage_is_caught_when_read(stages, tmp_path):
+    """A NaN in a distribution is refused at write time naming the row; bytes overwritten
+    inside a shard (same size) and a hand-edited manifest fail the next stage that reads them,
+    for capture, align and fuse outputs alike."""
+    from fusechat.errors import FusechatError
+
+    cap = stages / "cap-pivot"
+    rows = StageReader(cap, "capture").shard(1)
     rows[3]["pos.topk_logprobs"][5, 0] = np.nan
-    save_shard(bad, 1, rows)
-    align(bad, stages / "cap-mixtral", tmp_path / "al")
-    m = fuse_stage(bad, [tmp_path / "al"], tmp_path / "fused")
-    assert m["stats"]["dropped_nonfinite"] == 1 and m["stats"]["rows"] == ROWS - 1
+    with pytest.raises(FusechatError, match=r"shard-00001.safetensors: row 3: non-finite"):
+        save_shard(tmp_path, 1, rows)
+    assert not (tmp_path / "shard-00001.safetensors").exists()
+    align(stages / "cap-pivot", stages / "cap-mixtral", tmp_path / "al")
+    fuse_stage(stages / "cap-pivot", [tmp_path / "al"], tmp_path / "fused")
+    for folder, stage in ((cap, "capture"), (tmp_path / "al", "align"),
+                          (tmp_path / "fused", "fuse")):  # fmt: skip
+        bad = tmp_path / f"bad-{stage}"
+        shutil.copytree(folder, bad)
+        shard = bad / "shard-00001.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-9] ^= 0xFF  # one byte of the last array, same size
+        shard.write_bytes(bytes(data))
+        with pytest.raises(FusechatError, match="damaged shard"):
+            StageReader(bad, stage).shard(1)
+        edited = tmp_path / f"edited-{stage}"
+        shutil.copytree(folder, edited)
+        m = json.loads((edited / "manifest.json").read_text())
+        m["stats"]["rows"] = 1
+        (edited / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(FusechatError, match="edited or damaged"):
+            StageReader(edited, stage)
+    # and the stages themselves stop on a damaged input with one line
+    with pytest.raises(FusechatError, match="damaged shard"):
+        align(tmp_path / "bad-capture", stages / "cap-mixtral", tmp_path / "al2")
+    with pytest.raises(FusechatError, match="damaged shard"):
+        fuse_stage(cap, [tmp_path / "bad-align"], tmp_path / "fused2")
 
 
 def _err(capsys, argv) -> str:

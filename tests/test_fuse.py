@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fusechat.fuse import fuse, sequence_weights
-from fusechat.sparse import finite_rows, map_topk, top_k
+from fusechat.sparse import map_topk, top_k
 
 
 def test_sequence_weights_hand_computed():
@@ -81,8 +81,3 @@ def _dense(ids, p) -> list[dict]:
         {int(i): round(float(x), 6) for i, x in zip(ri, rp, strict=True) if i >= 0 and x > 0}
         for ri, rp in zip(ids, p, strict=True)
     ]
-
-
-def test_finite_rows():
-    # (the fusion cross-entropy itself lives in fusechat.losses, tested in test_train.py)
-    assert finite_rows(np.ones(3), np.arange(3)) and not finite_rows(np.array([1.0, np.nan]))

@@ -281,3 +281,28 @@ def test_varm_granularities_against_weights_from_the_files(targets, tmp_path, gr
     # pooled and per-tensor-mean weights differ here, so the test tells them apart
     per_tensor = torch.stack([_independent_weights(pivot, ts, [n]) for n in group]).mean(0)
     assert not torch.allclose(w, per_tensor, atol=1e-4)
+
+
+def test_changed_input_weights_merge_again(targets, tmp_path):
+    """The merge's cache key holds its inputs' content: an unchanged input is reused, a target
+    retrained at the same path is merged anew (not answered "already merged")."""
+    from merge.run import run
+
+    pivot, ts = targets
+    mine = [shutil.copytree(t, tmp_path / f"in{i}") for i, t in enumerate(ts[:2])]
+    cfg = _write(tmp_path, _config(pivot, mine, method="linear"))
+    raw = yaml.safe_load(cfg.read_text())
+    raw["models"] = [{"model": str(m), "parameters": {"weight": 0.5}} for m in mine]
+    del raw["base_model"]
+    cfg.write_text(yaml.safe_dump(raw))
+    first = run(cfg, tmp_path / "out")
+    before = load_file(tmp_path / "out" / "model.safetensors")
+    assert run(cfg, tmp_path / "out")["key"] == first["key"]  # unchanged inputs: reused
+    shutil.copy(ts[2] / "model.safetensors", mine[1] / "model.safetensors")  # "retrained"
+    second = run(cfg, tmp_path / "out")
+    assert second["key"] != first["key"]
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    want = {k: 0.5 * load_file(ts[0] / "model.safetensors")[k] + 0.5 * v
+            for k, v in load_file(ts[2] / "model.safetensors").items()}  # fmt: skip
+    name = next(k for k in after if not torch.equal(after[k], before[k]))
+    torch.testing.assert_close(after[name], want[name])

@@ -78,12 +78,58 @@ def test_malformed_requests_get_400(server, path, body):
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(server + path, data=json.dumps({"model": "m", **body}).encode(),
+    req = urllib.request.Request(server + path, data=json.dumps({"model": "openchat-mini", **body}).encode(),
                                  headers={"Content-Type": "application/json"})  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400
     assert "message" in json.loads(e.value.read())["error"]
+
+
+def _post(url: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_unknown_model_404_and_oversized_body_413_without_stalling_others(toy_world):
+    url = _start(create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_body=1 << 20))
+    ask = {"messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 4}
+    code, body = _post(url + "/chat/completions", json.dumps({**ask, "model": "gpt-4"}).encode())
+    assert code == 404 and "gpt-4" in body["error"]["message"]
+    small = json.dumps({**ask, "model": "openchat-mini", "temperature": 0}).encode()
+    _post(url + "/chat/completions", small)  # warm
+    t0 = time.perf_counter()
+    assert _post(url + "/chat/completions", small)[0] == 200
+    alone = time.perf_counter() - t0
+    huge = json.dumps({"model": "openchat-mini", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "x" * (5 << 20)}]}).encode()  # fmt: skip
+    results = {}
+    big = threading.Thread(
+        target=lambda: results.update(big=_post(url + "/chat/completions", huge))
+    )
+    big.start()
+    t0 = time.perf_counter()
+    code, _ = _post(url + "/chat/completions", small)
+    beside = time.perf_counter() - t0
+    big.join()
+    assert code == 200 and beside < alone + 0.5, (alone, beside)
+    code, body = results["big"]
+    assert code == 413 and str(1 << 20) in body["error"]["message"], body
+
+
+def test_a_model_that_cannot_load_is_one_line(tmp_path):
+    from fusechat.errors import FusechatError
+
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(FusechatError, match="cannot load the model"):
+        create_app(str(tmp_path), "broken")
 
 
 def test_api_key_and_32_concurrent_requests(toy_world):

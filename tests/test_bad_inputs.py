@@ -1,0 +1,201 @@
+"""Bad input, as a new user gives it: every case exits 2 with one line naming what is wrong (no
+traceback) and leaves no output that looks complete. HTTP cases live in test_serve_eval.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusechat.capture import CaptureConfig, capture
+from fusechat.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(toy_world, tmp_path_factory) -> dict[str, Path]:
+    """Small finished stage folders and damaged copies of inputs, built once."""
+    d = tmp_path_factory.mktemp("bad")
+    data = toy_world / "corpus" / "heldout.jsonl"
+    caps = {}
+    for m in ("openchat-mini", "nh2-mixtral-mini"):
+        cfg = CaptureConfig(model=str(toy_world / m), template="openchat", max_length=64,
+                            shard_rows=4)  # fmt: skip
+        caps[m] = d / f"cap-{m}"
+        capture(cfg, data, caps[m], max_rows=8)
+    assert main(["align", "--pivot", str(caps["openchat-mini"]), "--source",
+                 str(caps["nh2-mixtral-mini"]), "--out", str(d / "al")]) == 0  # fmt: skip
+    (d / "latin1.jsonl").write_bytes('{"messages": "caf\xe9"}\n'.encode("latin-1"))
+    (d / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    (d / "empty.jsonl").write_text("")
+    (d / "dict.json").write_text('{"messages": []}')
+    (d / "rows.csv").write_text("a,b\n")
+    model = shutil.copytree(toy_world / "openchat-mini", d / "truncated-model")
+    w = model / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    listy = shutil.copytree(caps["openchat-mini"], d / "list-manifest")
+    (listy / "manifest.json").write_text("[1, 2]")
+    edited = shutil.copytree(caps["openchat-mini"], d / "edited")
+    m = json.loads((edited / "manifest.json").read_text())
+    m["stats"]["rows"] = 99
+    (edited / "manifest.json").write_text(json.dumps(m))
+    damaged = shutil.copytree(caps["openchat-mini"], d / "damaged")
+    shard = damaged / "shard-00001.safetensors"
+    b = bytearray(shard.read_bytes())
+    b[-5] ^= 0xFF
+    shard.write_bytes(bytes(b))
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mini.yaml").read_text())
+    for name, edit in RECIPE_EDITS.items():
+        r = json.loads(json.dumps(recipe))
+        edit(r)
+        (d / f"recipe-{name}.yaml").write_text(yaml.safe_dump(r))
+    (d / "not-yaml.yaml").write_text("name: [unclosed\n")
+    (d / "merge-unknown.yaml").write_text(yaml.safe_dump({
+        "merge_method": "no_such_method", "base_model": str(toy_world / "openchat-mini"),
+        "models": [{"model": str(toy_world / "openchat-mini")}]}))  # fmt: skip
+    (d / "merge-zero.yaml").write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(toy_world / "openchat-mini"), "parameters": {"weight": 1.0}},
+                   {"model": str(toy_world / "openchat-mini"), "parameters": {"weight": -1.0}}]}))  # fmt: skip
+    return {"d": d, "toy": toy_world, "data": data, **caps}
+
+
+def _set(path: str, value):
+    def edit(r: dict) -> None:
+        node = r
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    return edit
+
+
+RECIPE_EDITS = {
+    "unknown-field": _set("train.lamda", 0.5),
+    "lambda": _set("train.lambda", 2),
+    "max-steps": _set("train.max_steps", 0),
+    "align-method": _set("align.method", "magic"),
+    "capture-k": _set("capture.k", 0),
+    "lora-r": _set("train.lora", {"r": 0}),
+    "no-sources": _set("models.sources", []),
+}
+
+PIVOT = "{openchat-mini}"
+
+
+def capture_cmd(model: str) -> list[str]:
+    return ["capture", "--model", model, "--template", "openchat", "--data", "{data}",
+            "--out", "{d}/out"]  # fmt: skip
+
+
+def align_cmd(pivot: str) -> list[str]:
+    return ["align", "--pivot", pivot, "--source", "{nh2-mixtral-mini}", "--out", "{d}/out"]
+
+
+CAPTURE = capture_cmd("{toy}/openchat-mini")
+TRAIN = ["train", "--model", "{toy}/openchat-mini", "--data", PIVOT, "--lambda", "1",
+         "--out", "{d}/out"]  # fmt: skip
+
+CASES = {
+    # numbers out of range, CLI (the recipe sections' rule)
+    "capture --k 0": (CAPTURE + ["--k", "0"], "--k"),
+    "capture --k > vocabulary": (CAPTURE + ["--k", "100000"], "larger than the vocabulary"),
+    "capture --max-length 0": (CAPTURE + ["--max-length", "0"], "--max-length"),
+    "capture --shard-rows 0": (CAPTURE + ["--shard-rows", "0"], "--shard-rows"),
+    "capture --batch-tokens 0": (CAPTURE + ["--batch-tokens", "0"], "--batch-tokens"),
+    "capture --max-rows 0": (CAPTURE + ["--max-rows", "0"], "--max-rows"),
+    "train --lr -1": (TRAIN + ["--lr", "-1"], "--lr"),
+    "train --lr 0": (TRAIN + ["--lr", "0"], "--lr"),
+    "train --micro-batch-size 0": (TRAIN + ["--micro-batch-size", "0"], "--micro-batch-size"),
+    "train --batch-size 0": (TRAIN + ["--batch-size", "0"], "--batch-size"),
+    "train --temperature 0": (TRAIN + ["--temperature", "0"], "--temperature"),
+    "train --lambda 1.5": (TRAIN + ["--lambda", "1.5"], "--lambda"),
+    "train --lambda -0.1": (TRAIN + ["--lambda", "-0.1"], "--lambda"),
+    "train --lora-r 0": (TRAIN + ["--lora-r", "0"], "--lora-r"),
+    "train --max-steps 0": (TRAIN + ["--max-steps", "0"], "--max-steps"),
+    "train --epochs 0": (TRAIN + ["--epochs", "0"], "--epochs"),
+    "train --warmup-ratio 1": (TRAIN + ["--warmup-ratio", "1"], "--warmup-ratio"),
+    "train --max-length 0": (TRAIN + ["--max-length", "0"], "--max-length"),
+    "train --weight-decay -1": (TRAIN + ["--weight-decay", "-1"], "--weight-decay"),
+    "train --save-steps 0": (TRAIN + ["--save-steps", "0"], "--save-steps"),
+    # unreadable or unusable data
+    **{
+        f"corpus: {name}": (CAPTURE[:-4] + ["--data", f"{{d}}/{file}", "--out", "{d}/out"], want)
+        for name, file, want in [
+            ("Latin-1 text", "latin1.jsonl", "not UTF-8"),
+            ("corrupt parquet", "corrupt.parquet", "corrupt.parquet"),
+            ("empty", "empty.jsonl", "no usable conversations"),
+            ("missing", "nope.jsonl", "not found"),
+            ("a JSON object, not a list", "dict.json", "expected a JSON list"),
+            ("unsupported format", "rows.csv", "unsupported corpus format"),
+        ]
+    },
+    # models
+    "truncated model weights": (capture_cmd("{d}/truncated-model"), "truncated-model"),
+    "missing model folder": (capture_cmd("{d}/no-model"), "no-model"),
+    # stage folders
+    "align --pivot is a model folder": (align_cmd("{toy}/openchat-mini"), "not a capture output"),
+    "manifest of the wrong shape": (align_cmd("{d}/list-manifest"), "manifest"),
+    "hand-edited manifest": (align_cmd("{d}/edited"), "edited or damaged"),
+    "damaged shard": (align_cmd("{d}/damaged"), "damaged shard"),
+    "fuse --pivot is an align output": (
+        ["fuse", "--pivot", "{d}/al", "--aligned", "{d}/al", "--out", "{d}/out"],
+        "expected capture",
+    ),
+    "train on a damaged capture": (TRAIN[:4] + ["{d}/damaged"] + TRAIN[5:], "damaged shard"),
+    "fusion training on a capture": (TRAIN + ["--lambda", "0.5"], "fused targets"),
+    # recipes
+    **{
+        f"recipe: {n}": (["recipe", "check", f"{{d}}/recipe-{n}.yaml"], f"recipe-{n}.yaml")
+        for n in RECIPE_EDITS
+    },  # fmt: skip
+    "recipe: not YAML": (["recipe", "check", "{d}/not-yaml.yaml"], "not-yaml.yaml"),
+    "recipe: missing file": (["recipe", "check", "{d}/none.yaml"], "none.yaml"),
+    "run --set unknown key": (
+        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lamda=1"],
+        "lamda",
+    ),  # fmt: skip
+    "run --set bad value": (
+        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lr=-1"],
+        "train.lr",
+    ),  # fmt: skip
+    "run --set without =": (
+        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lr"],
+        "KEY=VALUE",
+    ),  # fmt: skip
+    # merge configurations
+    "merge: missing config": (["merge", "{d}/none.yaml", "{d}/out"], "none.yaml"),
+    "merge: unknown method": (
+        ["merge", "{d}/merge-unknown.yaml", "{d}/out"],
+        "no_such_method",
+    ),  # fmt: skip
+    "merge: weights that sum to zero": (
+        ["merge", "{d}/merge-zero.yaml", "{d}/out"],
+        "sum to zero",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing_complete(case, world, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    argv, expect = CASES[case]
+    fields = {k: str(v) for k, v in world.items()}
+    argv = [a.format(**fields) if "{" in a else a for a in argv]
+    out = world["d"] / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    capsys.readouterr()
+    assert main(argv) == 2, case
+    # progress bars drawn before the failure are not messages
+    err = "\n".join(x for x in capsys.readouterr().err.strip().splitlines() if "%|" not in x)
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("fusechat: error: ") and expect in err, err
+    assert not (out / "manifest.json").exists() and not (out / "merge_report.json").exists()
+    assert not (out / "config.json").exists()
+
+
+def test_enough_cases():
+    assert len(CASES) >= 40

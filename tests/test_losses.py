@@ -1,0 +1,99 @@
+"""The training losses (pure tensor functions) against references written here: a dense
+(B, T, V) target with autograd, and the label shift spelled out position by position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusechat.losses import fusion_losses, predicts_label, token_nll
+
+
+def _dense_reference(logits, ids, mask, tid, p, lam, temperature=1.0):
+    """The loss written densely: a (B, T, V) target tensor, autograd through log_softmax."""
+    v = logits.shape[-1]
+    dense = torch.zeros(logits.shape).scatter_add_(
+        -1, tid.clamp(min=0), torch.where(tid >= 0, p, 0)
+    )
+    dense = dense ** (1 / temperature)
+    dense = dense / dense.sum(-1, keepdim=True)
+    logq = torch.log_softmax(logits, -1)
+    # position t predicts token t+1: it is learned when the mask holds at t+1 (written here,
+    # not taken from fusechat.losses, so a wrong shift there cannot pass)
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, 1:]
+    gold = torch.nn.functional.one_hot(torch.nn.functional.pad(ids[:, 1:], (0, 1)), v).float()
+    clm = -(gold * logq).sum(-1)[pred].mean()
+    ce = -(dense * logq).sum(-1)[pred].mean()
+    ent = torch.where(dense > 0, dense * dense.clamp(min=1e-30).log(), 0).sum(-1)[pred].mean()
+    return lam * clm + (1 - lam) * ce, clm, ce, ent
+
+
+def _case(seed=0, b=2, t=7, v=50, k=6, repeat=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    tid = torch.rand(b, t, v, generator=g).argsort(-1)[..., :k]  # distinct ids per position
+    tid[..., -1] = -1  # padding
+    if repeat:
+        tid[..., 1] = tid[..., 0]  # a repeated id: its probabilities add
+    p = torch.rand(b, t, k, generator=g)
+    p[..., -1] = 0
+    return logits, ids, mask, tid, p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_sparse_loss_and_gradient_equal_dense_reference(lam):
+    logits, ids, mask, tid, p = _case(repeat=True)
+    a = logits.clone().requires_grad_()
+    loss, clm, ce = fusion_losses(a, ids, mask, tid, p, lam=lam)
+    loss.backward()
+    b = logits.clone().requires_grad_()
+    want, want_clm, want_ce, _ = _dense_reference(b, ids, mask, tid, p, lam)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(clm, want_clm)
+    if lam < 1:
+        torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(a.grad, b.grad)
+    # lambda = 1 is exactly the plain causal-LM loss on the masked tokens
+    if lam == 1.0:
+        logp = torch.log_softmax(logits, -1)
+        nll = [-logp[i, t, ids[i, t + 1]] for i in range(ids.shape[0])
+               for t in range(ids.shape[1] - 1) if mask[i, t + 1]]  # fmt: skip
+        torch.testing.assert_close(loss, torch.stack(nll).mean())
+
+
+def test_temperature_and_kl():
+    logits, ids, mask, tid, p = _case(seed=1)
+    a = logits.clone().requires_grad_()
+    loss, _, ce = fusion_losses(a, ids, mask, tid, p, lam=0.5, temperature=2.0)
+    loss.backward()
+    b = logits.clone().requires_grad_()
+    want, _, want_ce, ent = _dense_reference(b, ids, mask, tid, p, 0.5, temperature=2.0)
+    want.backward()
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(a.grad, b.grad)
+    kl_loss, _, kl = fusion_losses(logits, ids, mask, tid, p, lam=0.5, temperature=2.0, kind="kl")
+    torch.testing.assert_close(kl, want_ce + ent)
+    torch.testing.assert_close(kl_loss, want + 0.5 * ent)
+    assert kl >= 0
+
+
+def test_token_nll_and_the_label_shift_by_hand():
+    logits, ids, mask, _, _ = _case(seed=2)
+    logp = torch.log_softmax(logits, -1)
+    nll = token_nll(logits, ids)
+    for i in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            torch.testing.assert_close(nll[i, t], -logp[i, t, ids[i, t + 1]])
+        assert nll[i, -1] == 0  # the last position has no next token
+    pred = predicts_label(mask)
+    assert pred[:, :-1].tolist() == mask[:, 1:].tolist() and not pred[:, -1].any()
+
+
+def test_no_learned_position_gives_zero_loss_not_nan():
+    logits, ids, mask, tid, p = _case(seed=3)
+    loss, clm, ce = fusion_losses(logits, ids, torch.zeros_like(mask), tid, p, lam=0.5)
+    assert loss.item() == 0.0 and clm.item() == 0.0 and ce.item() == 0.0

@@ -54,6 +54,41 @@ def test_identical_inputs_and_equal_deltas():
     torch.testing.assert_close(out, (a + b) / 2)
 
 
+def test_kernel_at_every_granularity_against_the_formula():
+    """The mergekit kernel itself (no files): element-wise ratios entry by entry, layer and
+    model weights from group statistics, the per-tensor report, float64 inputs kept."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ts = [base + 0.2 * torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    name = "model.layers.2.mlp.up_proj.weight"
+    varm.reset_report()
+    el = varm.varm_merge.merge_group(_group(base, ts, name), granularity="element")
+    s = [(t - base).square() for t in ts]
+    w0 = s[0] / (s[0] + s[1])
+    torch.testing.assert_close(el, w0 * ts[0] + (1 - w0) * ts[1], rtol=1e-5, atol=1e-6)
+    rep = varm.reset_report()[name]
+    assert rep["0"] == pytest.approx(float(w0.mean()), rel=1e-5) and not varm.reset_report()
+    varm.set_group_stats({("0", "model.layers.2"): 1.0, ("1", "model.layers.2"): 3.0,
+                          ("0", "model"): 2.0, ("1", "model"): 2.0})  # fmt: skip
+    try:
+        lay = varm.varm_merge.merge_group(_group(base, ts, name), granularity="layer")
+        torch.testing.assert_close(lay, 0.25 * ts[0] + 0.75 * ts[1])
+        assert lay.dtype == torch.float64
+        mod = varm.varm_merge.merge_group(_group(base, ts, name), granularity="model")
+        torch.testing.assert_close(mod, 0.5 * ts[0] + 0.5 * ts[1])
+        hot = varm.varm_merge.merge_group(
+            _group(base, ts, name), granularity="layer", temperature=0.1
+        )
+        w = torch.softmax(torch.tensor([0.25, 0.75], dtype=torch.float64) / 0.1, 0)
+        torch.testing.assert_close(hot, w[0] * ts[0] + w[1] * ts[1])
+        with pytest.raises(RuntimeError, match="no statistics"):
+            varm.varm_merge.merge_group(_group(base, ts, "lm_head.weight"), granularity="layer")
+    finally:
+        varm.set_group_stats({})
+        varm.reset_report()
+    assert torch.equal(varm.varm_merge.merge_group(_group(base, [], name)), base)  # no targets
+
+
 def test_group_keys():
     assert varm.group_key("model.layers.12.self_attn.q_proj.weight", "layer") == "model.layers.12"
     assert varm.group_key("model.embed_tokens.weight", "layer") == "model.embed_tokens.weight"

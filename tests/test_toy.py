@@ -12,14 +12,25 @@ ARCHS = {
 }
 
 
-def test_corpus_is_deterministic_and_heldout_is_not_in_train():
+def test_corpus_is_deterministic_and_heldout_sums_are_new():
+    import re
+
+    from fusechat.toy.corpus import make_world, value_probs
+
     a, b = make_corpus(7, 200, 10), make_corpus(7, 200, 10)
     assert a == b
     assert make_corpus(8, 200, 10) != a
-    train_qs = {m["content"] for r in make_corpus(7, 4000, 0)["train"] for m in r["messages"]}
-    held = [r["messages"][0]["content"] for r in a["heldout"]]
     assert {r["skill"] for r in a["heldout"]} == set(SKILLS)
-    assert not set(held) & train_qs  # every held-out question is new as asked
+    world = make_world(7)
+    train_pairs = set(world.train_pairs)
+    for r in a["heldout"]:
+        assert any(v in r["reference"] for v in r["answers"])  # the sample is one right value
+        if r["skill"] == "arithmetic":  # number pairs that training never shows
+            x, y = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
+            assert (x, y) not in train_pairs
+    assert value_probs(4) == (0.4, 0.3, 0.2, 0.1)
+    assert sum(value_probs(6)) == pytest.approx(1.0)
+    assert all(len(f["moon"]) == 6 and len(f["color"]) == 4 for f in world.facts.values())
 
 
 def test_toy_models_load_offline_through_auto_classes(toy_world, monkeypatch):
@@ -53,15 +64,15 @@ def test_toy_models_load_offline_through_auto_classes(toy_world, monkeypatch):
 def test_one_sentence_tokenizes_three_different_ways(toy_world):
     from transformers import AutoTokenizer
 
-    s = "The capital of Zorblax is Quenmor, and 47 + 35 = 82."
+    s = "In English, the word quaiven is lantern; the capital of Zorblax is Quenmor, and 47 + 35 = 82; 12 plus 30 is 42."
     toks = {n: AutoTokenizer.from_pretrained(toy_world / n).tokenize(s) for n in ARCHS}
     assert len({tuple(t) for t in toks.values()}) == 3
     assert any("Ġ" in t for t in toks["nh2-mixtral-mini"])  # byte-level BPE
     assert any(t.startswith("▁") for t in toks["openchat-mini"])  # metaspace
     # the pivot splits digits (as Mistral does); the byte-level source keeps numbers whole
-    # where its merges allow (as GPT-2), so the sum 35 is one token there
+    # where its merges allow (as GPT-2), so some two-digit numbers are one token there
     assert "4" in toks["openchat-mini"] and "3" in toks["openchat-mini"]
-    assert "Ġ35" in toks["nh2-mixtral-mini"]
+    assert any(len(t) == 3 and t[0] == "Ġ" and t[1:].isdigit() for t in toks["nh2-mixtral-mini"])
 
 
 def test_sources_beat_the_pivot_on_their_own_skill(toy_world):

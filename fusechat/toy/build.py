@@ -38,7 +38,7 @@ from fusechat.toy.tokenizers import train_tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 7  # bump when the builder's output changes for the same configuration
+BUILD_VERSION = 9  # bump when the builder's output changes for the same configuration
 EVAL_TEMPLATE = "openchat"  # the capture setting: every model reads the pivot's format
 
 
@@ -66,7 +66,7 @@ def world_fingerprint(seed: int) -> str:
 
     worlds = [asdict(make_world(s)) for s in (seed, corpus.GENERIC_SEED)]
     return fingerprint({"worlds": worlds, "answers": corpus._A, "questions": corpus._Q,
-                        "probs": corpus.VALUE_PROBS})  # fmt: skip
+                        "values": corpus.N_VALUES})  # fmt: skip
 
 
 def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:

@@ -1,23 +1,27 @@
 """A stochastic chat language with three skills, deterministic from a seed.
 
-- ``facts``: attributes of invented planets: a capital, a ruler, a sky colour (one value each)
-  and four moons (any of them is a right answer);
-- ``glossary``: invented words, each meaning one of four synonyms;
+- ``facts``: attributes of invented planets: a capital and a ruler (one value each), sky
+  colours (four) and moons (six: any of them is a right answer);
+- ``glossary``: invented words, each with eight English renderings;
 - ``arithmetic``: two-digit addition (held-out number pairs never appear in training).
 
 The language is stochastic, as real chat is: an answer is one sample from fixed probabilities
 over its phrasings (``The capital of X is Y.`` 0.5, ``X has the capital Y.`` 0.3, ``In X the
-capital is Y.`` 0.2; each restates the item before its value) and, for moons and synonyms, over the item's values (0.4 / 0.3 / 0.2 / 0.1, in an order of
-the item's own). A model that knows the language predicts that whole distribution; one gold
-sample shows a single branch. This is the knowledge fusion can move and text alone cannot: a
-small corpus names each planet's moons a few times and misses some, while a source that learned
-the language from far more data puts the right mass on all four.
+capital is Y.`` 0.2; each restates the item before its value) and, for colours, moons and
+renderings, over the item's ``n`` values (``p_i = (n - i) / sum``: 0.4 / 0.3 / 0.2 / 0.1 for
+four, in an order of the item's own). A model that knows the language predicts that whole
+distribution; one gold sample shows a single branch. This is the knowledge fusion can move and
+text alone cannot: a small corpus names each planet's moons a few times and misses some, while
+a source that learned the language from far more data puts the right mass on all of them.
 
-Questions have three phrasings; for each item one phrasing is held out, so held-out questions
-ask a known item in a phrasing never paired with it in training. Held-out answers are fresh
-samples of the language. Each row is ``{"skill", "messages"}`` in OpenAI format; held-out rows
-add ``reference`` (the sampled answer) and ``answers`` (every right value: the rule judge
-accepts any).
+Held-out rows are fresh samples of the same language (the questions as training asks them,
+answers sampled anew; arithmetic on number pairs never trained). An earlier world held one
+question phrasing per item out; every fine-tuned pivot, CLM or fused, memorised the training
+rows and failed on the unseen pairing alike (held-out value NLL 2.97 nats per answer against
+0.62 on training rows), which measured the student's generalisation over phrasings, something
+no teacher distribution on the corpus can show, and tripled the seed noise. Each row is
+``{"skill", "messages"}`` in OpenAI format; held-out rows add ``reference`` (the sampled
+answer) and ``answers`` (every right value: the rule judge accepts any).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 SKILLS = ("facts", "glossary", "arithmetic")
 SYSTEM = "You are a helpful assistant."
-VALUE_PROBS = (0.4, 0.3, 0.2, 0.1)  # over an item's values, in the item's own order
+N_VALUES = {"color": 4, "moon": 6, "glossary": 8}  # values of a many-valued item
 GENERIC_SEED = 7919  # another world of the same language: general competence, no shared items
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "qu", "th", "dr"]
@@ -48,6 +52,8 @@ _SYNONYMS = [
     ("forest", "woods", "grove", "thicket"),
     ("harbor", "port", "dock", "pier"),
 ]
+
+_MEANINGS = [w for group in _SYNONYMS for w in group]
 
 # question phrasings, answer phrasings with their probabilities
 _Q = {
@@ -83,8 +89,8 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 @dataclass
 class World:
-    facts: dict[str, dict[str, tuple[str, ...]]]  # planet -> attribute -> values (1 or 4)
-    glossary: dict[str, tuple[str, ...]]  # word -> its four meanings, most likely first
+    facts: dict[str, dict[str, tuple[str, ...]]]  # planet -> attribute -> values, likeliest first
+    glossary: dict[str, tuple[str, ...]]  # word -> its eight renderings, likeliest first
     train_pairs: list[tuple[int, int]]
     heldout_pairs: list[tuple[int, int]]
 
@@ -105,31 +111,36 @@ class World:
                      self.train_pairs, self.heldout_pairs)  # fmt: skip
 
 
-def make_world(seed: int, n_planets: int = 16, n_words: int = 32) -> World:
+def value_probs(n: int) -> tuple[float, ...]:
+    """Probabilities of an item's ``n`` values, likeliest first: ``p_i = (n - i) / sum_j j``."""
+    total = n * (n + 1) / 2
+    return tuple((n - i) / total for i in range(n))
+
+
+def make_world(seed: int, n_planets: int = 16, n_words: int = 48) -> World:
     rng = random.Random(seed)
-    n_values = len(VALUE_PROBS)
+    n_moons = N_VALUES["moon"]
     names: set[str] = set()
-    while len(names) < n_planets * (3 + n_values) + n_words:
+    while len(names) < n_planets * (3 + n_moons) + n_words:
         names.add(_word(rng, rng.choice([2, 3])))
     pool = sorted(names)
     rng.shuffle(pool)
-    cap = [c.capitalize() for c in pool[: (3 + n_values) * n_planets]]
+    cap = [c.capitalize() for c in pool[: (3 + n_moons) * n_planets]]
     planets, cities, rulers = cap[:n_planets], cap[n_planets : 2 * n_planets], cap[2 * n_planets : 3 * n_planets]  # fmt: skip
     moons = cap[3 * n_planets :]
     facts = {
         p: {
             "capital": (cities[i],),
-            "color": (rng.choice(_COLORS),),
+            "color": tuple(rng.sample(_COLORS, N_VALUES["color"])),
             "ruler": (rulers[i],),
-            "moon": tuple(moons[n_values * i : n_values * (i + 1)]),
+            "moon": tuple(moons[n_moons * i : n_moons * (i + 1)]),
         }
         for i, p in enumerate(planets)
     }
     glossary = {}
-    for w in pool[(3 + n_values) * n_planets :]:
-        meanings = list(rng.choice(_SYNONYMS))
-        rng.shuffle(meanings)  # which synonym is most likely is the word's own
-        glossary[w] = tuple(meanings)
+    for w in pool[(3 + n_moons) * n_planets :]:
+        # the word's own renderings, in its own order of likelihood
+        glossary[w] = tuple(rng.sample(_MEANINGS, N_VALUES["glossary"]))
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(pairs)
     return World(
@@ -141,41 +152,33 @@ def _pick(rng: random.Random, options: Sequence, weights: Sequence[float]):
     return rng.choices(options, weights)[0]
 
 
-def _question(forms: Sequence[str], key: str, rng: random.Random, heldout: bool) -> str:
-    """The held-out phrasing of item ``key``, or one of its training phrasings."""
-    held = random.Random(key).randrange(len(forms))
-    if heldout:
-        return forms[held]
-    return rng.choice([f for i, f in enumerate(forms) if i != held])
-
-
 def answer(kind: str, rng: random.Random, **fields) -> str:
     """One sample of an answer of ``kind`` (``v`` may be a tuple of values: sampled too)."""
     forms, probs = zip(*_A[kind], strict=True)
     if isinstance(fields.get("v"), tuple):
         vals = fields["v"]
-        fields["v"] = vals[0] if len(vals) == 1 else _pick(rng, vals, VALUE_PROBS)
+        fields["v"] = _pick(rng, vals, value_probs(len(vals)))
     return _pick(rng, forms, probs).format(**fields)
 
 
 def qa(
     world: World, skill: str, rng: random.Random, heldout: bool
 ) -> tuple[str, str, tuple[str, ...]]:
-    """One (question, sampled answer, every right value) of ``skill``; ``heldout`` picks the
-    held-out phrasing or number pairs."""
+    """One (question, sampled answer, every right value) of ``skill``; ``heldout`` draws the
+    number pairs that training never sees."""
     if skill == "facts":
         planet = rng.choice(world.planets)
         attr = rng.choice(ATTRIBUTES)
-        q = _question(_Q[attr], f"{planet}/{attr}", rng, heldout).format(p=planet)
+        q = rng.choice(_Q[attr]).format(p=planet)
         vals = world.facts[planet][attr]
         return q, answer(attr, rng, p=planet, v=vals), vals
     if skill == "glossary":
         w = rng.choice(world.words)
-        q = _question(_Q["glossary"], w, rng, heldout).format(w=w)
+        q = rng.choice(_Q["glossary"]).format(w=w)
         return q, answer("glossary", rng, w=w, v=world.glossary[w]), world.glossary[w]
     if skill == "arithmetic":
         a, b = rng.choice(world.heldout_pairs if heldout else world.train_pairs)
-        q = "What is {a} + {b}?" if heldout or rng.random() < 0.5 else "Compute {a} plus {b}."
+        q = "What is {a} + {b}?" if rng.random() < 0.5 else "Compute {a} plus {b}."
         return q.format(a=a, b=b), answer("arithmetic", rng, a=a, b=b, s=a + b), (str(a + b),)
     raise ValueError(f"unknown skill {skill!r}")
 

@@ -178,7 +178,7 @@ def coverage(exact: np.ndarray, positions: np.ndarray | None = None) -> float:
 
 # --------------------------------------------------------------------------- the stage
 
-VERSION = 2  # 2: the text method; byte ends
+VERSION = 3  # 2: the text method; 3: shard checksums in the manifest
 METHODS = ("text", "exact", "mined", "stats")
 SEQUENCE_METHODS = ("offsets", "dtw")
 CONFIDENT = 0.9  # agreement is measured where the source gives the gold text at least this

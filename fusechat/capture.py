@@ -32,7 +32,7 @@ from fusechat.io import fingerprint, read_manifest
 from fusechat.shards import begin_stage, finish_stage, ids_dtype, pack_ids, save_shard
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: byte ends and the gold token's log-probability per position
+VERSION = 3  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def fuse(
 
 # --------------------------------------------------------------------------- the stage
 
-VERSION = 2  # 2: the unaligned setting
+VERSION = 3  # 2: the unaligned setting; 3: shard checksums in the manifest
 METHODS = ("minCE", "avgCE")
 UNALIGNED = ("gold", "pivot")  # what a position without a chosen model's distribution learns
 

@@ -192,6 +192,10 @@ class StageReader:
         if manifest.get("key", {}).get("stage") != stage:
             got = manifest.get("key", {}).get("stage", "unknown")
             raise FusechatError(f"{self.folder}: is a {got} output, expected {stage}")
+        if "digest" not in manifest:
+            raise FusechatError(
+                f"{where}: written by an older fusechat (no checksums); run the {stage} again"
+            )
         if manifest.get("digest") != _manifest_digest(manifest):
             raise FusechatError(f"{where}: edited or damaged (its digest does not match)")
         if not isinstance(manifest.get("shards"), int) or manifest["shards"] < 0:

@@ -201,7 +201,6 @@ def align_text(
     # the rest walk the gold path, in scalar code over Python lists
     walk = np.flatnonzero(has_next & ~fast)
     if len(walk):
-        row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
         # inside a source token, only candidates longer than the text read and starting with
         # its first byte can continue it: filter them in numpy before the scalar walk
         wj = j[walk]
@@ -209,7 +208,21 @@ def align_text(
         inside = (s_ends[wj] < c[walk])[:, None]
         lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
         long = vocab.lengths[np.clip(cand, 0, None)] > (c[walk] - s_ends[wj])[:, None]
-        first_ids = np.where(~inside | (lead & long), cand, -1).tolist()
+        first = np.where(~inside | (lead & long), cand, -1)
+        # inside a source token whose gold token covers g, with no alternative left after the
+        # prefilter: the walk's answer is known (all mass on g, P(gold text | context) = 1)
+        nxt = s_ids[wj + 1]
+        alone = ((first < 0) | (first == nxt[:, None]) | (top_p[wj] <= 0)).all(1)
+        covers = width_ok[walk] & (s_ends[wj + 1] >= c_next[walk]) & (gold_p[wj] > 0)
+        trivial = inside[:, 0] & alone & covers
+        t = positions[walk[trivial]]
+        out["ids"][t, 0], out["probs"][t, 0] = g[walk[trivial]], 1.0
+        out["gold_prob"][t], out["placed"][t] = 1.0, 1.0
+        out["valid"][t], out["gold_only"][t] = True, True
+        walk, first = walk[~trivial], first[~trivial]
+    if len(walk):
+        row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
+        first_ids = first.tolist()
         ids_w = np.full((len(walk), k), -1, dtype=np.int64)
         p_w = np.zeros((len(walk), k))
         gp_w, placed_w, only_w = np.zeros(len(walk)), np.zeros(len(walk)), np.zeros(len(walk), bool)

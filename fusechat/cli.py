@@ -33,8 +33,10 @@ def _cmd_toy_real(args: argparse.Namespace) -> int:
 
 def _cmd_recipe_check(args: argparse.Namespace) -> int:
     from fusechat.recipe import load_recipe
+    from fusechat.run import check_merge
 
     recipe = load_recipe(args.file)
+    check_merge(recipe, args.file)
     print(f"{args.file}: ok")
     print("\n".join(recipe.plan()))
     return 0

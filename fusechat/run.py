@@ -56,6 +56,14 @@ def _model_identity(path: str) -> str:
     return model_fingerprint(path)
 
 
+def check_merge(recipe: Recipe, source: str) -> None:
+    """Every merge method of the recipe and its parameters, through mergekit's declarations."""
+    from merge.run import check_method
+
+    for i, m in enumerate(recipe.merge.methods if recipe.merge else []):
+        check_method(m.method, m.parameters, m.model_parameters, f"{source}: merge.methods[{i}]")
+
+
 def check_models(recipe: Recipe, network: bool = True) -> None:
     """Every model must be a local folder or a hub id that resolves (checked online unless
     ``network`` is False, as in a dry run): one line otherwise."""
@@ -366,6 +374,7 @@ def run_recipe(
     the recipe before validation). Returns the run summary (printed unless ``quiet``)."""
     recipe = load_recipe(path, overrides)
     recipe_fp = file_fingerprint(path)
+    check_merge(recipe, str(path))
     check_models(recipe, network=not dry_run)
     root = Path(expand(recipe.run_dir)) / recipe.name
     steps = plan(recipe, root)

@@ -57,6 +57,47 @@ def load_config(path: str | os.PathLike) -> dict:
     return raw
 
 
+def _value_ok(spec, value) -> bool:
+    from typing import Literal, get_args, get_origin
+
+    t = spec.value_type
+    if get_origin(t) is Literal:
+        return value in get_args(t)
+    if t is bool:
+        return isinstance(value, bool)
+    if t in (float, int):  # a number, or mergekit's gradients (lists) and filters (dicts)
+        return isinstance(value, (int, float, list, dict)) and not isinstance(value, bool)
+    return True
+
+
+def check_method(method: str, parameters: dict, model_parameters: dict, where: str) -> None:
+    """A merge method and its parameters against mergekit's own declarations (the method's
+    parameter specs: names, choices, types), so a recipe fails before its first step, not
+    after nine: ``parameters`` may set any of the method's parameters (mergekit applies
+    per-model ones to every model), ``model_parameters`` only the per-model ones."""
+    from mergekit.merge_methods import registry
+
+    varm.register()
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if method not in known:
+        raise FusechatError(f"{where}: unknown merge method {method!r} (known: {', '.join(known)})")
+    spec = registry.get(method).spec
+    allowed = {"parameters": {p.name: p for p in spec.parameters},
+               "model_parameters": {p.name: p for p in spec.input_parameters}}  # fmt: skip
+    for kind, given in (("parameters", parameters), ("model_parameters", model_parameters)):
+        for name, value in (given or {}).items():
+            ps = allowed[kind].get(name)
+            if ps is None:
+                names = ", ".join(allowed[kind]) or "none"
+                raise FusechatError(
+                    f"{where}.{kind}.{name}: not a parameter of {method} ({kind}: {names})"
+                )
+            if not _value_ok(ps, value):
+                raise FusechatError(
+                    f"{where}.{kind}.{name}: {value!r} is not a valid {ps.value_type}"
+                )
+
+
 def parse_config(raw: dict, source: str):
     """Validate with mergekit's own schema; unknown methods are named with the known ones."""
     from mergekit.config import MergeConfiguration

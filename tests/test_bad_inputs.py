@@ -81,6 +81,13 @@ RECIPE_EDITS = {
     "capture-k": _set("capture.k", 0),
     "lora-r": _set("train.lora", {"r": 0}),
     "no-sources": _set("models.sources", []),
+    "merge-method": _set("merge.methods", [{"name": "x", "method": "no_such_method"}]),
+    "varm-parameter": _set(
+        "merge.methods", [{"name": "v", "method": "varm", "parameters": {"granularity": "bogus"}}]
+    ),  # fmt: skip
+    "merge-parameter-name": _set(
+        "merge.methods", [{"name": "t", "method": "ties", "model_parameters": {"densty": 0.5}}]
+    ),  # fmt: skip
 }
 
 PIVOT = "{openchat-mini}"
@@ -166,6 +173,10 @@ CASES = {
         ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lr"],
         "KEY=VALUE",
     ),  # fmt: skip
+    "run --dry-run with an unknown merge method": (
+        ["run", "recipes/mini.yaml", "--dry-run", "--set", "merge.methods[0].method=nope"],
+        "unknown merge method",
+    ),
     # merge configurations
     "merge: missing config": (["merge", "{d}/none.yaml", "{d}/out"], "none.yaml"),
     "merge: unknown method": (

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fusechat.fuse import fuse, sequence_weights
-from fusechat.sparse import map_topk, top_k
+from fusechat.sparse import combine_duplicates, map_topk, top_k
 
 
 def test_sequence_weights_hand_computed():
@@ -81,3 +81,41 @@ def _dense(ids, p) -> list[dict]:
         {int(i): round(float(x), 6) for i, x in zip(ri, rp, strict=True) if i >= 0 and x > 0}
         for ri, rp in zip(ids, p, strict=True)
     ]
+
+
+def test_sequence_ce_per_token_and_per_character():
+    from fusechat.fuse import sequence_ce
+
+    row = {"row.nll_sum": 6.0, "row.n_tokens": 4, "row.n_chars": 12}
+    assert sequence_ce(row, "token") == 1.5 and sequence_ce(row, "char") == 0.5
+    assert np.isnan(sequence_ce({**row, "row.n_tokens": 0}, "token"))
+    assert np.isnan(sequence_ce({**row, "row.n_chars": 0}, "char"))
+
+
+def test_sparse_edge_cases_exactly():
+    """Token id 0 is a token, not padding; padding is -1 with probability 0 wherever it appears;
+    a row without mass stays all padding; outputs are float32 and exactly k (or K) wide."""
+    ids = np.array([[0, 3, 0, -1], [2, 2, -1, -1], [-1, -1, -1, -1], [5, 0, 1, 4]])
+    p = np.array([[0.2, 0.3, 0.1, 0.0], [0.25, 0.25, 0.0, 0.0], [0.0] * 4, [0.0, 0.5, 0.0, 0.0]])
+    ci, cp = combine_duplicates(ids, p)
+    assert ci.tolist() == [[-1, 0, 3, -1], [-1, 2, -1, -1], [-1, -1, -1, -1], [0, 1, 4, 5]]
+    np.testing.assert_allclose(cp, [[0, 0.3, 0.3, 0], [0, 0.5, 0, 0], [0] * 4, [0.5, 0, 0, 0]])
+    assert cp.dtype == np.float32
+    ti, tp = top_k(ids, p, 6)  # wider than K: padded
+    assert ti.tolist() == [[0, 3, -1, -1, -1, -1], [2, -1, -1, -1, -1, -1], [-1] * 6,
+                           [0, -1, -1, -1, -1, -1]]  # fmt: skip
+    np.testing.assert_allclose(tp[0], [0.5, 0.5, 0, 0, 0, 0])
+    np.testing.assert_allclose(tp[1], [1, 0, 0, 0, 0, 0])
+    assert (tp[2] == 0).all() and tp.dtype == np.float32 and tp.shape == (4, 6)
+    ti, tp = top_k(ids, p, 1)
+    assert ti.tolist() == [[0], [2], [-1], [0]] and tp[:, 0].tolist() == [1, 1, 0, 1]
+    vmap = np.array([7, -1, 0, -1, 2, 1])  # source id -> pivot id (0 is a pivot token)
+    lp = np.log(np.array([[0.5, 0.25, 0.25, 1e-9], [0.6, 0.4, 1e-9, 1e-9]]))
+    pid, mp, mass = map_topk(np.array([[0, 2, 1, -1], [4, 5, -1, 3]]), lp, vmap)
+    assert pid.tolist() == [[7, 0, -1, -1], [2, 1, -1, -1]] and mp.dtype == np.float32
+    np.testing.assert_allclose(mass, [0.75, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(mp, [[2 / 3, 1 / 3, 0, 0], [0.6, 0.4, 0, 0]], rtol=1e-5)
+    _, raw, _ = map_topk(np.array([[0, 2, 1, -1]]), lp[:1], vmap, renormalize=False)
+    np.testing.assert_allclose(raw, [[0.5, 0.25, 0, 0]], rtol=1e-5)
+    _, none, zero = map_topk(np.array([[1, 3, -1, -1]]), lp[:1], vmap)
+    assert zero.tolist() == [0.0] and not none.any()  # nothing mapped: no NaN

@@ -97,3 +97,37 @@ def test_no_learned_position_gives_zero_loss_not_nan():
     logits, ids, mask, tid, p = _case(seed=3)
     loss, clm, ce = fusion_losses(logits, ids, torch.zeros_like(mask), tid, p, lam=0.5)
     assert loss.item() == 0.0 and clm.item() == 0.0 and ce.item() == 0.0
+
+
+def test_defaults_normalisation_and_reported_terms():
+    logits, ids, mask, tid, p = _case(seed=4)
+    clm_only = token_nll(logits, ids)[predicts_label(mask)].mean()
+    # no targets, whatever lambda: plain CLM, fusion reported as 0
+    for kw in ({}, {"lam": 0.5}):
+        loss, clm, fus = fusion_losses(logits, ids, mask, **kw)
+        torch.testing.assert_close(loss, clm_only)
+        assert fus.item() == 0.0
+    # lambda 1 with targets: the CLM loss, the fusion term not computed
+    loss, _, fus = fusion_losses(logits, ids, mask, tid, p, lam=1.0)
+    torch.testing.assert_close(loss, clm_only)
+    assert fus.item() == 0.0
+    # targets are renormalised: half the mass teaches the same
+    a = fusion_losses(logits, ids, mask, tid, p, lam=0.3)
+    b = fusion_losses(logits, ids, mask, tid, 0.5 * p, lam=0.3, kind="ce")
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[2], b[2])
+    # one learned position: the mean over one, not half of it
+    one = torch.zeros_like(mask)
+    one[0, 3] = True
+    logp = torch.log_softmax(logits, -1)
+    loss, _, _ = fusion_losses(logits, ids, one)
+    torch.testing.assert_close(loss, -logp[0, 2, ids[0, 3]])
+
+
+def test_gradient_scales_with_the_upstream_gradient():
+    logits, ids, mask, tid, p = _case(seed=5)
+    a = logits.clone().requires_grad_()
+    fusion_losses(a, ids, mask, tid, p, lam=0.4)[0].backward()
+    b = logits.clone().requires_grad_()
+    (3.0 * fusion_losses(b, ids, mask, tid, p, lam=0.4)[0]).backward()
+    torch.testing.assert_close(b.grad, 3.0 * a.grad)

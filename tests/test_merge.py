@@ -341,3 +341,27 @@ def test_changed_input_weights_merge_again(targets, tmp_path):
             for k, v in load_file(ts[2] / "model.safetensors").items()}  # fmt: skip
     name = next(k for k in after if not torch.equal(after[k], before[k]))
     torch.testing.assert_close(after[name], want[name])
+
+
+def test_variation_values_and_weighted_sum_precision():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5, 3, generator=g)
+    ts = [base + s * torch.randn(5, 3, generator=g) for s in (0.1, 0.2)]
+    d = [t - base for t in ts]
+    v = varm.variation(ts, base)  # defaults: square, one value per target
+    assert v.shape == (2,) and v.dtype == torch.float64
+    torch.testing.assert_close(v, torch.stack([x.double().square().mean() for x in d]))
+    torch.testing.assert_close(varm.variation(ts, base, "abs"),
+                               torch.stack([x.double().abs().mean() for x in d]))  # fmt: skip
+    e = varm.variation(ts, base, "abs", elementwise=True)
+    torch.testing.assert_close(e, torch.stack([x.abs() for x in d]).double())
+    # bf16 inputs are summed in float32, then cast back once
+    tb = [t.to(torch.bfloat16) for t in ts]
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    out = varm.weighted_sum(tb, w)
+    assert out.dtype == torch.bfloat16
+    want = (0.3 * tb[0].float() + 0.7 * tb[1].float()).to(torch.bfloat16)
+    assert torch.equal(out, want)
+    assert varm.group_key("transformer.h.5.attn.c_attn.weight", "layer") == "transformer.h.5"
+    assert varm.group_key("blocks.2.ff.weight", "layer") == "blocks.2"
+    assert varm.group_key("lm.3.weight", "layer") == "lm.3.weight"  # a digit after another name

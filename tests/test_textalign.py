@@ -133,3 +133,159 @@ def test_a_certain_source_gives_every_pivot_position_its_own_gold_token(real_pai
     assert (out["ids"][t, 0] == gold[t]).all()
     np.testing.assert_allclose(out["probs"][t, 0], 1.0, atol=1e-3)
     assert np.nanmin(out["gold_prob"][t]) == pytest.approx(1.0, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- an independent oracle
+
+
+def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb):
+    """align_text written plainly from its docstring, position by position with dicts: no
+    vectorised paths, no prefilter, ``pi`` as the longest pivot token that prefixes ``w``.
+    Returns {t: (masses, gold_prob, placed, gold_only)} for every position it defines."""
+
+    def pi(w: bytes) -> int:
+        best = max((i for i, b in enumerate(pb) if b and w.startswith(b)),
+                   key=lambda i: len(pb[i]), default=-1)  # fmt: skip
+        return best
+
+    m, out = len(s_ids), {}
+    for t in positions:
+        if t + 1 >= len(p_ids):
+            continue
+        c, c_next, g = p_ends[t], p_ends[t + 1], p_ids[t + 1]
+        j = max((i for i in range(m) if s_ends[i] <= c), default=-1)
+        if j < 0 or j + 1 >= m:
+            continue
+        fast = (s_ends[j] == c and s_ends[j + 1] - s_ends[j] == len(sb[s_ids[j + 1]])
+                and s_ends[j + 1] >= c_next)  # fmt: skip
+        masses: dict[int, float] = {}
+        read = b""
+        if s_ends[j] < c:
+            gold = s_ids[j + 1]
+            if s_ends[j + 1] - s_ends[j] != len(sb[gold]):
+                out[t] = (masses, 0.0, 0.0, False)
+                continue
+            read = sb[gold][: c - s_ends[j]]
+        conditioned, emitted, carry, consistent, first, result = (
+            bool(read),
+            b"",
+            1.0,
+            0.0,
+            True,
+            None,
+        )
+        while result is None:
+            nxt = s_ids[j + 1] if j + 1 < m else -1
+            gm = gold_p[j] if nxt >= 0 else 0.0
+            if first:
+                consistent += gm
+            for v, p in zip(top_ids[j], top_p[j], strict=True):
+                if v < 0 or p <= 0 or v == nxt:
+                    continue
+                if read and not (len(sb[v]) > len(read) and sb[v].startswith(read)):
+                    continue
+                w = sb[v][len(read) :] if read else emitted + sb[v]
+                if first:
+                    consistent += p
+                if pi(w) >= 0:
+                    masses[pi(w)] = masses.get(pi(w), 0.0) + carry * p
+            if nxt < 0 or gm <= 0:
+                result = (0.0, consistent)
+                break
+            carry *= gm
+            if s_ends[j + 1] >= c_next:
+                masses[g] = masses.get(g, 0.0) + carry
+                result = (carry / consistent if conditioned else carry, consistent)
+                break
+            if s_ends[j + 1] - s_ends[j] != len(sb[nxt]):
+                result = (0.0, consistent)
+                break
+            emitted = (emitted + sb[nxt])[len(read) :] if read else emitted + sb[nxt]
+            read, first = b"", False
+            j += 1
+        gold_prob, cons = result
+        placed = sum(masses.values()) / cons if masses and cons > 0 else 0.0
+        out[t] = (masses, gold_prob, placed, not fast and set(masses) == {g})
+    return out
+
+
+def _random_case(rng: np.random.Generator):
+    """A random text over {a, b, ' '}, two random segmentations into vocabularies of different
+    pieces (the source's with a few spans whose id disagrees with their text, as specials and
+    byte fallback do), a random top-K with padding, zero mass and golds outside it."""
+    alphabet = "ab "
+    pivot = sorted({"".join(rng.choice(list(alphabet), n)) for n in (1, 1, 1, 2, 2, 2, 3, 3)}
+                   | set(alphabet))  # fmt: skip
+    source = sorted({"".join(rng.choice(list(alphabet), n)) for n in (1, 2, 2, 3, 3, 4, 4, 4)}
+                    | set(alphabet))  # fmt: skip
+    text = "".join(rng.choice(list(alphabet), 30))
+
+    def segment(vocab):
+        ids, ends, i = [], [], 0
+        while i < len(text):
+            fits = [v for v in range(len(vocab)) if text.startswith(vocab[v], i)]
+            v = int(rng.choice(fits))
+            i += len(vocab[v])
+            ids.append(v)
+            ends.append(i)
+        return np.array(ids), np.array(ends)
+
+    p_ids, p_ends = segment(pivot)
+    s_ids, s_ends = segment(source)
+    for i in np.flatnonzero(rng.random(len(s_ids)) < 0.05):
+        s_ids[i] = rng.integers(len(source))  # its span's text is no longer its token's
+    m, k = len(s_ids), 4
+    top_ids = np.full((m, k), -1)
+    top_p = np.zeros((m, k))
+    gold_p = rng.uniform(0.05, 1.0, m)
+    gold_p[rng.random(m) < 0.05] = 0.0
+    for j in range(m):
+        n = rng.integers(0, k + 1)
+        cands = rng.choice(len(source), n, replace=False)
+        top_ids[j, :n] = cands
+        top_p[j, :n] = rng.dirichlet(np.ones(n)) * rng.uniform(0.2, 1.0) if n else []
+        top_p[j, :n][rng.random(n) < 0.1] = 0.0
+        if j + 1 < m and s_ids[j + 1] in cands:
+            top_p[j, list(cands).index(s_ids[j + 1])] = gold_p[j]
+    positions = np.flatnonzero(rng.random(len(p_ids)) < 0.8)
+    pb, sb = [x.encode() for x in pivot], [x.encode() for x in source]
+    return text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_align_text_equals_the_plain_reference(seed):
+    case = _random_case(np.random.default_rng(seed))
+    text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb = case
+    vocab = SourceVocab.build(sb, FirstToken(None, pb))
+    with np.errstate(divide="ignore"):
+        lp, glp = np.log(top_p), np.log(gold_p)
+    k = len(pb) + 1  # room for every pivot token: no truncation to compare
+    out = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k)
+    want = _reference(*case)
+    for t in range(len(p_ids)):
+        if t not in want:
+            assert not out["valid"][t] and np.isnan(out["gold_prob"][t]), t
+            assert (out["ids"][t] == -1).all() and out["placed"][t] == 0, t
+            continue
+        masses, gold_prob, placed, gold_only = want[t]
+        total = sum(masses.values())
+        got = {
+            int(i): float(p) for i, p in zip(out["ids"][t], out["probs"][t], strict=True) if i >= 0
+        }
+        assert got.keys() == {i for i, x in masses.items() if x > 0}, (seed, t)
+        for i, p in got.items():
+            assert p == pytest.approx(masses[i] / total, rel=1e-4, abs=1e-6), (seed, t, i)
+        assert list(out["probs"][t]) == sorted(out["probs"][t], reverse=True)
+        assert bool(out["valid"][t]) == (total > 0), (seed, t)
+        assert out["gold_prob"][t] == pytest.approx(gold_prob, rel=1e-6, abs=1e-9), (seed, t)
+        assert out["placed"][t] == pytest.approx(placed, rel=1e-6, abs=1e-9), (seed, t)
+        assert bool(out["gold_only"][t]) == gold_only, (seed, t)
+
+
+def test_source_vocab_fields_and_the_identity_case():
+    first = FirstToken(None, [b"a", b"ab", b"b"])
+    v = SourceVocab.build([b"ab", b"", b"ba"], first)
+    assert v.lengths.tolist() == [2, 0, 2] and v.first_byte.tolist() == [97, -1, 98]
+    assert v.table.tolist() == [1, -1, 2] and v.table_list == [1, -1, 2]
+    same = SourceVocab.build([b"a", b"ab", b"b"], first, identity=True)
+    assert same.table.tolist() == [0, 1, 2]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fusechat.fuse import fuse, sequence_weights
+from fusechat.fuse import fuse, sequence_ce, sequence_weights
 from fusechat.sparse import combine_duplicates, map_topk, top_k
 
 
@@ -84,8 +84,6 @@ def _dense(ids, p) -> list[dict]:
 
 
 def test_sequence_ce_per_token_and_per_character():
-    from fusechat.fuse import sequence_ce
-
     row = {"row.nll_sum": 6.0, "row.n_tokens": 4, "row.n_chars": 12}
     assert sequence_ce(row, "token") == 1.5 and sequence_ce(row, "char") == 0.5
     assert np.isnan(sequence_ce({**row, "row.n_tokens": 0}, "token"))
@@ -119,3 +117,17 @@ def test_sparse_edge_cases_exactly():
     np.testing.assert_allclose(raw, [[0.5, 0.25, 0, 0]], rtol=1e-5)
     _, none, zero = map_topk(np.array([[1, 3, -1, -1]]), lp[:1], vmap)
     assert zero.tolist() == [0.0] and not none.any()  # nothing mapped: no NaN
+
+
+def test_fuse_keeps_token_zero_and_the_pivot_where_the_fallback_is_empty():
+    pivot = (np.array([[0, 2], [0, 4]]), np.array([[0.6, 0.4], [0.5, 0.5]], np.float32))
+    source = (np.array([[0, -1], [8, -1]]), np.array([[1.0, 0], [1.0, 0]], np.float32))
+    valid = [np.array([True, True]), np.array([True, False])]
+    empty_last = (np.array([[5], [-1]]), np.array([[1.0], [0.0]], np.float32))
+    ids, p = fuse([pivot, source], valid, [1.0, 2.0], "minCE", fallback=empty_last)
+    # MinCE picks the pivot; id 0 is a token; where the gold fallback is empty (the last
+    # position), the source has nothing and the pivot's own distribution stays
+    assert _dense(ids, p) == [{0: 0.6, 2: 0.4}, {0: 0.5, 4: 0.5}]
+    ids, p = fuse([pivot, source], valid, [2.0, 1.0], "minCE", fallback=empty_last)
+    assert _dense(ids, p) == [{0: 1.0}, {0: 0.5, 4: 0.5}]
+    assert sequence_ce({"row.nll_sum": 3.0, "row.n_tokens": 1, "row.n_chars": 3}, "token") == 3.0

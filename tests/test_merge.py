@@ -365,3 +365,14 @@ def test_variation_values_and_weighted_sum_precision():
     assert varm.group_key("transformer.h.5.attn.c_attn.weight", "layer") == "transformer.h.5"
     assert varm.group_key("blocks.2.ff.weight", "layer") == "blocks.2"
     assert varm.group_key("lm.3.weight", "layer") == "lm.3.weight"  # a digit after another name
+
+
+def test_weighted_sum_rounds_once_in_its_accumulation_dtype():
+    g = torch.Generator().manual_seed(3)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        ts = [torch.randn(64, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+        out = varm.weighted_sum(ts, w)
+        want = torch.zeros(64, dtype=dtype).add_(ts[0], alpha=0.3).add_(ts[1], alpha=0.7)
+        assert out.dtype == dtype and torch.equal(out, want)
+        assert not torch.equal(varm.weighted_sum([ts[1], ts[0]], w), out)  # order matters

@@ -187,14 +187,16 @@ def _add_train_command(sub) -> None:
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="(0.03)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="(0)")
     t.add_argument("--max-length", type=int, default=2048, help="tokens per row (2048)")
-    t.add_argument("--no-gradient-checkpointing", action="store_true")
-    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    t.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep activations (faster, more memory)")  # fmt: skip
+    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 where supported, else fp32")  # fmt: skip
     t.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (200)")
     t.add_argument("--logging-steps", type=int, default=10, help="(10)")
     t.add_argument("--heldout", help="held-out conversations: their loss (nats/char) is logged "
                    "with the tokens trained on, at the start and every --eval-steps")  # fmt: skip
     t.add_argument("--eval-steps", type=int, default=0, help="held-out curve interval (0: off)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="data order and initialisation (0)")
     t.add_argument("--lora-r", type=int, help="train a LoRA of this rank (merged at the end)")
     t.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r)")
     t.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="(all-linear)")
@@ -329,9 +331,10 @@ def _add_serve_eval_commands(sub) -> None:
         "OpenAI server runs it; otherwise a transformers server batches concurrent requests.",
     )
     s.add_argument("model", help="model folder or hub id")
-    s.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto")
+    s.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
+                   help="auto: vLLM where installed, else the transformers server")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="(8000)")
     s.add_argument("--name", help="served model name (default: the folder name)")
     s.add_argument("--api-key", help="require this bearer token")
     s.add_argument("--max-batch", type=int, default=16, help="hf: requests per batch (16)")
@@ -360,7 +363,7 @@ def _add_serve_eval_commands(sub) -> None:
     mt.add_argument("--out", required=True, help="output folder")
     mt.add_argument("--api-key", default="EMPTY", help="key for the model endpoints")
     mt.add_argument("--judge-api-key", help="key for the judge (default: --api-key)")
-    mt.add_argument("--concurrency", type=int, default=8)
+    mt.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     mt.add_argument("--max-tokens", type=int, default=1024, help="per answer turn (1024)")
     mt.add_argument("--max-questions", type=int, help="only the first N questions")
     mt.set_defaults(func=_cmd_eval_mt_bench)
@@ -444,7 +447,8 @@ def _add_fusion_commands(sub) -> None:
         "--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (8192)"
     )
     c.add_argument("--shard-rows", type=int, default=256, help="conversations per shard (256)")
-    c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"])
+    c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"],
+                   help="corpus row format (auto: detected per row)")  # fmt: skip
     c.add_argument("--max-rows", type=int, help="use only the first N rows of the corpus")
     c.add_argument("--strict", action="store_true",
                    help="fail on the first malformed row (default: skip it and report it)")  # fmt: skip

@@ -10,22 +10,36 @@ def test_version(capsys):
     assert e.value.code == 0 and __version__ in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "argv", [["--help"], ["toy", "build", "--help"], ["recipe", "check", "--help"]]
-)
-def test_help_is_complete(argv, capsys):
-    with pytest.raises(SystemExit):
-        main(argv)
-    out = capsys.readouterr().out
-    assert "usage: fusechat" in out
+def _commands(parser, path=()):
+    """Every (command path, parser) under ``parser``, subcommands included."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
 
 
-def test_top_level_help_lists_every_command(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    for cmd in ("toy", "recipe"):
-        assert cmd in out
+def test_help_names_every_command_and_explains_every_option(capsys):
+    """Each command's --help lists its subcommands and every option with a help text: an
+    option added without one, or hidden, fails here."""
+    from fusechat.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert len(commands) > 12
+    for path, parser in commands:
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        out = capsys.readouterr().out
+        assert out.startswith("usage: fusechat") and (not path or path[-1] in out.split("\n")[0])
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.help != "==SUPPRESS==", (path, action.dest)
+                assert action.option_strings[-1] in out, (path, action.option_strings)
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                for name in action.choices:  # subcommands
+                    assert name in out, (path, name)
 
 
 def test_toy_build_prints_skill_table(toy_world, capsys):

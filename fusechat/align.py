@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
@@ -388,6 +389,61 @@ class RowAligner:
         }
 
 
+@dataclass(frozen=True)
+class _AlignJob:
+    """What a worker needs to align its shards (picklable)."""
+
+    pivot_dir: str
+    source_dir: str
+    out: str
+    method: str
+    sequence: str
+    pivot_tokenizer: str | None
+    source_tokenizer: str | None
+    vmap: np.ndarray | None  # the stats method's map, built once by the caller
+    dtype: np.dtype
+    done: frozenset[int]
+
+
+def _align_setup(job: _AlignJob) -> tuple:
+    from fusechat.shards import StageReader
+
+    piv, src = StageReader(job.pivot_dir, "capture"), StageReader(job.source_dir, "capture")
+    piv_tok = _load_capture_tokenizer(piv, job.pivot_tokenizer, "pivot")
+    src_tok = _load_capture_tokenizer(src, job.source_tokenizer, "source")
+    aligner = RowAligner(job.method, job.sequence, piv_tok, src_tok, src.key["k"])
+    if job.vmap is not None:
+        aligner.vmap = job.vmap
+    return piv, src, aligner, job
+
+
+def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
+    """Align shard ``i``, write it unless a previous run did; its transfer tally and the
+    checksum of what was written."""
+    from pathlib import Path
+
+    from fusechat.shards import pack_ids, save_shard
+
+    piv, src, aligner, job = state
+    tally: Counter = Counter()
+    rows = []
+    for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
+        r = aligner(prow, srow)
+        tally.update(transfer_counts(prow, r, r.get("gold_prob")))
+        rows.append(
+            {
+                "pos.ids": pack_ids(r["ids"], job.dtype),
+                "pos.probs": r["probs"].astype(np.float16),
+                "pos.valid": r["valid"],
+                "row.index": prow["row.index"],
+                "row.nll_sum": srow["row.nll_sum"],
+                "row.n_tokens": srow["row.n_tokens"],
+                "row.n_chars": srow["row.n_chars"],
+            }
+        )
+    return tally, None if i in job.done else save_shard(Path(job.out), i, rows)
+
+
 def align(
     pivot_dir: str,
     source_dir: str,
@@ -397,8 +453,10 @@ def align(
     pivot_tokenizer: str | None = None,
     source_tokenizer: str | None = None,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict:
-    """Map a source capture onto the pivot's positions and vocabulary (``fusechat align``).
+    """Map a source capture onto the pivot's positions and vocabulary (``fusechat align``),
+    shards spread over ``workers`` processes (the same output as one).
 
     Each output row has, per pivot position, the source's distribution over pivot tokens
     (``pos.ids``, ``pos.probs``, k wide) and ``pos.valid`` (a distribution exists there), plus
@@ -419,8 +477,7 @@ def align(
         begin_stage,
         finish_stage,
         ids_dtype,
-        pack_ids,
-        save_shard,
+        map_shards,
     )
 
     piv, src = StageReader(pivot_dir, "capture"), StageReader(source_dir, "capture")
@@ -453,28 +510,15 @@ def align(
             for prow, srow in zip(prows, src.shard(i), strict=True):
                 counts += aligner.cooccurrence(prow, srow)
         aligner.set_stats(counts)
-    dtype = ids_dtype(max(piv_tok.get_vocab().values()) + 1)
-    tally: Counter = Counter()
-    for i in tqdm(range(piv.n_shards), desc=f"align {Path(out).name}"):
-        rows = []
-        for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
-            r = aligner(prow, srow)
-            tally.update(transfer_counts(prow, r, r.get("gold_prob")))
-            rows.append(
-                {
-                    "pos.ids": pack_ids(r["ids"], dtype),
-                    "pos.probs": r["probs"].astype(np.float16),
-                    "pos.valid": r["valid"],
-                    "row.index": prow["row.index"],
-                    "row.nll_sum": srow["row.nll_sum"],
-                    "row.n_tokens": srow["row.n_tokens"],
-                    "row.n_chars": srow["row.n_chars"],
-                }
-            )
-        if i not in done:
-            save_shard(Path(out), i, rows)
+    job = _AlignJob(str(pivot_dir), str(source_dir), str(out), method, sequence,
+                    pivot_tokenizer, source_tokenizer, aligner.vmap,
+                    ids_dtype(max(piv_tok.get_vocab().values()) + 1), frozenset(done))  # fmt: skip
+    state = (piv, src, aligner, job)  # in this process: reuse what is loaded already
+    setup = _align_setup if workers > 1 else (lambda _: state)
+    parts = map_shards(piv.n_shards, setup, job, _align_shard, workers, f"align {Path(out).name}")
+    tally = sum((t for t, _ in parts), Counter())
     stats = {"method": method, **transfer_stats(tally), "learned_positions": tally["learned"],
              "pivot_capture": str(pivot_dir), "source_capture": str(source_dir)}  # fmt: skip
     log.info("aligned %s (%s): %s", source_dir, method,
              ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
-    return finish_stage(out, key, piv.n_shards, stats)
+    return finish_stage(out, key, piv.n_shards, stats, {i: d for i, (_, d) in enumerate(parts)})

@@ -356,7 +356,7 @@ def capture(
     total = sum(
         len(r.input_ids) for s in todo for r in rows[s * cfg.shard_rows :][: cfg.shard_rows]
     )
-    seconds = 0.0
+    seconds, written = 0.0, {}
     if todo:
         scorer = (
             VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k)
@@ -367,7 +367,7 @@ def capture(
         with tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {out.name}") as bar:
             for s in todo:
                 shard_rows = rows[s * cfg.shard_rows : (s + 1) * cfg.shard_rows]
-                save_shard(out, s, _score_shard(scorer, shard_rows, cfg, bar))
+                written[s] = save_shard(out, s, _score_shard(scorer, shard_rows, cfg, bar))
         seconds = time.perf_counter() - t0
     stats = {
         "rows": len(rows),
@@ -391,4 +391,4 @@ def capture(
         stats["split"],
         stats["tokens_per_s"],
     )
-    return finish_stage(out, key, n_shards, stats)
+    return finish_stage(out, key, n_shards, stats, written)

@@ -68,6 +68,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise FusechatError(f"--workers: must be at least 1 (got {args.workers})")
+    return args.workers
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from fusechat.align import align
 
@@ -80,6 +86,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         pivot_tokenizer=args.pivot_tokenizer,
         source_tokenizer=args.source_tokenizer,
         overwrite=args.overwrite,
+        workers=_workers(args),
     )
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
@@ -90,7 +97,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
     m = fuse_stage(
         args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.unaligned,
-        args.overwrite,
+        args.overwrite, _workers(args),
     )  # fmt: skip
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
@@ -402,6 +409,8 @@ def _add_fusion_commands(sub) -> None:
         help="replace an output folder made with other settings (default: refuse; a folder "
         "with the same settings is resumed or reused)",
     )
+    workers = dict(type=int, default=1, help="processes sharing the shards (1); the output is "
+                   "the same for any number")  # fmt: skip
     c = sub.add_parser(
         "capture",
         help="score a chat corpus with one model; store top-K next-token distributions",
@@ -477,6 +486,7 @@ def _add_fusion_commands(sub) -> None:
     a.add_argument("--pivot-tokenizer", help="tokenizer path (default: the captured model's)")
     a.add_argument("--source-tokenizer", help="tokenizer path (default: the captured model's)")
     a.add_argument("--overwrite", **overwrite)
+    a.add_argument("--workers", **workers)
     a.set_defaults(func=_cmd_align)
 
     f = sub.add_parser(
@@ -505,6 +515,7 @@ def _add_fusion_commands(sub) -> None:
         "token (FuseChat-2.0) or the pivot's own distribution (FuseLLM) (default gold)",
     )
     f.add_argument("--overwrite", **overwrite)
+    f.add_argument("--workers", **workers)
     f.set_defaults(func=_cmd_fuse)
 
 

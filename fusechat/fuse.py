@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -84,29 +86,20 @@ def fuse_stage(
     ce_norm: str = "token",
     unaligned: str = "gold",
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict:
     """Fuse the pivot's captured distributions with aligned sources' (``fusechat fuse``).
 
     Output rows carry the pivot's ``pos.input_ids`` and ``pos.labels_mask``, the sparse fused
     target (``pos.target_ids``, ``pos.target_probs``) and ``row.weights`` (per model, pivot
     first). Where no chosen model has a distribution, the target is one-hot on the gold next
-    token (``unaligned='gold'``) or the pivot's own distribution (``'pivot'``). Rows with
-    NaN/inf anywhere, or with no learned token, are dropped and counted.
+    token (``unaligned='gold'``) or the pivot's own distribution (``'pivot'``). Rows with no
+    learned token are dropped and counted. Shards are spread over ``workers`` processes (the
+    same output as one).
     """
-    from pathlib import Path
-
-    from tqdm import tqdm
-
     from fusechat.errors import FusechatError
     from fusechat.io import fingerprint, read_manifest
-    from fusechat.shards import (
-        StageReader,
-        begin_stage,
-        finish_stage,
-        pack_ids,
-        save_shard,
-        unpack_ids,
-    )
+    from fusechat.shards import StageReader, begin_stage, finish_stage, map_shards
 
     if method not in METHODS:
         raise FusechatError(f"unknown fusion method {method!r} (minCE or avgCE)")
@@ -141,45 +134,14 @@ def fuse_stage(
     if done is None:
         log.info("%s: fusion already complete", out)
         return read_manifest(out)
-    kept = dropped_empty = 0
-    weight_sum = np.zeros(1 + len(srcs))
-    for i in tqdm(range(piv.n_shards), desc=f"fuse {Path(out).name}"):
-        prows = piv.shard(i)
-        sshards = [s.shard(i) for s in srcs]
-        rows = []
-        for r, prow in enumerate(prows):
-            srows = [sh[r] for sh in sshards]
-            if prow["row.n_tokens"] == 0:
-                dropped_empty += 1
-                continue
-            lp = prow["pos.topk_logprobs"].astype(np.float32)
-            ces = [sequence_ce(prow, ce_norm)]
-            # a source whose (truncated) row holds no learned token cannot be chosen
-            ces += [sequence_ce(s, ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
-            p = np.exp(lp.astype(np.float64))
-            pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
-            dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
-            valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
-            gold = None
-            if unaligned == "gold":
-                nxt = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
-                gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
-            ids, probs = fuse(dists, valid, ces, method, gold)
-            w = sequence_weights(ces, method)
-            weight_sum += w
-            kept += 1
-            rows.append(
-                {
-                    "pos.input_ids": prow["pos.input_ids"],
-                    "pos.labels_mask": prow["pos.labels_mask"],
-                    "pos.target_ids": pack_ids(ids, prow["pos.topk_ids"].dtype),
-                    "pos.target_probs": probs.astype(np.float16),
-                    "row.index": prow["row.index"],
-                    "row.weights": w.astype(np.float32),
-                }
-            )
-        if i not in done:
-            save_shard(Path(out), i, rows)
+    job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), method, ce_norm,
+                   unaligned, frozenset(done))  # fmt: skip
+    state = (piv, srcs, job)  # in this process: reuse the readers
+    setup = _fuse_setup if workers > 1 else (lambda _: state)
+    parts = map_shards(piv.n_shards, setup, job, _fuse_shard, workers, f"fuse {Path(out).name}")
+    kept = sum(p[0] for p in parts)
+    dropped_empty = sum(p[1] for p in parts)
+    weight_sum = sum((p[2] for p in parts), np.zeros(1 + len(srcs)))
     stats = {
         "rows": kept,
         "dropped_empty": dropped_empty,
@@ -194,4 +156,66 @@ def fuse_stage(
         dropped_empty,
         stats["mean_weights"],
     )
-    return finish_stage(out, key, piv.n_shards, stats)
+    return finish_stage(out, key, piv.n_shards, stats, {i: p[3] for i, p in enumerate(parts)})
+
+
+@dataclass(frozen=True)
+class _FuseJob:
+    """What a worker needs to fuse its shards (picklable)."""
+
+    pivot_dir: str
+    aligned_dirs: tuple[str, ...]
+    out: str
+    method: str
+    ce_norm: str
+    unaligned: str
+    done: frozenset[int]
+
+
+def _fuse_setup(job: _FuseJob) -> tuple:
+    from fusechat.shards import StageReader
+
+    srcs = [StageReader(d, "align") for d in job.aligned_dirs]
+    return StageReader(job.pivot_dir, "capture"), srcs, job
+
+
+def _fuse_shard(state: tuple, i: int) -> tuple[int, int, np.ndarray, str | None]:
+    """Fuse shard ``i``, write it unless a previous run did; (rows kept, rows dropped, sum of
+    the rows' model weights, checksum of what was written)."""
+    from fusechat.shards import pack_ids, save_shard, unpack_ids
+
+    piv, srcs, job = state
+    sshards = [s.shard(i) for s in srcs]
+    rows, dropped, weight_sum = [], 0, np.zeros(1 + len(srcs))
+    for r, prow in enumerate(piv.shard(i)):
+        srows = [sh[r] for sh in sshards]
+        if prow["row.n_tokens"] == 0:
+            dropped += 1
+            continue
+        lp = prow["pos.topk_logprobs"].astype(np.float32)
+        ces = [sequence_ce(prow, job.ce_norm)]
+        # a source whose (truncated) row holds no learned token cannot be chosen
+        ces += [sequence_ce(s, job.ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
+        p = np.exp(lp.astype(np.float64))
+        pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
+        dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
+        valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
+        gold = None
+        if job.unaligned == "gold":
+            nxt = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
+            gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
+        ids, probs = fuse(dists, valid, ces, job.method, gold)
+        w = sequence_weights(ces, job.method)
+        weight_sum += w
+        rows.append(
+            {
+                "pos.input_ids": prow["pos.input_ids"],
+                "pos.labels_mask": prow["pos.labels_mask"],
+                "pos.target_ids": pack_ids(ids, prow["pos.topk_ids"].dtype),
+                "pos.target_probs": probs.astype(np.float16),
+                "row.index": prow["row.index"],
+                "row.weights": w.astype(np.float32),
+            }
+        )
+    written = None if i in job.done else save_shard(Path(job.out), i, rows)
+    return len(rows), dropped, weight_sum, written

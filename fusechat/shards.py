@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,16 @@ def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
             raise FusechatError(f"{where}: row {bad}: non-finite values in {k}")
 
 
-def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> None:
+def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
+    """Write shard ``i`` whole (temporary name, rename); returns its checksum."""
     path = folder / shard_name(i)
     arrays = pack_rows(rows)
     check_finite(arrays, str(path))
+    data = save(arrays)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(save(arrays))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return digest(data)
 
 
 # --------------------------------------------------------------------------- writing a stage
@@ -156,15 +159,84 @@ def _manifest_digest(manifest: dict) -> str:
     return digest(json.dumps(body, sort_keys=True, default=str).encode())
 
 
-def finish_stage(folder: str | os.PathLike, key: dict, n_shards: int, stats: dict) -> dict:
-    """Write the manifest that marks the stage complete, with every shard's checksum (read
-    back from disk: shards of a resumed run were written by another process)."""
+def finish_stage(
+    folder: str | os.PathLike,
+    key: dict,
+    n_shards: int,
+    stats: dict,
+    known: dict[int, str] | None = None,
+) -> dict:
+    """Write the manifest that marks the stage complete, with every shard's checksum: those
+    this run wrote (``known``, from ``save_shard``), the rest read back from disk (a resumed
+    run's earlier shards)."""
     folder = Path(folder)
-    sums = {shard_name(i): digest((folder / shard_name(i)).read_bytes()) for i in range(n_shards)}
+    known = known or {}
+    sums = {
+        shard_name(i): known.get(i) or digest((folder / shard_name(i)).read_bytes())
+        for i in range(n_shards)
+    }
     manifest = {"key": key, "shards": n_shards, "stats": stats, "checksums": sums}
     manifest["digest"] = _manifest_digest(manifest)
     write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+# --------------------------------------------------------------------------- running a stage
+
+_WORKER_STATE: Any = None
+
+
+def _init_worker(setup: Callable, job: Any) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = setup(job)
+
+
+def _in_worker(task: Callable, i: int) -> Any:
+    return task(_WORKER_STATE, i)
+
+
+def map_shards(
+    n: int, setup: Callable, job: Any, task: Callable, workers: int = 1, desc: str = ""
+) -> list:
+    """``task(setup(job), i)`` for every shard ``i < n``, results in shard order. With
+    ``workers > 1`` the shards are spread over processes: forked where the platform forks (they
+    inherit the state built here, warm caches included), else spawned, each building it once
+    (``setup`` and ``task`` then must be module-level functions and ``job`` picklable). Every
+    shard depends on its own inputs alone, so the outputs are those of one process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from tqdm import tqdm
+
+    global _WORKER_STATE
+    if workers <= 1 or n <= 1:
+        state = setup(job)
+        out = []
+        with tqdm(total=n, desc=desc) as bar:  # closed (its line ended) before an error prints
+            for i in range(n):
+                out.append(task(state, i))
+                bar.update()
+        return out
+    if "fork" in mp.get_all_start_methods():
+        # the workers run numpy and tokenizers only; tokenizers' own threads are turned off
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _WORKER_STATE = setup(job)
+        ctx, init, args = mp.get_context("fork"), None, ()
+    else:
+        ctx, init, args = mp.get_context("spawn"), _init_worker, (setup, job)
+    try:
+        with (
+            ProcessPoolExecutor(min(workers, n), ctx, init, args) as pool,
+            tqdm(total=n, desc=desc) as bar,
+        ):
+            out = []
+            for r in pool.map(partial(_in_worker, task), range(n)):
+                out.append(r)
+                bar.update()
+            return out
+    finally:
+        _WORKER_STATE = None
 
 
 # --------------------------------------------------------------------------- reading a stage

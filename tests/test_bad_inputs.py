@@ -201,9 +201,10 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, world, capsys, 
     capsys.readouterr()
     assert main(argv) == 2, case
     # progress bars drawn before the failure are not messages
-    err = "\n".join(x for x in capsys.readouterr().err.strip().splitlines() if "%|" not in x)
+    raw = capsys.readouterr().err
+    err = "\n".join(x for x in raw.strip().splitlines() if "%|" not in x)
     assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith("fusechat: error: ") and expect in err, err
+    assert err.startswith("fusechat: error: ") and expect in err, repr(raw)
     assert not (out / "manifest.json").exists() and not (out / "merge_report.json").exists()
     assert not (out / "config.json").exists()
 

@@ -315,3 +315,23 @@ def test_bad_inputs_give_one_line(stages, toy_world, tmp_path, capsys):
     argv = ["--data", str(data), "--out", str(stages / "cap-pivot"), "--max-rows", str(ROWS)]
     err = _err(capsys, [*base, *argv, "--k", "5", "--max-length", "128", "--shard-rows", "16"])
     assert "other settings (k)" in err
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_align_and_fuse_with_two_workers_write_the_same_bytes(stages, tmp_path, start, monkeypatch):
+    """Shards spread over two processes, forked (the state inherited) or spawned (each worker
+    builds its own; platforms without fork): every shard and the statistics equal one
+    process's (the stats method's map is built once and shipped to the workers)."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: [start])
+    for method in ("text", "stats") if start == "fork" else ("stats",):
+        one, two = tmp_path / f"one-{method}", tmp_path / f"two-{method}"
+        a = align(stages / "cap-pivot", stages / "cap-mixtral", one, method=method)
+        b = align(stages / "cap-pivot", stages / "cap-mixtral", two, method=method, workers=2)
+        assert a["stats"] == b["stats"] and a["shards"] > 1
+        for s in sorted(one.glob("shard-*")):
+            assert s.read_bytes() == (two / s.name).read_bytes(), (method, s.name)
+    f1 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f1")
+    f2 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", workers=2)
+    assert f1["stats"] == f2["stats"] and f1["checksums"] == f2["checksums"]

@@ -118,6 +118,7 @@ class AlignSection(_Section):
 
     method: Literal["text", "exact", "mined", "stats"] = "text"
     sequence: Literal["offsets", "dtw"] = "offsets"  # the baselines' position pairing
+    workers: PositiveInt = 1  # processes sharing the shards (the output is the same)
 
     @model_validator(mode="after")
     def _text_by_offsets(self) -> AlignSection:
@@ -132,6 +133,7 @@ class FuseSection(_Section):
     method: Literal["minCE", "avgCE"] = "minCE"
     ce_norm: Literal["token", "char"] = "token"
     unaligned: Literal["gold", "pivot"] = "gold"  # target where no chosen model has one
+    workers: PositiveInt = 1  # processes sharing the shards (the output is the same)
 
 
 class LoraSection(_Section):

@@ -173,9 +173,11 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
                 step.out,
                 method=recipe.align.method,
                 sequence=recipe.align.sequence,
+                workers=recipe.align.workers,
             )
 
-        al = add("align", s.label, {"align": recipe.align.model_dump()}, run_align,
+        # workers change the speed, never the output (byte-identical, tested): not in the key
+        al = add("align", s.label, {"align": recipe.align.model_dump(exclude={"workers"})}, run_align,
                  [pcap, caps[s.label]])  # fmt: skip
 
         def run_fuse(step, al=al):
@@ -183,10 +185,10 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
 
             f = recipe.fuse
             return lambda: fuse_stage(
-                pcap.out, [al.out], step.out, f.method, f.ce_norm, f.unaligned
+                pcap.out, [al.out], step.out, f.method, f.ce_norm, f.unaligned, workers=f.workers
             )
 
-        fused[s.label] = add("fuse", s.label, {"fuse": recipe.fuse.model_dump()}, run_fuse,
+        fused[s.label] = add("fuse", s.label, {"fuse": recipe.fuse.model_dump(exclude={"workers"})}, run_fuse,
                              [pcap, al])  # fmt: skip
 
     # train: one target per source, plus the CLM-only baseline

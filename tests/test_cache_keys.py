@@ -114,6 +114,8 @@ ALLOWED = {
     "models.pivot.template": "the rendering is data.template's when set, as in this recipe",
     "models.sources[0].template": "informational: every model reads the pivot's rendering",
     "capture.batch_tokens": "the padding budget of a forward pass: speed, not results",
+    "align.workers": "processes sharing the shards: byte-identical output (test_capture)",
+    "fuse.workers": "processes sharing the shards: byte-identical output (test_capture)",
 }
 
 
@@ -171,7 +173,8 @@ def test_an_allowed_setting_changes_no_key(base, leaf):
     raw, root, subst = base
     value = {"name": "mini2", "run_dir": str(root / "elsewhere"), "models.pivot.name": "piv",
              "models.sources[0].name": "mix", "models.pivot.template": "chatml",
-             "models.sources[0].template": "openchat", "capture.batch_tokens": "1024"}[leaf]  # fmt: skip
+             "models.sources[0].template": "openchat", "capture.batch_tokens": "1024",
+             "align.workers": "2", "fuse.workers": "2"}[leaf]  # fmt: skip
     before = _keys(raw, [], root)
     after = _keys(raw, [f"{leaf}={value}"], root)
     # keys are equal step by step (renamed steps compared by position in the plan)

@@ -382,9 +382,12 @@ def run_recipe(
     steps = plan(recipe, root)
     chosen = _select(steps, only, start)
     if dry_run:
+        from fusechat.estimate import estimate_lines
+
         for s in steps:
             state = "cached" if s.done() else ("run" if s in chosen else "skip")
             print(f"{state:6} {s.stage:7} {s.name:40} {s.out}")
+        print("\n".join(estimate_lines(recipe)))
         return {"steps": [{"stage": s.stage, "name": s.name, "done": s.done()} for s in steps]}
     times: dict[str, float] = {}
     for s in chosen:

@@ -335,3 +335,24 @@ def test_align_and_fuse_with_two_workers_write_the_same_bytes(stages, tmp_path, 
     f1 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f1")
     f2 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", workers=2)
     assert f1["stats"] == f2["stats"] and f1["checksums"] == f2["checksums"]
+
+
+def test_dry_run_bytes_per_position_match_the_shards(stages):
+    """The estimate's bytes per position (fusechat.estimate) against the written shards: within
+    the per-row arrays and headers (5%)."""
+    from fusechat.estimate import stage_bytes_per_position
+
+    positions = StageReader(stages / "cap-pivot", "capture").manifest["stats"]["positions"]
+    per = stage_bytes_per_position(10, 2)  # K = 10, uint16 ids (the toy vocabularies)
+    for stage, folder in (("capture", "cap-pivot"), ("align", "al-mixtral"), ("fuse", "fused")):
+        size = sum(p.stat().st_size for p in (stages / folder).glob("shard-*.safetensors"))
+        assert per[stage] <= size / positions <= 1.05 * per[stage] + 8, (stage, size / positions)
+
+
+def test_paper_recipe_dry_run_estimates_offline(capsys):
+    from fusechat.cli import main as cli
+
+    assert cli(["run", str(Path(__file__).parents[1] / "recipes" / "fusechat-7b.yaml"),
+                "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "estimate:" in out and "per 1,000 conversations" in out and "fuse     2 x" in out

@@ -1,0 +1,113 @@
+"""What a recipe will read and write before it runs (``fusechat run --dry-run``): tokens per
+capture, bytes on disk per stage, memory per model. Offline: a local corpus is counted, a hub
+corpus is bounded by rows x max length where its rows are known; a model's parameters come from
+its config (local folder or the hub cache), instantiated on the meta device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def id_bytes(vocab_size: int) -> int:
+    """Bytes per stored token id (``fusechat.shards.ids_dtype``): uint16 below 65,535."""
+    return 2 if vocab_size < 65535 else 4
+
+
+def stage_bytes_per_position(k: int, ids: int) -> dict[str, int]:
+    """On-disk bytes per pivot position of each stage's shards (``fusechat.shards``):
+
+    - capture: input id, label mask (1), UTF-8 byte end (4), top-K ids and fp16 log-probs,
+      the gold token's fp16 log-prob;
+    - align: K ids, K fp16 probabilities, a valid flag;
+    - fuse (pairwise): input id, label mask, the fused target's 2K + 1 ids and fp16 probs
+      (pivot K, source K, the gold fallback).
+    """
+    return {
+        "capture": ids + 1 + 4 + k * (ids + 2) + 2,
+        "align": k * (ids + 2) + 1,
+        "fuse": ids + 1 + (2 * k + 1) * (ids + 2),
+    }
+
+
+def count_tokens(recipe, tokenizer) -> tuple[int, int, bool]:
+    """(conversations, tokens, exact): the corpus rendered with the pivot's template and
+    tokenized, truncated at ``capture.max_length``; for a corpus that is not local, (rows or
+    0, rows x max length, False)."""
+    from fusechat.data import encode, load_conversations
+    from fusechat.recipe import expand
+
+    path = expand(recipe.data.path)
+    if not Path(path).exists():
+        rows = recipe.data.max_rows or 0
+        return rows, rows * recipe.capture.max_length, False
+    convs, _ = load_conversations(path, recipe.data.format, False, recipe.data.max_rows)
+    if tokenizer is None:  # no tokenizer offline: 4 characters a token
+        chars = sum(len(m["content"]) for c in convs for m in c)
+        return len(convs), min(chars // 4, len(convs) * recipe.capture.max_length), False
+    n = sum(
+        len(encode(c, tokenizer, recipe.render_template, recipe.capture.max_length).input_ids)
+        for c in convs
+    )
+    return len(convs), n, True
+
+
+def model_memory(path: str, dtype: str) -> tuple[int, int] | None:
+    """(parameters, bytes in ``dtype``; 'auto' counts 2 bytes) from the model's config alone,
+    or None when the config is not available offline."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    return n, n * DTYPE_BYTES.get(dtype, 2)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def estimate_lines(recipe) -> list[str]:
+    """The dry run's estimate, one line per stage and model."""
+    from fusechat.recipe import expand
+
+    pivot = recipe.models.pivot
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(expand(pivot.path), local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    rows, tokens, exact = count_tokens(recipe, tok)
+    ids = id_bytes(len(tok)) if tok is not None else 4
+    per = stage_bytes_per_position(recipe.capture.k, ids)
+    n_src = len(recipe.models.sources)
+    how = "counted" if exact else "bound: rows x max length" if rows else "unknown offline"
+    lines = [f"estimate: {rows:,} conversations, {tokens:,} pivot tokens ({how})"]
+    if not rows:
+        tokens = 1000 * recipe.capture.max_length
+        lines.append("  (sizes below per 1,000 conversations of capture.max_length tokens)")
+    lines.append(f"  capture  {1 + n_src} models x {_size(tokens * per['capture'])} "
+                 f"({per['capture']} bytes per position; sources' vocabularies may differ)")  # fmt: skip
+    lines.append(f"  align    {n_src} x {_size(tokens * per['align'])}")
+    lines.append(f"  fuse     {n_src} x {_size(tokens * per['fuse'])}")
+    for m in recipe.models.all:
+        mem = model_memory(expand(m.path), m.dtype)
+        what = "config not available offline" if mem is None else (
+            f"{_count(mem[0])} parameters, {_size(mem[1])} of weights in "
+            f"{m.dtype if m.dtype != 'auto' else 'bf16 (auto, on GPU)'}")  # fmt: skip
+        lines.append(f"  model    {m.label}: {what}")
+    return lines

@@ -126,6 +126,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fusechat.recipe import LoraSection, TrainSection, check_options
     from fusechat.train import LoraSpec, TrainConfig, train
 
+    if args.config:  # every setting from one file (what `fusechat run` hands a launcher)
+        try:
+            cfg = TrainConfig.from_json(open(args.config).read())
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise FusechatError(f"{args.config}: not a training configuration ({e})") from None
+        m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
+        if m:
+            print(json.dumps({"out": args.out, **m["stats"]}))
+        return 0
+
     check_options(TrainSection, {k: getattr(args, k) for k in (
         "lam", "temperature", "lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
         "warmup_ratio", "weight_decay", "max_length", "save_steps", "logging_steps", "eval_steps",
@@ -208,6 +218,8 @@ def _add_train_command(sub) -> None:
     t.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r)")
     t.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="(all-linear)")
     t.add_argument("--overwrite", action="store_true", help="replace output and checkpoints")
+    t.add_argument("--config", help="every training setting from a JSON file (TrainConfig; what "
+                   "fusechat run gives accelerate launch); the flags above are then ignored")  # fmt: skip
     t.set_defaults(func=_cmd_train)
 
 

@@ -250,8 +250,9 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
     return steps
 
 
-def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> None:
-    from fusechat.train import LoraSpec, TrainConfig, train
+def train_config(recipe: Recipe, lam: float):
+    """The recipe's ``train`` section (and seed) as the training's one config object."""
+    from fusechat.train import LoraSpec, TrainConfig
 
     t = recipe.train
     lora = None
@@ -260,7 +261,7 @@ def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> Non
         lora = LoraSpec(
             t.lora.r, t.lora.alpha, t.lora.dropout, tm if isinstance(tm, str) else tuple(tm)
         )
-    cfg = TrainConfig(
+    return TrainConfig(
         lam=lam, temperature=t.temperature, fusion_loss=t.fusion_loss, lr=t.lr, epochs=t.epochs,
         max_steps=t.max_steps, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_length=t.max_length,
@@ -268,27 +269,30 @@ def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> Non
         save_steps=t.save_steps, logging_steps=t.logging_steps, seed=recipe.seed, lora=lora,
         heldout=expand(t.heldout) if t.heldout else None, eval_steps=t.eval_steps,
     )  # fmt: skip
+
+
+def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> None:
+    from fusechat.train import train
+
+    t, cfg = recipe.train, train_config(recipe, lam)
     if t.launcher is None:
         train(pivot, data, out, cfg)
         return
-    # Multi-GPU: the same command under accelerate launch (DeepSpeed / FSDP from its config).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", expand(t.launcher)]
-    cmd += ["-m", "fusechat.cli", "train", "--model", pivot, "--data", str(data), "--out", str(out)]
-    cmd += ["--lambda", str(lam), "--temperature", str(t.temperature), "--lr", str(t.lr)]
-    cmd += ["--fusion-loss", t.fusion_loss, "--epochs", str(t.epochs)]
-    cmd += ["--max-steps", str(t.max_steps), "--batch-size", str(t.batch_size)]
-    cmd += ["--micro-batch-size", str(t.micro_batch_size), "--warmup-ratio", str(t.warmup_ratio)]
-    cmd += ["--weight-decay", str(t.weight_decay), "--max-length", str(t.max_length)]
-    cmd += ["--precision", t.precision, "--save-steps", str(t.save_steps)]
-    cmd += ["--logging-steps", str(t.logging_steps), "--seed", str(recipe.seed)]
-    if t.heldout:
-        cmd += ["--heldout", expand(t.heldout), "--eval-steps", str(t.eval_steps)]
-    if not t.gradient_checkpointing:
-        cmd.append("--no-gradient-checkpointing")
-    if t.lora is not None:
-        cmd += ["--lora-r", str(t.lora.r), "--lora-alpha", str(t.lora.alpha)]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(launch_command(expand(t.launcher), pivot, data, out, cfg)).returncode != 0:
         raise FusechatError(f"train {out.name}: accelerate launch failed (see its log above)")
+
+
+def launch_command(launcher: str, pivot: str, data: Path, out: Path, cfg) -> list[str]:
+    """The same training under ``accelerate launch`` (DeepSpeed / FSDP from its config file):
+    the configuration travels whole as a JSON file beside the output, so no setting can be
+    dropped on the way to the child processes."""
+    from fusechat.io import write_atomic
+
+    cfg_file = out.with_name(f"{out.name}.train.json")
+    write_atomic(cfg_file, cfg.to_json())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher]
+    return cmd + ["-m", "fusechat.cli", "train", "--model", pivot, "--data", str(data),
+                  "--out", str(out), "--config", str(cfg_file)]  # fmt: skip
 
 
 def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> None:

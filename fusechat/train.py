@@ -66,6 +66,19 @@ class TrainConfig:
     lora: LoraSpec | None = None
     extra: dict = field(default_factory=dict)  # more TrainingArguments, e.g. deepspeed, fsdp
 
+    def to_json(self) -> str:
+        """Every setting, for a launcher's child processes (nothing re-listed, nothing lost)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        raw = json.loads(text)
+        lora = raw.pop("lora", None)
+        if lora is not None:
+            tm = lora["target_modules"]
+            lora = LoraSpec(**{**lora, "target_modules": tm if isinstance(tm, str) else tuple(tm)})
+        return cls(**raw, lora=lora)
+
 
 # --------------------------------------------------------------------------- data
 

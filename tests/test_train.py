@@ -141,3 +141,53 @@ def test_shipped_accelerate_configs_load(name, kind):
     cfg = load_config_from_file(str(path))
     assert cfg.distributed_type.name == kind and cfg.num_processes == 8
     assert cfg.mixed_precision == "bf16"
+
+
+def test_launcher_receives_every_setting(tmp_path):
+    """Under train.launcher the child reads the very TrainConfig the in-process path uses (a
+    JSON file, no hand-built argv): every train-section setting, LoRA dropout and target
+    modules included, arrives unchanged."""
+    import yaml
+
+    from fusechat.recipe import Recipe
+    from fusechat.run import launch_command, train_config
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mini.yaml").read_text())
+    raw["seed"] = 7
+    raw["train"].update({"temperature": 2.0, "fusion_loss": "kl", "lr": 1e-4, "epochs": 2.0,
+                         "max_steps": 9, "batch_size": 16, "micro_batch_size": 4,
+                         "warmup_ratio": 0.1, "weight_decay": 0.01, "max_length": 128,
+                         "gradient_checkpointing": True, "precision": "bf16", "save_steps": 3,
+                         "logging_steps": 2, "eval_steps": 5, "launcher": "acc.yaml",
+                         "lora": {"r": 4, "alpha": 8, "dropout": 0.2,
+                                  "target_modules": ["q_proj", "v_proj"]}})  # fmt: skip
+    recipe = Recipe.model_validate(raw)
+    cfg = train_config(recipe, 0.3)
+    cmd = launch_command("acc.yaml", "PIVOT", tmp_path / "fused", tmp_path / "out", cfg)
+    assert cmd[cmd.index("--config_file") + 1] == "acc.yaml"
+    sent = TrainConfig.from_json(Path(cmd[cmd.index("--config") + 1]).read_text())
+    assert sent == cfg
+    t = recipe.train
+    for name in ("temperature", "fusion_loss", "lr", "epochs", "max_steps", "batch_size",
+                 "micro_batch_size", "warmup_ratio", "weight_decay", "max_length",
+                 "gradient_checkpointing", "precision", "save_steps", "logging_steps",
+                 "eval_steps"):  # fmt: skip
+        assert getattr(sent, name) == getattr(t, name), name
+    assert sent.lam == 0.3 and sent.seed == 7 and sent.heldout.endswith("heldout.jsonl")
+    assert (sent.lora.r, sent.lora.alpha, sent.lora.dropout) == (4, 8, 0.2)
+    assert sent.lora.target_modules == ("q_proj", "v_proj")
+    assert not any(a.startswith("--lr") or a.startswith("--lora") for a in cmd)
+
+
+def test_train_config_file_on_the_command_line(toy_world, fused, tmp_path):
+    cfg = _cfg(lam=1.0, max_steps=2)
+    f = tmp_path / "cfg.json"
+    f.write_text(cfg.to_json())
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(toy_world / "openchat-mini"), "--data",
+            str(fused["capture"]), "--out", str(out), "--config", str(f)]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["key"]["config"]["max_steps"] == 2 and manifest["stats"]["steps"] == 2
+    f.write_text("{")
+    assert main([*argv[:-2], "--config", str(f), "--overwrite"]) == 2

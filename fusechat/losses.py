@@ -62,6 +62,7 @@ def fusion_losses(
     lam: float = 1.0,
     temperature: float = 1.0,
     kind: str = "ce",
+    n_items: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``loss = lam * CLM + (1 - lam) * fusion`` over the positions that predict a learned token.
 
@@ -71,16 +72,22 @@ def fusion_losses(
     ``CE = mean_t -sum_k p_t,k log q_t(ids_t,k)`` or ``KL = CE - H(p_t)`` (same gradient).
     Both terms are one cross-entropy against the soft label ``lam * onehot(x_{t+1}) +
     (1 - lam) * p_t`` over 1 + K ids, so no (positions, vocabulary) target exists and the
-    extra memory does not grow with the vocabulary. Returns ``(loss, clm, fusion)``; the last
-    two are detached values for logging (fusion is 0 without targets).
+    extra memory does not grow with the vocabulary. The loss divides the sum over this batch's
+    learned positions by ``n_items``, the learned positions of the whole effective batch
+    (every micro-batch of a gradient accumulation, every process), so accumulated micro-batches
+    add up to one big batch's mean, as transformers' ``num_items_in_batch``; by default this
+    batch's own count. Returns ``(loss, clm, fusion)``; the last two are detached means over
+    this batch, for logging (fusion is 0 without targets).
     """
     pred = predicts_label(labels_mask)
-    w = pred.float() / pred.sum().clamp(min=1)
+    local = pred.sum().clamp(min=1)
+    w = pred.float() / (local if n_items is None else torch.as_tensor(n_items).clamp(min=1))
+    to_mean = 1.0 if n_items is None else float(n_items) / float(local)  # for the logged means
     nxt = F.pad(input_ids[:, 1:], (0, 1))[..., None]
     if target_ids is None or lam >= 1.0:
         idx, q = nxt, torch.ones(nxt.shape, device=logits.device)
         loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w)
-        clm = ((logz - g[..., 0]) * w).sum()
+        clm = ((logz - g[..., 0]) * w).sum() * to_mean
         return loss, clm.detach(), torch.zeros((), device=logits.device)
     valid = target_ids >= 0
     p = torch.where(valid, target_probs.float(), 0.0)
@@ -96,4 +103,4 @@ def fusion_losses(
         ent = torch.where(p > 0, p * p.clamp(min=1e-30).log(), 0.0).sum(-1)
         fus_t = fus_t + ent
         loss = loss + (1.0 - lam) * (ent * w).sum()  # a constant: the gradient is CE's
-    return loss, clm.detach(), (fus_t * w).sum().detach()
+    return loss, (clm * to_mean).detach(), ((fus_t * w).sum() * to_mean).detach()

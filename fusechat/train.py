@@ -25,11 +25,11 @@ from safetensors import safe_open
 
 from fusechat.errors import FusechatError
 from fusechat.io import fingerprint, read_json, read_manifest, write_json
-from fusechat.losses import fusion_losses
+from fusechat.losses import fusion_losses, predicts_label
 from fusechat.shards import STAGE, StageReader, shard_name, unpack_ids
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: the loss normalised over the whole effective batch (num_items_in_batch)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,20 @@ def _trainer_class():
             super().__init__(*args, **kw)
             self.lam, self.temperature, self.fusion_loss = lam, temperature, fusion_loss
             self._parts: dict[str, list[float]] = defaultdict(list)
-            self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean
+            # the loss is a sum over learned tokens divided by their count in the whole
+            # effective batch (num_items_in_batch): transformers then neither divides it by
+            # the accumulation steps nor averages micro-batch means
+            self.model_accepts_loss_kwargs = True
+            self.loss_is_scaled_for_ga = True
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            """Learned next-token positions over every micro-batch of this optimizer step and,
+            on several processes, over all of them (transformers counts ``labels``)."""
+            n = sum(predicts_label(b["labels_mask"]).sum() for b in batch_samples)
+            n = torch.as_tensor(n, device=device)
+            if self.args.world_size > 1:
+                n = self.accelerator.gather(n).sum()
+            return n
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -210,7 +223,10 @@ def _trainer_class():
                 lam=self.lam,
                 temperature=self.temperature,
                 kind=self.fusion_loss,
+                n_items=num_items_in_batch,
             )
+            if num_items_in_batch is not None and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
             self._parts["clm_loss"].append(clm.item())
             if with_targets:
                 self._parts["fusion_loss"].append(fus.item())

@@ -191,3 +191,22 @@ def test_train_config_file_on_the_command_line(toy_world, fused, tmp_path):
     assert manifest["key"]["config"]["max_steps"] == 2 and manifest["stats"]["steps"] == 2
     f.write_text("{")
     assert main([*argv[:-2], "--config", str(f), "--overwrite"]) == 2
+
+
+def test_accumulated_micro_batches_equal_one_batch(toy_world, fused, tmp_path):
+    """The loss is normalised by the learned tokens of the whole effective batch: one SGD step
+    over 2 micro-batches of 4 rows (of different lengths) moves the weights as one batch of 8
+    does; a mean of the two micro-batch means would weigh their tokens unequally."""
+    outs = {}
+    for micro in (8, 4):
+        cfg = _cfg(lam=0.5, max_steps=1, batch_size=8, micro_batch_size=micro, lr=0.5,
+                   extra={"optim": "sgd"})  # fmt: skip
+        outs[micro] = tmp_path / f"m{micro}"
+        train(str(toy_world / "openchat-mini"), fused["train"], outs[micro], cfg)
+    a = load_file(outs[8] / "model.safetensors")
+    b = load_file(outs[4] / "model.safetensors")
+    base = load_file(toy_world / "openchat-mini" / "model.safetensors")
+    moved = [k for k in a if not torch.equal(a[k], base[k])]
+    assert moved  # the step did something
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)

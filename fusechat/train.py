@@ -373,6 +373,7 @@ def train(
         "data": fingerprint(rows.reader.key),
         "config": asdict(cfg),
     }
+    key = json.loads(json.dumps(key))  # as read back from disk (tuples become lists)
     done = read_manifest(out)
     if done is not None and done.get("key") == key:
         log.info("%s: training already complete", out)
@@ -392,7 +393,8 @@ def train(
             raise FusechatError(f"{ckpt}: checkpoints of another configuration; use --overwrite")
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
-    write_json(ckpt / STAGE, key)
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under a launcher
+        write_json(ckpt / STAGE, key)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -495,6 +497,7 @@ def train(
             "seconds": round(seconds, 1),
             "rows": len(rows),
             "effective_batch": accum * cfg.micro_batch_size * world,
+            "processes": world,
             "resumed_from": last,
         },
     }

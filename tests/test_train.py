@@ -210,3 +210,14 @@ def test_accumulated_micro_batches_equal_one_batch(toy_world, fused, tmp_path):
     assert moved  # the step did something
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_run_is_reused_not_retrained(toy_world, fused, tmp_path):
+    """A finished LoRA training (target modules a tuple in memory, a list on disk) is found
+    complete on the next call instead of being trained again or refused."""
+    cfg = _cfg(lam=1.0, max_steps=1, lora=LoraSpec(4, 8, 0.0, ("q_proj", "v_proj")))
+    out = tmp_path / "out"
+    first = train(str(toy_world / "openchat-mini"), fused["capture"], out, cfg)
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    again = train(str(toy_world / "openchat-mini"), fused["capture"], out, cfg)
+    assert again == first and (out / "manifest.json").stat().st_mtime_ns == mtime

@@ -438,6 +438,8 @@ def train(
         activation_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False,
         report_to=[],
+        # without CUDA, processes under a launcher form a gloo group only when told so
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
         include_num_input_tokens_seen=True,

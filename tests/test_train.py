@@ -221,3 +221,29 @@ def test_lora_run_is_reused_not_retrained(toy_world, fused, tmp_path):
     mtime = (out / "manifest.json").stat().st_mtime_ns
     again = train(str(toy_world / "openchat-mini"), fused["capture"], out, cfg)
     assert again == first and (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo; `--cpu` alone starts one
+    process in this accelerate) with the config file `fusechat run` hands a launcher: two
+    processes train, every setting arrives (LoRA included), and the first step's loss,
+    normalised by the learned tokens of the whole batch across both, equals one process's."""
+    cfg = _cfg(lam=0.5, lr=1e-3, max_steps=2, batch_size=8, micro_batch_size=4, logging_steps=1,
+               lora=LoraSpec(4, 8, 0.0, ("q_proj", "v_proj")))  # fmt: skip
+    f = tmp_path / "cfg.json"
+    f.write_text(cfg.to_json())
+    args = ["-m", "fusechat.cli", "train", "--model", str(toy_world / "openchat-mini"),
+            "--data", str(fused["train"]), "--config", str(f)]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1"]  # fmt: skip
+    step1 = {}
+    for n, cmd in ((1, [sys.executable, *args]), (2, [*launch, *args])):
+        out = tmp_path / f"p{n}"
+        subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stats"]["processes"] == n and manifest["stats"]["effective_batch"] == 8
+        assert manifest["key"]["config"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                     "target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        step1[n] = next(r["loss"] for r in log if r.get("step") == 1 and "loss" in r)
+    assert step1[2] == pytest.approx(step1[1], rel=1e-5)

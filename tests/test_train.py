@@ -247,3 +247,15 @@ def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path
         log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
         step1[n] = next(r["loss"] for r in log if r.get("step") == 1 and "loss" in r)
     assert step1[2] == pytest.approx(step1[1], rel=1e-5)
+    # full fine-tuning, one SGD step: the two processes' weights are one process's, exactly
+    # (with LoRA the adapters' random init differs between the runs, not the maths)
+    f.write_text(_cfg(lam=0.5, lr=0.5, max_steps=1, batch_size=8, micro_batch_size=4,
+                      extra={"optim": "sgd"}).to_json())  # fmt: skip
+    for n, cmd in ((1, [sys.executable, *args]), (2, [*launch, *args])):
+        out = tmp_path / f"sgd{n}"
+        subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    a, b = (load_file(tmp_path / f"sgd{n}" / "model.safetensors") for n in (1, 2))
+    base = load_file(toy_world / "openchat-mini" / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)

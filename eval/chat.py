@@ -23,11 +23,9 @@ def stop_token_ids(tok, model) -> list[int]:
 def load_chat_model(model_path: str):
     """``(model, tokenizer, stop ids)``; bf16 spread over GPUs where there are any, else
     float32 on CPU; the tokenizer pads on the left, as batched generation needs."""
-    from transformers import AutoTokenizer
+    from fusechat.data import load_model, load_tokenizer
 
-    from fusechat.data import load_model
-
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = load_tokenizer(model_path, "the model's tokenizer")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -27,8 +27,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fusechat.errors import FusechatError
-
 log = logging.getLogger(__name__)
 
 
@@ -201,11 +199,7 @@ def create_app(
     max_body: int = MAX_BODY,
     **kw,
 ) -> FastAPI:
-    try:
-        gen = Generator(model_path, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FusechatError(f"{model_path}: cannot load the model ({msg})") from None
+    gen = Generator(model_path, **kw)  # a model that cannot load is one FusechatError line
     app = FastAPI(title=f"fusechat serve {served_name}")
     created = int(time.time())
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
@@ -391,7 +391,7 @@ class RowAligner:
 
 @dataclass(frozen=True)
 class _AlignJob:
-    """What a worker needs to align its shards (picklable)."""
+    """What a process needs to align shards (picklable, for spawned workers)."""
 
     pivot_dir: str
     source_dir: str
@@ -400,13 +400,13 @@ class _AlignJob:
     sequence: str
     pivot_tokenizer: str | None
     source_tokenizer: str | None
-    vmap: np.ndarray | None  # the stats method's map, built once by the caller
-    dtype: np.dtype
     done: frozenset[int]
+    vmap: np.ndarray | None = None  # the stats method's map, built once by the caller
 
 
 def _align_setup(job: _AlignJob) -> tuple:
-    from fusechat.shards import StageReader
+    """(pivot reader, source reader, aligner, stored id dtype, job)."""
+    from fusechat.shards import StageReader, ids_dtype
 
     piv, src = StageReader(job.pivot_dir, "capture"), StageReader(job.source_dir, "capture")
     piv_tok = _load_capture_tokenizer(piv, job.pivot_tokenizer, "pivot")
@@ -414,7 +414,7 @@ def _align_setup(job: _AlignJob) -> tuple:
     aligner = RowAligner(job.method, job.sequence, piv_tok, src_tok, src.key["k"])
     if job.vmap is not None:
         aligner.vmap = job.vmap
-    return piv, src, aligner, job
+    return piv, src, aligner, ids_dtype(max(piv_tok.get_vocab().values()) + 1), job
 
 
 def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
@@ -424,7 +424,7 @@ def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
 
     from fusechat.shards import pack_ids, save_shard
 
-    piv, src, aligner, job = state
+    piv, src, aligner, dtype, job = state
     tally: Counter = Counter()
     rows = []
     for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
@@ -432,7 +432,7 @@ def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
         tally.update(transfer_counts(prow, r, r.get("gold_prob")))
         rows.append(
             {
-                "pos.ids": pack_ids(r["ids"], job.dtype),
+                "pos.ids": pack_ids(r["ids"], dtype),
                 "pos.probs": r["probs"].astype(np.float16),
                 "pos.valid": r["valid"],
                 "row.index": prow["row.index"],
@@ -472,13 +472,7 @@ def align(
     from tqdm import tqdm
 
     from fusechat.io import fingerprint, read_manifest
-    from fusechat.shards import (
-        StageReader,
-        begin_stage,
-        finish_stage,
-        ids_dtype,
-        map_shards,
-    )
+    from fusechat.shards import StageReader, begin_stage, finish_stage, map_shards
 
     piv, src = StageReader(pivot_dir, "capture"), StageReader(source_dir, "capture")
     check_same_corpus(piv, src)
@@ -501,21 +495,18 @@ def align(
     if done is None:
         log.info("%s: alignment already complete", out)
         return read_manifest(out)
-    piv_tok = _load_capture_tokenizer(piv, pivot_tokenizer, "pivot")
-    src_tok = _load_capture_tokenizer(src, source_tokenizer, "source")
-    aligner = RowAligner(method, sequence, piv_tok, src_tok, src.key["k"])
+    job = _AlignJob(str(pivot_dir), str(source_dir), str(out), method, sequence,
+                    pivot_tokenizer, source_tokenizer, frozenset(done))  # fmt: skip
+    piv, src, aligner, dtype, job = _align_setup(job)
     if method == "stats":
         counts: Counter = Counter()
         for i, prows in tqdm(piv.shards(), total=piv.n_shards, desc="co-occurrence"):
             for prow, srow in zip(prows, src.shard(i), strict=True):
                 counts += aligner.cooccurrence(prow, srow)
         aligner.set_stats(counts)
-    job = _AlignJob(str(pivot_dir), str(source_dir), str(out), method, sequence,
-                    pivot_tokenizer, source_tokenizer, aligner.vmap,
-                    ids_dtype(max(piv_tok.get_vocab().values()) + 1), frozenset(done))  # fmt: skip
-    state = (piv, src, aligner, job)  # in this process: reuse what is loaded already
-    setup = _align_setup if workers > 1 else (lambda _: state)
-    parts = map_shards(piv.n_shards, setup, job, _align_shard, workers, f"align {Path(out).name}")
+        job = replace(job, vmap=aligner.vmap)  # spawned workers get the map, not the counts
+    parts = map_shards(piv.n_shards, _align_shard, (piv, src, aligner, dtype, job), workers,
+                       (_align_setup, job), f"align {Path(out).name}")  # fmt: skip
     tally = sum((t for t, _ in parts), Counter())
     stats = {"method": method, **transfer_stats(tally), "learned_positions": tally["learned"],
              "pivot_capture": str(pivot_dir), "source_capture": str(source_dir)}  # fmt: skip

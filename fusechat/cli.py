@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fusechat import __version__
 from fusechat.errors import FusechatError
@@ -44,12 +45,11 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from fusechat.capture import CaptureConfig, capture
-    from fusechat.recipe import CaptureSection, check_options
+    from fusechat.recipe import CaptureSection, Data, check_options
 
     check_options(CaptureSection, {k: getattr(args, k) for k in
                                    ("k", "max_length", "batch_tokens", "shard_rows")})  # fmt: skip
-    if args.max_rows is not None and args.max_rows < 1:
-        raise FusechatError(f"--max-rows: must be at least 1 (got {args.max_rows})")
+    check_options(Data, {"path": args.data, "max_rows": args.max_rows})
 
     cfg = CaptureConfig(
         model=args.model,
@@ -68,14 +68,16 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workers(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise FusechatError(f"--workers: must be at least 1 (got {args.workers})")
+def _workers(args: argparse.Namespace, section) -> int:
+    from fusechat.recipe import check_options
+
+    check_options(section, {"workers": args.workers})  # the recipe's rule for the same field
     return args.workers
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from fusechat.align import align
+    from fusechat.recipe import AlignSection
 
     m = align(
         args.pivot,
@@ -86,7 +88,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         pivot_tokenizer=args.pivot_tokenizer,
         source_tokenizer=args.source_tokenizer,
         overwrite=args.overwrite,
-        workers=_workers(args),
+        workers=_workers(args, AlignSection),
     )
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
@@ -94,10 +96,11 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from fusechat.fuse import fuse_stage
+    from fusechat.recipe import FuseSection
 
     m = fuse_stage(
         args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.unaligned,
-        args.overwrite, _workers(args),
+        args.overwrite, _workers(args, FuseSection),
     )  # fmt: skip
     print(json.dumps({"out": args.out, **m["stats"]}))
     return 0
@@ -123,18 +126,25 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fusechat.recipe import LoraSection, TrainSection, check_options
-    from fusechat.train import LoraSpec, TrainConfig, train
+    from fusechat.train import TrainConfig, train
 
     if args.config:  # every setting from one file (what `fusechat run` hands a launcher)
         try:
-            cfg = TrainConfig.from_json(open(args.config).read())
+            cfg = TrainConfig.from_json(Path(args.config).read_text())
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise FusechatError(f"{args.config}: not a training configuration ({e})") from None
-        m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
-        if m:
-            print(json.dumps({"out": args.out, **m["stats"]}))
-        return 0
+    else:
+        cfg = _train_config_from_flags(args)
+    m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
+    if m:
+        print(json.dumps({"out": args.out, **m["stats"]}))
+    return 0
+
+
+def _train_config_from_flags(args: argparse.Namespace):
+    """The training flags as a TrainConfig, numbers checked by the recipe's train section."""
+    from fusechat.recipe import LoraSection, TrainSection, check_options
+    from fusechat.train import LoraSpec, TrainConfig
 
     check_options(TrainSection, {k: getattr(args, k) for k in (
         "lam", "temperature", "lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
@@ -152,7 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             alpha=args.lora_alpha or 2 * args.lora_r,
             target_modules=tm[0] if tm == ["all-linear"] else tuple(tm),
         )
-    cfg = TrainConfig(
+    return TrainConfig(
         lam=args.lam,
         temperature=args.temperature,
         fusion_loss=args.fusion_loss,
@@ -173,10 +183,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         lora=lora,
     )
-    m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
-    if m:
-        print(json.dumps({"out": args.out, **m["stats"]}))
-    return 0
 
 
 def _add_train_command(sub) -> None:

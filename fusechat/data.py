@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FusechatError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
+        raise FusechatError(f"{path}: cannot load {what} ({first_line(e)})") from None
 
 
 def load_model(path: str, **kwargs):
@@ -193,9 +193,8 @@ def load_model(path: str, **kwargs):
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FusechatError(f"{path}: cannot load the model ({msg})") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise FusechatError(f"{path}: cannot load the model ({first_line(e)})") from None
 
 
 @dataclass
@@ -346,8 +345,7 @@ def _read_rows(path: Path) -> list:
     except FusechatError:
         raise
     except Exception as e:  # pyarrow and datasets raise their own kinds for damaged files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FusechatError(f"{path}: unreadable corpus ({msg})") from None
+        raise FusechatError(f"{path}: unreadable corpus ({first_line(e)})") from None
 
 
 def _read_rows_unchecked(path: Path) -> list:
@@ -396,7 +394,7 @@ def _read_hub(name: str):
     try:
         return datasets.load_dataset(name, split="train")
     except Exception as e:  # offline, unknown id, no train split: one line
-        raise FusechatError(f"{name}: cannot load hub dataset ({str(e).splitlines()[0]})") from None
+        raise FusechatError(f"{name}: cannot load hub dataset ({first_line(e)})") from None
 
 
 @dataclass

@@ -136,9 +136,8 @@ def fuse_stage(
         return read_manifest(out)
     job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), method, ce_norm,
                    unaligned, frozenset(done))  # fmt: skip
-    state = (piv, srcs, job)  # in this process: reuse the readers
-    setup = _fuse_setup if workers > 1 else (lambda _: state)
-    parts = map_shards(piv.n_shards, setup, job, _fuse_shard, workers, f"fuse {Path(out).name}")
+    parts = map_shards(piv.n_shards, _fuse_shard, (piv, srcs, job), workers,
+                       (_fuse_setup, job), f"fuse {Path(out).name}")  # fmt: skip
     kept = sum(p[0] for p in parts)
     dropped_empty = sum(p[1] for p in parts)
     weight_sum = sum((p[2] for p in parts), np.zeros(1 + len(srcs)))
@@ -161,7 +160,7 @@ def fuse_stage(
 
 @dataclass(frozen=True)
 class _FuseJob:
-    """What a worker needs to fuse its shards (picklable)."""
+    """What a process needs to fuse shards (picklable, for spawned workers)."""
 
     pivot_dir: str
     aligned_dirs: tuple[str, ...]

@@ -65,13 +65,19 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """A file, or every file under a folder in path order, each with the name it is keyed by
+    (its name, or its path relative to the folder)."""
+    if not path.is_dir():
+        return [(path.name, path)]
+    return [(str(p.relative_to(path)), p) for p in sorted(path.rglob("*")) if p.is_file()]
+
+
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes (or of every file under a folder, in path order), 16 hex digits."""
-    path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+    for name, p in _files(Path(path)):
+        h.update(name.encode())
         with open(p, "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
@@ -85,10 +91,7 @@ def stat_fingerprint(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not path.exists():
         return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stats = [(str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size,
-              p.stat().st_mtime_ns) for p in files]  # fmt: skip
-    return fingerprint(stats)
+    return fingerprint([(n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in _files(path)])
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:

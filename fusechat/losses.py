@@ -81,13 +81,14 @@ def fusion_losses(
     """
     pred = predicts_label(labels_mask)
     local = pred.sum().clamp(min=1)
-    w = pred.float() / (local if n_items is None else torch.as_tensor(n_items).clamp(min=1))
-    to_mean = 1.0 if n_items is None else float(n_items) / float(local)  # for the logged means
+    w = pred.float() / local  # this batch's mean: the logged parts
+    # the loss's weights: this batch's share of the effective batch's learned tokens
+    w_loss = w if n_items is None else pred.float() / torch.as_tensor(n_items).clamp(min=1)
     nxt = F.pad(input_ids[:, 1:], (0, 1))[..., None]
     if target_ids is None or lam >= 1.0:
         idx, q = nxt, torch.ones(nxt.shape, device=logits.device)
-        loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w)
-        clm = ((logz - g[..., 0]) * w).sum() * to_mean
+        loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w_loss)
+        clm = ((logz - g[..., 0]) * w).sum()
         return loss, clm.detach(), torch.zeros((), device=logits.device)
     valid = target_ids >= 0
     p = torch.where(valid, target_probs.float(), 0.0)
@@ -96,11 +97,11 @@ def fusion_losses(
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-12)
     idx = torch.cat([nxt, target_ids.clamp(min=0)], dim=-1)
     q = torch.cat([torch.full(nxt.shape, lam, device=p.device), (1.0 - lam) * p], dim=-1)
-    loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w)
+    loss, logz, g = _SparseSoftCE.apply(logits, idx, q, w_loss)
     clm = ((logz - g[..., 0]) * w).sum()
     fus_t = p.sum(-1) * logz - (p * g[..., 1:]).sum(-1)
     if kind == "kl":
         ent = torch.where(p > 0, p * p.clamp(min=1e-30).log(), 0.0).sum(-1)
         fus_t = fus_t + ent
-        loss = loss + (1.0 - lam) * (ent * w).sum()  # a constant: the gradient is CE's
-    return loss, (clm * to_mean).detach(), ((fus_t * w).sum() * to_mean).detach()
+        loss = loss + (1.0 - lam) * (ent * w_loss).sum()  # a constant: the gradient is CE's
+    return loss, clm.detach(), (fus_t * w).sum().detach()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 from fusechat.io import file_fingerprint, fingerprint, read_json, read_manifest, write_json
 from fusechat.recipe import HUB_ID, Recipe, expand, load_recipe
 
@@ -80,7 +80,7 @@ def check_models(recipe: Recipe, network: bool = True) -> None:
             AutoConfig.from_pretrained(m.path)
         except (OSError, ValueError) as e:
             raise FusechatError(
-                f"models: {m.label}: {m.path}: unreachable ({str(e).splitlines()[0]})"
+                f"models: {m.label}: {m.path}: unreachable ({first_line(e)})"
             ) from None
 
 
@@ -303,10 +303,7 @@ def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> 
     from merge.run import run
 
     varm.register()
-    try:
-        base_policy = registry.get(spec.method).spec.contract.base
-    except RuntimeError:
-        raise FusechatError(f"merge.methods: {spec.name}: unknown method {spec.method!r}") from None
+    base_policy = registry.get(spec.method).spec.contract.base  # known: check_merge ran first
     config = {
         "merge_method": spec.method,
         # the pivot is the base of every target; methods that ignore a base (linear) get none,

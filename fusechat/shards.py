@@ -97,6 +97,15 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """``digest`` of a file's bytes, read in chunks (a shard need not fit in memory)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
     """Every float array finite, else an error naming ``where`` and the first bad row."""
     for k, v in arrays.items():
@@ -172,8 +181,7 @@ def finish_stage(
     folder = Path(folder)
     known = known or {}
     sums = {
-        shard_name(i): known.get(i) or digest((folder / shard_name(i)).read_bytes())
-        for i in range(n_shards)
+        shard_name(i): known.get(i) or file_digest(folder / shard_name(i)) for i in range(n_shards)
     }
     manifest = {"key": key, "shards": n_shards, "stats": stats, "checksums": sums}
     manifest["digest"] = _manifest_digest(manifest)
@@ -187,56 +195,61 @@ _WORKER_STATE: Any = None
 
 
 def _init_worker(setup: Callable, job: Any) -> None:
-    global _WORKER_STATE
-    _WORKER_STATE = setup(job)
+    _set_state(setup(job))
 
 
 def _in_worker(task: Callable, i: int) -> Any:
     return task(_WORKER_STATE, i)
 
 
+def _set_state(state: Any) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = state
+
+
 def map_shards(
-    n: int, setup: Callable, job: Any, task: Callable, workers: int = 1, desc: str = ""
+    n: int,
+    task: Callable,
+    state: Any,
+    workers: int = 1,
+    rebuild: tuple[Callable, Any] | None = None,
+    desc: str = "",
 ) -> list:
-    """``task(setup(job), i)`` for every shard ``i < n``, results in shard order. With
-    ``workers > 1`` the shards are spread over processes: forked where the platform forks (they
-    inherit the state built here, warm caches included), else spawned, each building it once
-    (``setup`` and ``task`` then must be module-level functions and ``job`` picklable). Every
-    shard depends on its own inputs alone, so the outputs are those of one process."""
+    """``task(state, i)`` for every shard ``i < n``, results in shard order. With ``workers >
+    1`` the shards are spread over processes: forked where the platform forks (they inherit
+    ``state``, loaded tokenizers and warm caches included), else spawned, each building its
+    own as ``setup(job)`` from ``rebuild = (setup, job)`` (module-level functions and a
+    picklable job). Every shard depends on its own inputs alone, so the outputs are those of
+    one process."""
+    import contextlib
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     from tqdm import tqdm
 
-    global _WORKER_STATE
-    if workers <= 1 or n <= 1:
-        state = setup(job)
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or n <= 1:
+            results: Iterator = (task(state, i) for i in range(n))
+        else:
+            if "fork" in mp.get_all_start_methods():
+                # the workers run numpy and tokenizers only; tokenizers' threads are turned off
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                _set_state(state)
+                stack.callback(_set_state, None)
+                ctx, init, args = mp.get_context("fork"), None, ()
+            elif rebuild is None:
+                raise ValueError("spawned workers need rebuild=(setup, job)")
+            else:
+                ctx, init, args = mp.get_context("spawn"), _init_worker, rebuild
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, n), ctx, init, args))
+            results = pool.map(partial(_in_worker, task), range(n))
+        bar = stack.enter_context(tqdm(total=n, desc=desc))  # closed before an error prints
         out = []
-        with tqdm(total=n, desc=desc) as bar:  # closed (its line ended) before an error prints
-            for i in range(n):
-                out.append(task(state, i))
-                bar.update()
+        for r in results:
+            out.append(r)
+            bar.update()
         return out
-    if "fork" in mp.get_all_start_methods():
-        # the workers run numpy and tokenizers only; tokenizers' own threads are turned off
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        _WORKER_STATE = setup(job)
-        ctx, init, args = mp.get_context("fork"), None, ()
-    else:
-        ctx, init, args = mp.get_context("spawn"), _init_worker, (setup, job)
-    try:
-        with (
-            ProcessPoolExecutor(min(workers, n), ctx, init, args) as pool,
-            tqdm(total=n, desc=desc) as bar,
-        ):
-            out = []
-            for r in pool.map(partial(_in_worker, task), range(n)):
-                out.append(r)
-                bar.update()
-            return out
-    finally:
-        _WORKER_STATE = None
 
 
 # --------------------------------------------------------------------------- reading a stage
@@ -285,8 +298,7 @@ class StageReader:
             data = path.read_bytes()
         except OSError as e:
             raise FusechatError(f"{path}: unreadable shard ({e.strerror})") from None
-        if digest(data) != self.checksums.get(path.name):
-            raise FusechatError(f"{path}: damaged shard (its checksum does not match the manifest)")
+        self._check_digest(path, digest(data))
         try:
             arrays = load(data)
         except (SafetensorError, ValueError) as e:
@@ -307,14 +319,11 @@ class StageReader:
         self.check_complete()
         for i in range(self.n_shards):
             path = self.folder / shard_name(i)
-            h = hashlib.blake2b(digest_size=16)
-            with open(path, "rb") as f:
-                while block := f.read(1 << 24):
-                    h.update(block)
-            if h.hexdigest() != self.checksums.get(path.name):
-                raise FusechatError(
-                    f"{path}: damaged shard (its checksum does not match the manifest)"
-                )
+            self._check_digest(path, file_digest(path))
+
+    def _check_digest(self, path: Path, got: str) -> None:
+        if got != self.checksums.get(path.name):
+            raise FusechatError(f"{path}: damaged shard (its checksum does not match the manifest)")
 
     def check_complete(self) -> None:
         """Fail before any work when a shard is missing."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 from fusechat.io import atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
 from fusechat.recipe import read_yaml, validation_error
 from merge import varm
@@ -70,6 +70,14 @@ def _value_ok(spec, value) -> bool:
     return True
 
 
+def known_methods() -> list[str]:
+    """Every merge method mergekit knows in this process, VaRM registered first."""
+    from mergekit.merge_methods import registry
+
+    varm.register()
+    return sorted(m.spec.name for m in registry.registered_methods())
+
+
 def check_method(method: str, parameters: dict, model_parameters: dict, where: str) -> None:
     """A merge method and its parameters against mergekit's own declarations (the method's
     parameter specs: names, choices, types), so a recipe fails before its first step, not
@@ -77,8 +85,7 @@ def check_method(method: str, parameters: dict, model_parameters: dict, where: s
     per-model ones to every model), ``model_parameters`` only the per-model ones."""
     from mergekit.merge_methods import registry
 
-    varm.register()
-    known = sorted(m.spec.name for m in registry.registered_methods())
+    known = known_methods()
     if method not in known:
         raise FusechatError(f"{where}: unknown merge method {method!r} (known: {', '.join(known)})")
     spec = registry.get(method).spec
@@ -101,11 +108,9 @@ def check_method(method: str, parameters: dict, model_parameters: dict, where: s
 def parse_config(raw: dict, source: str):
     """Validate with mergekit's own schema; unknown methods are named with the known ones."""
     from mergekit.config import MergeConfiguration
-    from mergekit.merge_methods import registry
     from pydantic import ValidationError
 
-    varm.register()
-    known = sorted(m.spec.name for m in registry.registered_methods())
+    known = known_methods()
     method = raw.get("merge_method")
     if method not in known:
         raise FusechatError(
@@ -130,7 +135,7 @@ def _local(ref, options):
         )
         return merged, merged.local_path(cache_dir=options.transformers_cache)
     except Exception as e:  # hub errors, missing folders, broken adapters: one line each
-        raise FusechatError(f"{ref}: cannot load ({str(e).splitlines()[0]})") from None
+        raise FusechatError(f"{ref}: cannot load ({first_line(e)})") from None
 
 
 def _shapes(folder: str) -> dict[str, tuple[int, ...]]:
@@ -175,7 +180,7 @@ def check_inputs(cfg, options) -> list[str]:
         try:
             archs[r] = (AutoConfig.from_pretrained(local[r]).architectures or ["?"])[0]
         except (OSError, ValueError) as e:
-            raise FusechatError(f"{r}: cannot read config ({str(e).splitlines()[0]})") from None
+            raise FusechatError(f"{r}: cannot read config ({first_line(e)})") from None
     for r in ordered[1:]:
         if archs[r] != archs[first]:
             raise FusechatError(
@@ -381,7 +386,7 @@ def run(
         try:
             run_merge(cfg, str(tmp), options)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise FusechatError(f"{config}: mergekit failed: {str(e).splitlines()[0]}") from None
+            raise FusechatError(f"{config}: mergekit failed: {first_line(e)}") from None
         weights = varm.reset_report()
         report = {
             "key": key,

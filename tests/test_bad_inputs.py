@@ -161,22 +161,18 @@ CASES = {
     },  # fmt: skip
     "recipe: not YAML": (["recipe", "check", "{d}/not-yaml.yaml"], "not-yaml.yaml"),
     "recipe: missing file": (["recipe", "check", "{d}/none.yaml"], "none.yaml"),
-    "run --set unknown key": (
-        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lamda=1"],
-        "lamda",
-    ),  # fmt: skip
-    "run --set bad value": (
-        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lr=-1"],
-        "train.lr",
-    ),  # fmt: skip
-    "run --set without =": (
-        ["run", "recipes/mini.yaml", "--dry-run", "--set", "train.lr"],
-        "KEY=VALUE",
-    ),  # fmt: skip
-    "run --dry-run with an unknown merge method": (
-        ["run", "recipes/mini.yaml", "--dry-run", "--set", "merge.methods[0].method=nope"],
-        "unknown merge method",
-    ),
+    **{
+        f"run --dry-run --set {name}": (
+            ["run", "recipes/mini.yaml", "--dry-run", "--set", spec],
+            want,
+        )  # fmt: skip
+        for name, spec, want in [
+            ("unknown key", "train.lamda=1", "lamda"),
+            ("bad value", "train.lr=-1", "train.lr"),
+            ("without =", "train.lr", "KEY=VALUE"),
+            ("unknown merge method", "merge.methods[0].method=nope", "unknown merge method"),
+        ]
+    },
     # merge configurations
     "merge: missing config": (["merge", "{d}/none.yaml", "{d}/out"], "none.yaml"),
     "merge: unknown method": (

@@ -1,11 +1,13 @@
-"""Benchmark the stages over processes: ``align`` and ``fuse`` with 1 and 2 workers on the same
-toy rows, in the same run, outputs compared byte for byte.
+"""Benchmark the stages over processes: ``capture`` with 1 process and under ``torchrun`` with
+2 data-parallel ranks, ``align`` and ``fuse`` with 1 and 2 workers, on the same toy rows in the
+same run, outputs compared byte for byte.
 
 The rows are a fresh sample of the toy world's language (``--rows`` conversations, default
-12,000, eight times the fusion corpus), captured once by the toy pivot and the Mixtral source
-(``fusechat capture``, K=10; its single-process throughput is reported: a data-parallel
-capture under torchrun is not built yet). Needs the toy world (``fusechat toy build``). The
-last line is one JSON object.
+12,000, eight times the fusion corpus), captured by the toy pivot and the Mixtral source
+(K=10). The data-parallel capture is timed on the Mixtral source, launcher start-up included;
+on 2 cores its two ranks share the cores torch's threads used in one process, so its figure is
+reported, not targeted. Needs the toy world (``fusechat toy build``). The last line is one JSON
+object.
 
     python bench/scale.py [--rows 12000] [--workers 2]
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fusechat.align import align
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import CaptureConfig, CaptureJob, capture
     from fusechat.fuse import fuse_stage
     from fusechat.io import cache_dir
     from fusechat.toy.corpus import make_corpus
@@ -53,6 +57,18 @@ def main() -> None:
             secs, m = _timed(lambda cfg=cfg, name=name: capture(cfg, d / "rows.jsonl", d / name))
             result[f"capture_{name}_tokens_per_s"] = round(m["stats"]["positions"] / secs)
         positions = m["stats"]["positions"]
+        # the same Mixtral capture with 2 torchrun ranks (one thread each: the cores are shared)
+        job = CaptureJob(cfg, str(d / "rows.jsonl"), str(d / "capture-dp"))
+        cmd = job.launch_command(args.workers, d / "job.json")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        secs, _ = _timed(lambda: subprocess.run(cmd, env=env, check=True, capture_output=True))
+        result[f"capture_{args.workers}_ranks_tokens_per_s"] = round(m["stats"]["positions"] / secs)
+        result["capture_speedup"] = round(
+            result[f"capture_{args.workers}_ranks_tokens_per_s"]
+            / result["capture_nh2-mixtral-mini_tokens_per_s"],
+            2,
+        )
+        result["capture_identical"] = _same_bytes(d / "nh2-mixtral-mini", d / "capture-dp")
         piv, src = d / "openchat-mini", d / "nh2-mixtral-mini"
         for stage in ("align", "fuse"):
             secs = {}

@@ -11,7 +11,13 @@ reference answers), per method (``text``, ``exact``, ``mined``, ``stats``; offse
   ``confident_hit`` counts the confident positions without a distribution as misses;
 - mapped mass (baselines) and gold-only share (text: positions whose distribution is the gold
   token alone because nothing else the source proposed fits the text read);
-- alignment throughput, pivot tokens per second.
+- alignment throughput, pivot tokens per second;
+- toy pairs only, where the language's true distributions are known: ``value_kl``, at the
+  value of every answer with several right values (colours, moons, glossary renderings), the
+  KL divergence from the true distribution over the pivot tokens the values begin with to the
+  aligned source distribution (missing tokens floored at 1e-4). It measures the alternatives,
+  which coverage and agreement (the gold path) do not see; ``text+lookahead`` is ``text`` on
+  captures that hold each candidate's continuation (``capture.lookahead: 4``).
 
 Speed on long rows: MT-Bench conversations of 1,000-2,000 Mistral tokens against tekken, a
 source with a K=10 distribution at every position (its gold token and nine others); ``text`` and
@@ -35,15 +41,17 @@ from fusechat.align import METHODS, RowAligner, transfer_counts, transfer_stats
 from fusechat.shards import StageReader
 
 
-def method_figures(piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None) -> dict:
-    """Every method on the same captured rows; per skill too when ``skills`` (row -> skill)."""
+def method_figures(
+    piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None, methods=METHODS
+) -> dict:
+    """Each of ``methods`` on the same captured rows; per skill too when ``skills``."""
     rows = [(p, s) for i in range(piv.n_shards) for p, s in zip(piv.shard(i), src.shard(i),
                                                                 strict=True)]  # fmt: skip
     k = src.key["k"]
     text = RowAligner("text", "offsets", piv_tok, src_tok, k)
     gold_prob = [text(p, s)["gold_prob"] for p, s in rows]  # the method-free confidence
     out = {}
-    for method in METHODS:
+    for method in methods:
         t0 = time.perf_counter()  # building the maps (cached per tokenizer pair) is timed apart
         al = text if method == "text" else RowAligner(method, "offsets", piv_tok, src_tok, k)
         if method == "stats":
@@ -67,30 +75,95 @@ def method_figures(piv: StageReader, src: StageReader, piv_tok, src_tok, skills=
     return out
 
 
+def value_targets(piv: StageReader, rows: list[dict], world, piv_tok) -> dict:
+    """row index -> [(pivot position, kind, true distribution over the pivot tokens that the
+    right values begin with)] at each answer value of an item with several right values."""
+    from fusechat.data import encode
+    from fusechat.tokens import FirstToken
+    from fusechat.toy.corpus import value_probs
+
+    first = FirstToken(piv_tok)
+    options = {("glossary", w): v for w, v in world.glossary.items()}
+    for p, attrs in world.facts.items():
+        options |= {(a, p): attrs[a] for a in ("color", "moon")}
+    out: dict[int, list] = {}
+    for _, prows in piv.shards():
+        for prow in prows:
+            i = int(prow["row.index"])
+            text = encode(rows[i]["messages"], piv_tok, "openchat").text
+            ends = prow["pos.byte_end"].tolist()
+            for m in rows[i]["messages"]:
+                if m["role"] != "assistant":
+                    continue
+                at = text.find(m["content"])  # toy text is ASCII: characters are bytes
+                for (kind, item), vals in options.items():
+                    hit = [v for v in vals if f" {v}" in m["content"]]
+                    if f"{item} " not in m["content"] or len(hit) != 1:
+                        continue
+                    where = at + m["content"].rindex(f" {hit[0]}")
+                    if where in ends:
+                        truth: dict[int, float] = {}
+                        for v, q in zip(vals, value_probs(len(vals)), strict=True):
+                            tid = first(f" {v}".encode())
+                            truth[tid] = truth.get(tid, 0.0) + q
+                        out.setdefault(i, []).append((ends.index(where), kind, truth))
+    return out
+
+
+def value_kl(targets: dict, aligned: dict[int, dict]) -> dict[str, float]:
+    """Mean ``KL(true || aligned)`` per kind of value (``value_targets``), 1e-4 floor."""
+    kl: dict[str, list[float]] = defaultdict(list)
+    for i, spots in targets.items():
+        r = aligned[i]
+        for t, kind, truth in spots:
+            q = {int(a): float(b) for a, b in zip(r["ids"][t], r["probs"][t], strict=True)
+                 if a >= 0} if r["valid"][t] else {}  # fmt: skip
+            kl[kind].append(sum(p * np.log(p / max(q.get(tok, 0.0), 1e-4))
+                                for tok, p in truth.items()))  # fmt: skip
+    return {k: round(float(np.mean(v)), 3) for k, v in sorted(kl.items())}
+
+
 def toy_figures(n_rows: int) -> dict:
     """Captures of the toy world's fusion corpus (first ``n_rows``): each source to the pivot."""
     from transformers import AutoTokenizer
 
     from fusechat.capture import CaptureConfig, capture
     from fusechat.io import cache_dir
-    from fusechat.toy.build import build_toy_world
+    from fusechat.toy.build import ToyConfig, build_toy_world
+    from fusechat.toy.corpus import make_world
 
     world = cache_dir() / "toy"
     build_toy_world(world)
     corpus = world / "corpus" / "train.jsonl"
-    skills = [json.loads(x)["skill"] for x in corpus.read_text().splitlines()]
+    rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+    skills = [r["skill"] for r in rows]
     out = {}
     with tempfile.TemporaryDirectory() as d:
         caps = {}
-        for name in ("openchat-mini", "nh2-mixtral-mini", "nh2-solar-mini"):
-            cfg = CaptureConfig(model=str(world / name), template="openchat", max_length=256)
-            capture(cfg, str(corpus), Path(d) / name, max_rows=n_rows)
-            caps[name] = StageReader(Path(d) / name, "capture")
+        for name, look in (("openchat-mini", 0), ("nh2-mixtral-mini", 0), ("nh2-solar-mini", 0),
+                           ("nh2-mixtral-mini", 4), ("nh2-solar-mini", 4)):  # fmt: skip
+            cfg = CaptureConfig(model=str(world / name), template="openchat", max_length=256,
+                                lookahead=look)  # fmt: skip
+            capture(cfg, str(corpus), Path(d) / f"{name}-{look}", max_rows=n_rows)
+            caps[name, look] = StageReader(Path(d) / f"{name}-{look}", "capture")
+        piv = caps["openchat-mini", 0]
         piv_tok = AutoTokenizer.from_pretrained(world / "openchat-mini")
+        targets = value_targets(piv, rows, make_world(ToyConfig().seed), piv_tok)
         for name in ("nh2-mixtral-mini", "nh2-solar-mini"):
             src_tok = AutoTokenizer.from_pretrained(world / name)
-            out[name] = method_figures(caps["openchat-mini"], caps[name], piv_tok, src_tok,
-                                       skills)  # fmt: skip
+            out[name] = method_figures(piv, caps[name, 0], piv_tok, src_tok, skills)
+            look = method_figures(piv, caps[name, 4], piv_tok, src_tok, skills, ("text",))
+            out[name]["text+lookahead"] = look["text"]
+            for method in [*METHODS, "text+lookahead"]:
+                cap = caps[name, 4 if method == "text+lookahead" else 0]
+                al = RowAligner(method.split("+")[0], "offsets", piv_tok, src_tok, 10)
+                if method == "stats":
+                    al.set_stats(sum((al.cooccurrence(p, s) for i in range(piv.n_shards)
+                                      for p, s in zip(piv.shard(i), cap.shard(i), strict=True)),
+                                     Counter()))  # fmt: skip
+                aligned = {int(p["row.index"]): al(p, s) for i in range(piv.n_shards)
+                           for p, s in zip(piv.shard(i), cap.shard(i), strict=True)}  # fmt: skip
+                out[name][method]["all"]["value_kl"] = value_kl(targets, aligned)
     return out
 
 
@@ -203,12 +276,12 @@ def main() -> None:
               "speed": speed_figures(args.mt_bench, args.speed_rows, args.dtw_rows),
               "real": real_figures(args.mt_bench, args.real_rows)}  # fmt: skip
     for pair, figs in [*result["toy"].items(), ("real", result["real"])]:
-        for method in METHODS:
+        for method in [*METHODS, "text+lookahead"]:
             if method in figs:
                 a = figs[method]["all"]
-                print(f"{pair:18s} {method:6s} coverage {a['coverage']:.4f} agreement "
+                print(f"{pair:18s} {method:14s} coverage {a['coverage']:.4f} agreement "
                       f"{a['agreement']:.4f} confident-hit {a['confident_hit']:.4f} "
-                      f"{a['tokens_per_s']:>9} tok/s")  # fmt: skip
+                      f"{a['tokens_per_s']:>9} tok/s {a.get('value_kl', '')}")  # fmt: skip
     print(json.dumps(result))
 
 

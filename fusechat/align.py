@@ -373,6 +373,7 @@ class RowAligner:
                 unpack_ids(srow["pos.input_ids"]), srow["pos.byte_end"].astype(np.int64),
                 s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
                 np.flatnonzero(learned_positions(prow)), self.vocab, self.k,
+                unpack_ids(srow["pos.topk_next"]) if "pos.topk_next" in srow else None,
             )  # fmt: skip
         idx, exact = self.pairs(prow, srow)
         j = np.clip(idx, 0, None)

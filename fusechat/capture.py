@@ -9,13 +9,22 @@ pivot's) and tokenized by the model's own tokenizer. Per row the stage stores, i
 that really follows, in the top-K or not), and the gold negative log-likelihood of the learned
 tokens (``row.nll_sum`` over ``row.n_tokens`` tokens covering ``row.n_chars`` characters): the
 sequence cross-entropy that MinCE/AvgCE compare.
+
+With ``lookahead = L > 0`` it also stores ``pos.topk_next`` (T, K, L): for each candidate of
+the top-K other than the token that really follows, with probability at least
+``lookahead_min_prob`` at a position predicting a learned token, the model's own greedy
+continuation of L tokens after it (-1 elsewhere). A candidate is often a fragment of a word
+(``Ġp`` of `` pane``); which pivot token it stands for depends on the text it goes on with, and
+only the source knows that text (``fusechat.textalign``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,10 +38,18 @@ from tqdm import tqdm
 from fusechat.data import Message, encode, get_template, load_conversations, load_tokenizer
 from fusechat.errors import FusechatError
 from fusechat.io import fingerprint, read_manifest
-from fusechat.shards import begin_stage, finish_stage, ids_dtype, pack_ids, save_shard
+from fusechat.shards import (
+    begin_stage,
+    finish_stage,
+    ids_dtype,
+    pack_ids,
+    save_shard,
+    unpack_ids,
+)
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest
+VERSION = 4  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest;
+# 4: candidates' continuations (lookahead)
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,9 @@ class CaptureConfig:
     dtype: str = "auto"
     batch_tokens: int = 8192  # padded tokens per forward pass
     shard_rows: int = 256
+    tensor_parallel_size: int = 1  # vllm: GPUs one copy of the model spans
+    lookahead: int = 0  # greedy tokens stored after each alternative candidate (0: none)
+    lookahead_min_prob: float = 0.02  # candidates below this probability get none
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -130,21 +150,37 @@ def topk_and_gold(
     return top.indices.cpu().numpy(), top.values.cpu().numpy(), gold.cpu().numpy()
 
 
+def lookahead_requests(
+    top_ids: np.ndarray,
+    top_logprobs: np.ndarray,
+    input_ids: Sequence[int],
+    learned: np.ndarray,
+    min_prob: float,
+) -> list[tuple[int, int]]:
+    """The (position, slot) pairs whose candidate gets a stored continuation: at positions
+    predicting a learned token, every top-K candidate other than the token that really
+    follows (whose continuation is the row itself) with ``p >= min_prob``."""
+    t, i = np.nonzero(learned[:, None] & (np.exp(top_logprobs.astype(np.float64)) >= min_prob))
+    gold = np.append(np.asarray(input_ids[1:], dtype=np.int64), -1)
+    keep = top_ids[t, i] != gold[t]
+    return list(zip(t[keep].tolist(), i[keep].tolist(), strict=True))
+
+
 # --------------------------------------------------------------------------- backends
 
 
 class HFScorer:
-    """transformers forward passes; ``device_map="auto"`` spreads large models over GPUs."""
+    """transformers forward passes; ``device_map="auto"`` spreads a large model over the GPUs
+    (one process), or each data-parallel rank holds its own copy on its own GPU."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, device: int | None = None):
         from fusechat.data import load_model
 
         cuda = torch.cuda.is_available()
         if dtype == "auto":
             dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-        self.model = load_model(
-            path, dtype=getattr(torch, dtype), device_map="auto" if cuda else None
-        )
+        where = ("auto" if device is None else {"": device}) if cuda else None
+        self.model = load_model(path, dtype=getattr(torch, dtype), device_map=where)
         self.model.eval()
         self.vocab_size = self.model.config.vocab_size
 
@@ -168,11 +204,34 @@ class HFScorer:
             out.append(topk_and_gold(logits[i, : len(s)], targets, k))
         return out
 
+    @torch.inference_mode()
+    def continue_greedy(self, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:
+        """The ``n`` greedy tokens after each prompt (len(prompts), n): prompts left-padded
+        into one batch, then ``n - 1`` cached decoding steps."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        device = self.model.get_input_embeddings().weight.device
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        steps = [out.logits[:, -1].argmax(-1)]
+        for _ in range(n - 1):
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=steps[-1][:, None], attention_mask=attn, position_ids=pos,
+                             past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+            steps.append(out.logits[:, -1].argmax(-1))
+        return torch.stack(steps, 1).cpu().numpy()
+
 
 class VLLMScorer:
     """vLLM's ``prompt_logprobs``: the top-K at every prompt position in one prefill."""
 
-    def __init__(self, path: str, dtype: str, max_length: int, k: int):
+    def __init__(self, path: str, dtype: str, max_length: int, k: int, tensor_parallel: int = 1):
         try:
             from vllm import LLM
         except ImportError:
@@ -188,6 +247,7 @@ class VLLMScorer:
             max_logprobs=k + 1,
             enable_prefix_caching=False,
             seed=0,
+            tensor_parallel_size=tensor_parallel,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
@@ -222,6 +282,20 @@ class VLLMScorer:
                     gold[t] = d[full[t + 1]].logprob
             results.append((ids, lps, gold))
         return results
+
+    def continue_greedy(self, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:
+        """The ``n`` greedy tokens after each prompt (-1 after an end of sequence)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                 params, use_tqdm=False)  # fmt: skip
+        got = np.full((len(prompts), n), -1, np.int64)
+        for i, o in enumerate(outs):
+            toks = list(o.outputs[0].token_ids)[:n]
+            got[i, : len(toks)] = toks
+        return got
 
 
 # --------------------------------------------------------------------------- the stage
@@ -289,8 +363,12 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
         gold = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
         mask = np.array(row.labels_mask, dtype=bool)
         learned = np.append(mask[1:], False)  # position t predicts a learned token t+1
+        extra = {}
+        if cfg.lookahead:
+            extra["pos.topk_next"] = np.full((len(ids), cfg.k, cfg.lookahead), -1, np.int64)
         out.append(
             {
+                **extra,
                 "pos.input_ids": pack_ids(np.array(row.input_ids, np.int64), dtype),
                 "pos.labels_mask": mask,
                 "pos.byte_end": row.byte_end.astype(np.int32),
@@ -307,7 +385,105 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
                 "row.truncated": np.bool_(row.truncated),
             }
         )
+    if cfg.lookahead:
+        _lookahead(scorer, rows, out, cfg)
+    for o in out:
+        if "pos.topk_next" in o:
+            o["pos.topk_next"] = pack_ids(o["pos.topk_next"], dtype)
     return out
+
+
+def _lookahead(scorer, rows: Sequence[_Row], out: list[dict], cfg: CaptureConfig) -> None:
+    """Fill each row's ``pos.topk_next`` with its candidates' greedy continuations, the
+    prompts batched by length. A prompt is the scored window up to the position, then the
+    candidate: the context its probability was computed in."""
+    reqs, prompts = [], []
+    for r, (row, o) in enumerate(zip(rows, out, strict=True)):
+        top = unpack_ids(o["pos.topk_ids"])
+        learned = np.append(o["pos.labels_mask"][1:], False)
+        for t, i in lookahead_requests(top, o["pos.topk_logprobs"], row.input_ids, learned,
+                                       cfg.lookahead_min_prob):  # fmt: skip
+            start = t // cfg.max_length * cfg.max_length if cfg.overflow == "split" else 0
+            reqs.append((r, t, i))
+            prompts.append([*row.input_ids[start : t + 1], int(top[t, i])])
+    for batch in plan_batches([len(p) + cfg.lookahead for p in prompts], cfg.batch_tokens):
+        got = scorer.continue_greedy([prompts[j] for j in batch], cfg.lookahead)
+        for j, cont in zip(batch, got, strict=True):
+            r, t, i = reqs[j]
+            out[r]["pos.topk_next"][t, i] = cont
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """A whole capture (what ``fusechat run`` hands a launcher as one JSON file, so no
+    setting is lost on the way to its processes): ``capture(**job)`` minus ``overwrite``."""
+
+    config: CaptureConfig
+    data: str
+    out: str
+    data_format: str = "auto"
+    max_rows: int | None = None
+    strict: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CaptureJob:
+        d = json.loads(text)
+        return cls(**{**d, "config": CaptureConfig(**d["config"])})
+
+    def run(self, overwrite: bool = False) -> dict:
+        return capture(self.config, self.data, self.out, self.data_format, self.max_rows,
+                       overwrite, self.strict)  # fmt: skip
+
+    def launch_command(self, processes: int, job_file: Path) -> list[str]:
+        """``torchrun`` on this node with ``processes`` ranks; writes the job to ``job_file``."""
+        from fusechat.io import write_atomic
+
+        write_atomic(job_file, self.to_json())
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}", "-m", "fusechat.cli", "capture",
+                "--config", str(job_file)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel processes that a launcher (``torchrun``,
+    ``accelerate launch``) started: ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the
+    environment; one process when none is set."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                   int(env.get("LOCAL_RANK", 0)))  # fmt: skip
+
+    def shards(self, todo: Sequence[int]) -> list[int]:
+        """This rank's share: every ``world``-th shard, so each does the same amount."""
+        return list(todo[self.rank :: self.world])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _join(ranks: Ranks) -> bool:
+    """Join the launcher's process group (gloo: it only synchronises here; a day's timeout, so
+    ranks with uneven work wait for each other); True when this call created it."""
+    import datetime
+
+    if ranks.world == 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    if not torch.cuda.is_available():  # CPU ranks share the cores instead of oversubscribing
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return True
 
 
 def capture(
@@ -320,9 +496,22 @@ def capture(
     strict: bool = False,
 ) -> dict:
     """Run the capture stage into ``out``; resumes shard by shard (``strict``: a malformed
-    corpus row fails the stage instead of being skipped). Returns the manifest."""
+    corpus row fails the stage instead of being skipped). Returns the manifest.
+
+    Under a launcher (``torchrun --nproc_per_node N``, also across nodes on a shared
+    filesystem) each rank scores every N-th missing shard on its own device and rank 0 writes
+    the manifest once all exist: the same bytes as one process, since a shard's batches depend
+    on its rows alone. A killed run resumes at the missing shards, with any number of ranks."""
     if cfg.k < 1:
         raise FusechatError(f"k must be at least 1, got {cfg.k}")
+    if cfg.tensor_parallel_size > 1 and cfg.backend != "vllm":
+        raise FusechatError("tensor_parallel_size is a vllm setting (backend hf spreads a large "
+                            "model over the GPUs with device_map auto)")  # fmt: skip
+    if cfg.lookahead < 0 or not 0.0 <= cfg.lookahead_min_prob <= 1.0:
+        raise FusechatError(
+            f"lookahead must be >= 0 and lookahead_min_prob in [0, 1], got {cfg.lookahead} "
+            f"and {cfg.lookahead_min_prob}"
+        )
     get_template(cfg.template)
     convs, report = load_conversations(data, data_format, strict=strict, max_rows=max_rows)
     tokenizer = load_tokenizer(cfg.model)
@@ -347,28 +536,56 @@ def capture(
             f"k = {cfg.k} is larger than the vocabulary of {cfg.model} ({len(tokenizer)} tokens)"
         )
     out = Path(out)
-    done = begin_stage(out, key, overwrite)
+    ranks = Ranks.from_env()
+    if ranks.world > 1 and cfg.backend == "vllm":
+        raise FusechatError(
+            "capture: backend vllm runs one process (set tensor_parallel_size for a model "
+            "larger than one GPU); data-parallel processes are for backend hf"
+        )
+    created = _join(ranks)
+    try:
+        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, data) -> dict:
+    """``capture`` once the rows and the key are known: this rank's shards, then the manifest."""
+    if ranks.rank == 0:  # one process prepares the folder (and clears it with overwrite)
+        done = begin_stage(out, key, overwrite)
+    ranks.barrier()
+    if ranks.rank != 0:
+        done = begin_stage(out, key, prepared=True)
     if done is None:
         log.info("%s: capture already complete", out)
         return read_manifest(out)
     n_shards = -(-len(rows) // cfg.shard_rows)
     todo = [s for s in range(n_shards) if s not in done]
-    total = sum(
-        len(r.input_ids) for s in todo for r in rows[s * cfg.shard_rows :][: cfg.shard_rows]
-    )
+    mine = ranks.shards(todo)
+
+    def tokens(shards):
+        return sum(len(r.input_ids) for s in shards for r in rows[s * cfg.shard_rows :][: cfg.shard_rows])  # fmt: skip
+
+    total = tokens(todo)
     seconds, written = 0.0, {}
-    if todo:
+    t0 = time.perf_counter()
+    if mine:
         scorer = (
-            VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k)
+            VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k, cfg.tensor_parallel_size)
             if cfg.backend == "vllm"
-            else HFScorer(cfg.model, cfg.dtype)
+            else HFScorer(cfg.model, cfg.dtype, ranks.local if ranks.world > 1 else None)
         )
-        t0 = time.perf_counter()
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {out.name}") as bar:
-            for s in todo:
+        desc = f"capture {out.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
+        with tqdm(total=tokens(mine), unit="tok", unit_scale=True, desc=desc) as bar:
+            for s in mine:
                 shard_rows = rows[s * cfg.shard_rows : (s + 1) * cfg.shard_rows]
                 written[s] = save_shard(out, s, _score_shard(scorer, shard_rows, cfg, bar))
-        seconds = time.perf_counter() - t0
+    ranks.barrier()  # every shard exists
+    seconds = time.perf_counter() - t0 if todo else 0.0
+    if ranks.rank != 0:
+        ranks.barrier()  # rank 0 writes the manifest
+        return read_manifest(out)
     stats = {
         "rows": len(rows),
         "skipped_rows": len(report.skipped),
@@ -382,6 +599,7 @@ def capture(
         "tokens_per_s": round(total / seconds, 1) if seconds > 0 and total else None,
         "model_path": cfg.model,
         "data_path": str(data),
+        "processes": ranks.world,
     }
     log.info(
         "captured %d rows (%d positions, %d truncated, %d split) at %s tokens/s",
@@ -391,4 +609,6 @@ def capture(
         stats["split"],
         stats["tokens_per_s"],
     )
-    return finish_stage(out, key, n_shards, stats, written)
+    manifest = finish_stage(out, key, n_shards, stats, written)
+    ranks.barrier()
+    return manifest

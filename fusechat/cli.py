@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fusechat import __version__
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> int:
@@ -44,11 +44,24 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import CaptureConfig, CaptureJob, capture
     from fusechat.recipe import CaptureSection, Data, check_options
 
+    if args.config:  # every setting from one file (what `fusechat run` hands torchrun)
+        try:
+            job = CaptureJob.from_json(Path(args.config).read_text())
+        except (ValueError, TypeError, KeyError) as e:
+            raise FusechatError(f"{args.config}: not a capture job ({first_line(e)})") from None
+        m = job.run(args.overwrite)
+        print(json.dumps({"out": job.out, **m["stats"]}))
+        return 0
+    missing = [f"--{n}" for n in ("model", "data", "out") if getattr(args, n) is None]
+    if missing:
+        raise FusechatError(f"capture: {', '.join(missing)} required (or --config)")
+
     check_options(CaptureSection, {k: getattr(args, k) for k in
-                                   ("k", "max_length", "batch_tokens", "shard_rows")})  # fmt: skip
+                                   ("k", "max_length", "batch_tokens", "shard_rows",
+                                    "lookahead", "lookahead_min_prob")})  # fmt: skip
     check_options(Data, {"path": args.data, "max_rows": args.max_rows})
 
     cfg = CaptureConfig(
@@ -62,6 +75,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_tokens=args.batch_tokens,
         shard_rows=args.shard_rows,
+        lookahead=args.lookahead,
+        lookahead_min_prob=args.lookahead_min_prob,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     m = capture(cfg, args.data, args.out, args.format, args.max_rows, args.overwrite, args.strict)
     print(json.dumps({"out": args.out, **m["stats"]}))
@@ -438,9 +454,17 @@ def _add_fusion_commands(sub) -> None:
         "(safetensors) with a manifest; an interrupted capture resumes at the first missing "
         "shard and gives byte-identical shards.",
     )
-    c.add_argument("--model", required=True, help="model folder or hub id")
-    c.add_argument("--data", required=True, help="chat corpus (.json, .jsonl, .parquet, dataset)")
-    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--model", help="model folder or hub id (required without --config)")
+    c.add_argument(
+        "--data", help="chat corpus (.json, .jsonl, .parquet, dataset) (required without --config)"
+    )
+    c.add_argument("--out", help="output folder (required without --config)")
+    c.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a whole capture job as JSON (written by fusechat run for torchrun); "
+        "other options are then ignored",
+    )
     c.add_argument(
         "--template",
         default="tokenizer",
@@ -474,6 +498,21 @@ def _add_fusion_commands(sub) -> None:
         "--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (8192)"
     )
     c.add_argument("--shard-rows", type=int, default=256, help="conversations per shard (256)")
+    c.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="backend vllm: GPUs one copy of the model spans (1)")  # fmt: skip
+    c.add_argument(
+        "--lookahead",
+        type=int,
+        default=0,
+        help="for a source: greedy tokens stored after each alternative candidate, "
+        "so the text alignment maps word fragments by the word they begin (0: none)",
+    )
+    c.add_argument(
+        "--lookahead-min-prob",
+        type=float,
+        default=0.02,
+        help="candidates below this probability get no continuation (0.02)",
+    )
     c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"],
                    help="corpus row format (auto: detected per row)")  # fmt: skip
     c.add_argument("--max-rows", type=int, help="use only the first N rows of the corpus")

@@ -15,17 +15,19 @@ def id_bytes(vocab_size: int) -> int:
     return 2 if vocab_size < 65535 else 4
 
 
-def stage_bytes_per_position(k: int, ids: int) -> dict[str, int]:
+def stage_bytes_per_position(k: int, ids: int, lookahead: int = 0) -> dict[str, int]:
     """On-disk bytes per pivot position of each stage's shards (``fusechat.shards``):
 
     - capture: input id, label mask (1), UTF-8 byte end (4), top-K ids and fp16 log-probs,
-      the gold token's fp16 log-prob;
+      the gold token's fp16 log-prob; a source's adds K x lookahead continuation ids;
     - align: K ids, K fp16 probabilities, a valid flag;
     - fuse (pairwise): input id, label mask, the fused target's 2K + 1 ids and fp16 probs
       (pivot K, source K, the gold fallback).
     """
+    capture = ids + 1 + 4 + k * (ids + 2) + 2
     return {
-        "capture": ids + 1 + 4 + k * (ids + 2) + 2,
+        "capture": capture,
+        "capture_source": capture + k * lookahead * ids,
         "align": k * (ids + 2) + 1,
         "fuse": ids + 1 + (2 * k + 1) * (ids + 2),
     }
@@ -93,15 +95,16 @@ def estimate_lines(recipe) -> list[str]:
         tok = None
     rows, tokens, exact = count_tokens(recipe, tok)
     ids = id_bytes(len(tok)) if tok is not None else 4
-    per = stage_bytes_per_position(recipe.capture.k, ids)
+    per = stage_bytes_per_position(recipe.capture.k, ids, recipe.capture.lookahead)
     n_src = len(recipe.models.sources)
     how = "counted" if exact else "bound: rows x max length" if rows else "unknown offline"
     lines = [f"estimate: {rows:,} conversations, {tokens:,} pivot tokens ({how})"]
     if not rows:
         tokens = 1000 * recipe.capture.max_length
         lines.append("  (sizes below per 1,000 conversations of capture.max_length tokens)")
-    lines.append(f"  capture  {1 + n_src} models x {_size(tokens * per['capture'])} "
-                 f"({per['capture']} bytes per position; sources' vocabularies may differ)")  # fmt: skip
+    lines.append(f"  capture  pivot {_size(tokens * per['capture'])}, {n_src} sources x "
+                 f"{_size(tokens * per['capture_source'])} ({per['capture']} / "
+                 f"{per['capture_source']} bytes per position; sources' vocabularies may differ)")  # fmt: skip
     lines.append(f"  align    {n_src} x {_size(tokens * per['align'])}")
     lines.append(f"  fuse     {n_src} x {_size(tokens * per['fuse'])}")
     for m in recipe.models.all:

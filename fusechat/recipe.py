@@ -43,6 +43,8 @@ class ModelSpec(_Section):
     name: str | None = None  # defaults to the last component of ``path``
     dtype: Dtype = "auto"
     template: str = "tokenizer"  # its own conversation format: a named template or 'tokenizer'
+    # capture with backend vllm: GPUs one copy spans (NH2-Mixtral-8x7B in bf16: 2 x 80 GB)
+    tensor_parallel_size: PositiveInt = 1
 
     @field_validator("template")
     @classmethod
@@ -99,6 +101,7 @@ class Data(_Section):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class CaptureSection(_Section):
@@ -110,6 +113,14 @@ class CaptureSection(_Section):
     backend: Literal["hf", "vllm"] = "hf"
     batch_tokens: PositiveInt = 8192
     shard_rows: PositiveInt = 256
+    # sources only: greedy tokens stored after each alternative candidate, so the text
+    # alignment maps a word fragment (`Ġp` of ` pane`) to the pivot token the word begins
+    # with; costs one short generation per candidate above lookahead_min_prob
+    lookahead: NonNegativeInt = 0
+    lookahead_min_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
+    # data-parallel ranks on this node (torchrun; backend hf): each scores its share of the
+    # shards on its own GPU, the same bytes as one process. Several nodes: README
+    processes: PositiveInt = 1
 
 
 class AlignSection(_Section):

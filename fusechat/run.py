@@ -129,6 +129,8 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
     caps: dict[str, Step] = {}
     c = recipe.capture
     for m in recipe.models.all:
+        # the pivot's candidates are its own tokens: nothing to map, no lookahead
+        lookahead = 0 if m.label == pivot_label else c.lookahead
         cfg = CaptureConfig(
             model=m.resolved,
             template=template,
@@ -140,22 +142,31 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
             dtype=m.dtype,
             batch_tokens=c.batch_tokens,
             shard_rows=c.shard_rows,
+            lookahead=lookahead,
+            lookahead_min_prob=c.lookahead_min_prob,
+            tensor_parallel_size=m.tensor_parallel_size,
         )
 
         def run_capture(step, cfg=cfg):
-            from fusechat.capture import capture
+            from fusechat.capture import CaptureJob
 
             d = recipe.data
-            return lambda: capture(cfg, data_path, step.out, d.format, d.max_rows, strict=d.strict)
+            job = CaptureJob(cfg, data_path, str(step.out), d.format, d.max_rows, d.strict)
+            return lambda: _capture(job, c.processes)
 
         # the model's dtype shapes its distributions; strict decides which rows are kept
-        # batch_tokens is the padding budget of a forward pass: speed, not results (the
-        # capture stage's own key leaves it out too)
-        key = {"model": ids[m.label], "capture": c.model_dump(exclude={"batch_tokens"}),
+        # batch_tokens (the padding budget of a forward pass) and processes (data-parallel
+        # ranks) are speed, not results (the capture stage's own key leaves them out too)
+        capture_key = {**c.model_dump(exclude={"batch_tokens", "processes"}),
+                       "lookahead": lookahead,
+                       "lookahead_min_prob": c.lookahead_min_prob if lookahead else None}  # fmt: skip
+        key = {"model": ids[m.label], "capture": capture_key,
                "template": template,
                "render_with": ids[pivot_label] if render_with else None, "data": data_fp,
                "max_rows": recipe.data.max_rows, "format": recipe.data.format,
-               "dtype": m.dtype, "strict": recipe.data.strict}  # fmt: skip
+               "dtype": m.dtype, "strict": recipe.data.strict,
+               # parallel reductions round differently: a conservative key
+               "tensor_parallel_size": m.tensor_parallel_size}  # fmt: skip
         caps[m.label] = add("capture", m.label, key, run_capture)
     pivot = recipe.models.pivot
     pcap = caps[pivot.label]
@@ -269,6 +280,19 @@ def train_config(recipe: Recipe, lam: float):
         save_steps=t.save_steps, logging_steps=t.logging_steps, seed=recipe.seed, lora=lora,
         heldout=expand(t.heldout) if t.heldout else None, eval_steps=t.eval_steps,
     )  # fmt: skip
+
+
+def _capture(job, processes: int) -> None:
+    """In this process, or data-parallel under torchrun with ``processes`` ranks (the same
+    bytes)."""
+    if processes == 1:
+        job.run()
+        return
+    out = Path(job.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = job.launch_command(processes, out.with_name(f"{out.name}.capture.json"))
+    if subprocess.run(cmd).returncode != 0:
+        raise FusechatError(f"capture {out.name}: torchrun failed (see its log above)")
 
 
 def _train(recipe: Recipe, pivot: str, data: Path, out: Path, lam: float) -> None:

@@ -131,17 +131,22 @@ def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------- writing a stage
 
 
-def begin_stage(folder: str | os.PathLike, key: dict, overwrite: bool = False) -> set[int] | None:
+def begin_stage(
+    folder: str | os.PathLike, key: dict, overwrite: bool = False, prepared: bool = False
+) -> set[int] | None:
     """Prepare ``folder`` for a stage with settings ``key``.
 
     Returns None when the stage is already complete with these settings, else the indices of
     shards already written (resume). A folder made with other settings is an error unless
-    ``overwrite``, in which case its shards are removed.
+    ``overwrite``, in which case its shards are removed. ``prepared``: another process of the
+    same run has prepared it; only read what is there.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("key") == key:
         return None
+    if prepared:
+        return {int(p.name[6:11]) for p in folder.glob("shard-*.safetensors")}
     stage = folder / STAGE
     if stage.exists() or manifest is not None:
         old = read_json(stage) if stage.exists() else manifest.get("key")

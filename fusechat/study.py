@@ -208,11 +208,14 @@ def run_study(recipe: str, seeds: Sequence[int], overrides: Sequence[str] = ()) 
     result = analyse(runs)
     result["same_tokens_per_step"] = same_tokens(runs, result["clm"])
     result["overrides"] = list(overrides)
+    paths = sorted(m["path"] for r in runs.values() for m in r["models"].values())
     folder = (
         Path(expand(r.run_dir))
         / r.name
         / "study"
-        / (f"study-{fingerprint([list(overrides), sorted(seeds)])[:10]}")
+        # named by what was run (the models' folders carry their step keys): a study of a
+        # changed recipe never overwrites the report of another
+        / f"study-{fingerprint([list(overrides), sorted(seeds), paths])[:10]}"
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "study.json", {**result, "runs": {str(k): v for k, v in runs.items()}})

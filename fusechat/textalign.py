@@ -15,7 +15,12 @@ position t has read the text up to ``c = c_t``; its gold next token ``g`` spans 
    inside ``g`` (the source cuts the text finer: ``Ġv`` + ``iolet`` against ``▁viole``), its
    mass is carried to the source's next position, whose candidates continue
    ``w = text[c:a_{j+1}] + T_v``. Every other candidate's mass goes to ``pi(w)``, the first
-   token of the pivot's tokenization of ``w`` (``fusechat.tokens.FirstToken``).
+   token of the pivot's tokenization of ``w`` (``fusechat.tokens.FirstToken``). Where the
+   capture stored the source's own continuation of a candidate (``lookahead``), ``T_v`` is
+   the candidate's text followed by it: a fragment (``Ġp``, of `` pane``) then maps to the
+   pivot token the word begins with (``▁pane``), not to the fragment's own (``▁p``), and a
+   candidate no longer than the text read (``ĠK`` after ``▁K``, of `` Kaiba``) is no longer
+   dropped.
 
    So ``q(g) = prod_i p_i(gold)`` over the source tokens that cover ``g``: the chunk
    likelihood of the gold text that ALM (arXiv 2503.20083) matches, and every alternative
@@ -69,6 +74,18 @@ class SourceVocab:
         )
 
 
+def continuations(top_next: np.ndarray | None, vocab: SourceVocab) -> dict[tuple[int, int], bytes]:
+    """(source position, top-K slot) -> the text of the candidate's captured continuation."""
+    if top_next is None:
+        return {}
+    jj, ii = np.nonzero(top_next[:, :, 0] >= 0)
+    sb = vocab.bytes
+    return {
+        (j, i): b"".join(sb[x] for x in top_next[j, i].tolist() if x >= 0)
+        for j, i in zip(jj.tolist(), ii.tolist(), strict=True)
+    }
+
+
 def _walk(
     j: int,
     c: int,
@@ -77,9 +94,11 @@ def _walk(
     row: tuple[list, list, list, list, list],
     vocab: SourceVocab,
     first_ids: list[int],
+    conts: dict[tuple[int, int], bytes],
 ) -> tuple[dict[int, float], float, float]:
     """Steps 1-2 for one position. ``row``: the source's ids, byte ends, top-K ids, top-K
     probabilities and gold probabilities as Python lists (the walk is scalar code);
+    ``conts``: (source position, top-K slot) -> the candidate's stored continuation;
     ``first_ids``: the first step's top-K ids with the candidates that cannot fit the text
     read already set to -1 (a vectorised prefilter on first bytes and lengths). Returns
     pivot id -> mass, the gold text's probability ``P(text[c:c'] | text[:c])`` along the gold
@@ -106,10 +125,12 @@ def _walk(
         gold_mass = gold_p[j] if nxt >= 0 else 0.0
         if first_step:
             consistent += gold_mass
-        for v, p in zip(first_ids if first_step else top_ids[j], top_p[j], strict=True):
+        cands = first_ids if first_step else top_ids[j]
+        for i, (v, p) in enumerate(zip(cands, top_p[j], strict=True)):
             if v < 0 or p <= 0.0 or v == nxt:
                 continue  # padding, or the gold token (its probability is gold_p)
-            tv = sb[v]
+            ext = conts.get((j, i)) if conts else None
+            tv = sb[v] if ext is None else sb[v] + ext
             if r:
                 if len(tv) <= len(r) or not tv.startswith(r):
                     continue  # impossible after the text read, or its continuation unknown
@@ -117,7 +138,7 @@ def _walk(
             elif emitted:
                 w = emitted + tv
             else:
-                w = None
+                w = None if ext is None else tv
             pid = table[v] if w is None else memo.get(w)
             if pid is None:
                 pid = first(w)
@@ -150,6 +171,7 @@ def align_text(
     positions: np.ndarray,
     vocab: SourceVocab,
     k: int,
+    top_next: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The source's distribution over pivot tokens at each of ``positions`` (pivot positions
     whose next token is learned), by the three steps in the module docstring.
@@ -157,7 +179,8 @@ def align_text(
     Inputs: the pivot's ids and byte ends; the source's ids, byte ends, top-K (ids and
     log-probabilities, -1 = padding) and the log-probability of its gold next token at each
     position (known also where the gold token is outside the top-K); ``vocab``, the source
-    vocabulary seen from the pivot. Returns ``ids`` (T, k; -1 padding), ``probs`` (T, k; rows
+    vocabulary seen from the pivot; ``top_next`` (T, K, L), the source's greedy continuation
+    of each candidate where captured (-1 elsewhere; None: none captured). Returns ``ids`` (T, k; -1 padding), ``probs`` (T, k; rows
     sum to 1 where valid), ``valid`` (T,), ``gold_prob`` (T; the source's probability of the
     pivot's gold next-token text, NaN where not computed), ``placed`` (T; mass placed over the
     context-consistent mass) and ``gold_only`` (T; no alternative to the gold path was
@@ -179,6 +202,11 @@ def align_text(
         return out
     top_p = np.where(top_ids >= 0, np.exp(top_logprobs.astype(np.float64)), 0.0)
     gold_p = np.exp(gold_logprobs.astype(np.float64))
+    conts = continuations(top_next, vocab)
+    # a candidate's text length, with its continuation where one was captured
+    full_len = vocab.lengths[np.clip(top_ids, 0, None)]
+    for (jj, i), ext in conts.items():
+        full_len[jj, i] += len(ext)
     c, c_next, g = p_ends[positions], p_ends[positions + 1], p_ids[positions + 1]
     j = np.searchsorted(s_ends, c, side="right") - 1
     jc, jn = np.clip(j, 0, None), np.clip(j + 1, 0, m - 1)
@@ -190,6 +218,12 @@ def align_text(
     ids = top_ids[f_j]
     p = np.where(ids == f_gold[:, None], 0.0, top_p[f_j])  # the gold comes from gold_p
     mapped = np.where(ids >= 0, vocab.table[np.clip(ids, 0, None)], -1)
+    if conts:  # candidates with a continuation map by their whole text
+        row_of = {jj: n for n, jj in enumerate(f_j.tolist())}
+        for (jj, i), ext in conts.items():
+            n = row_of.get(jj)
+            if n is not None and ids[n, i] >= 0:
+                mapped[n, i] = vocab.first(vocab.bytes[ids[n, i]] + ext)
     mapped = np.concatenate([f_g[:, None], mapped], axis=1)
     p = np.concatenate([gold_p[f_j][:, None], p], axis=1)
     placed_p = np.where(mapped >= 0, p, 0.0)
@@ -207,7 +241,7 @@ def align_text(
         cand = top_ids[wj]
         inside = (s_ends[wj] < c[walk])[:, None]
         lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
-        long = vocab.lengths[np.clip(cand, 0, None)] > (c[walk] - s_ends[wj])[:, None]
+        long = full_len[wj] > (c[walk] - s_ends[wj])[:, None]
         first = np.where(~inside | (lead & long), cand, -1)
         # inside a source token whose gold token covers g, with no alternative left after the
         # prefilter: the walk's answer is known (all mass on g, P(gold text | context) = 1)
@@ -235,7 +269,7 @@ def align_text(
                 strict=True,
             )
         ):
-            masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n])
+            masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n], conts)
             if masses:
                 total = sum(masses.values())
                 placed_w[n] = total / cons if cons > 0 else 0.0

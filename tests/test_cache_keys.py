@@ -53,6 +53,8 @@ CHANGES = {
     "models.pivot.dtype": ("float32", []),
     "models.sources[0].path": ("SOURCE_COPY", []),
     "models.sources[0].dtype": ("float32", []),
+    "models.sources[0].tensor_parallel_size": ("2", ["capture.backend=vllm"]),
+    "models.pivot.tensor_parallel_size": ("2", ["capture.backend=vllm"]),
     "data.path": ("CORPUS_COPY", []),
     "data.format": ("messages", []),
     "data.max_rows": ("100", []),
@@ -63,6 +65,8 @@ CHANGES = {
     "capture.overflow": ("split", []),
     "capture.backend": ("vllm", []),
     "capture.shard_rows": ("64", []),
+    "capture.lookahead": ("2", []),
+    "capture.lookahead_min_prob": ("0.1", ["capture.lookahead=2"]),
     "align.method": ("exact", []),
     "align.sequence": ("dtw", ["align.method=exact"]),
     "fuse.method": ("avgCE", []),
@@ -114,6 +118,7 @@ ALLOWED = {
     "models.pivot.template": "the rendering is data.template's when set, as in this recipe",
     "models.sources[0].template": "informational: every model reads the pivot's rendering",
     "capture.batch_tokens": "the padding budget of a forward pass: speed, not results",
+    "capture.processes": "data-parallel ranks: byte-identical output (test_capture)",
     "align.workers": "processes sharing the shards: byte-identical output (test_capture)",
     "fuse.workers": "processes sharing the shards: byte-identical output (test_capture)",
 }
@@ -174,7 +179,7 @@ def test_an_allowed_setting_changes_no_key(base, leaf):
     value = {"name": "mini2", "run_dir": str(root / "elsewhere"), "models.pivot.name": "piv",
              "models.sources[0].name": "mix", "models.pivot.template": "chatml",
              "models.sources[0].template": "openchat", "capture.batch_tokens": "1024",
-             "align.workers": "2", "fuse.workers": "2"}[leaf]  # fmt: skip
+             "align.workers": "2", "fuse.workers": "2", "capture.processes": "2"}[leaf]  # fmt: skip
     before = _keys(raw, [], root)
     after = _keys(raw, [f"{leaf}={value}"], root)
     # keys are equal step by step (renamed steps compared by position in the plan)

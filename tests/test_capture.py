@@ -14,9 +14,17 @@ import pytest
 import torch
 
 from fusechat.align import align
-from fusechat.capture import CaptureConfig, capture, plan_batches, segments
+from fusechat.capture import (
+    CaptureConfig,
+    CaptureJob,
+    capture,
+    lookahead_requests,
+    plan_batches,
+    segments,
+)
 from fusechat.cli import main
 from fusechat.fuse import fuse_stage, sequence_ce
+from fusechat.io import read_manifest
 from fusechat.shards import StageReader, save_shard, unpack_ids
 
 ROWS = 40
@@ -34,6 +42,8 @@ def stages(toy_world, tmp_path_factory):
     data = toy_world / "corpus" / "heldout.jsonl"
     capture(_cfg(toy_world, "openchat-mini"), data, d / "cap-pivot", max_rows=ROWS)
     capture(_cfg(toy_world, "nh2-mixtral-mini"), data, d / "cap-mixtral", max_rows=ROWS)
+    capture(_cfg(toy_world, "nh2-mixtral-mini", lookahead=3), data, d / "cap-mixtral-la",
+            max_rows=ROWS)  # fmt: skip
     align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral")
     align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", method="exact")
     fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
@@ -78,6 +88,37 @@ def test_capture_matches_a_direct_forward_pass(stages, toy_world):
         nll = token_nll(model(input_ids=ids).logits, ids)[predicts_label(mask)]
         assert int(r["row.n_tokens"]) == nll.numel() > 0
         assert float(r["row.nll_sum"]) == pytest.approx(nll.sum().item(), rel=1e-4)
+
+
+def test_lookahead_stores_each_alternatives_greedy_continuation(stages, toy_world):
+    from transformers import AutoModelForCausalLM
+
+    plain, la = (
+        _rows(stages / "cap-mixtral", "capture"),
+        _rows(stages / "cap-mixtral-la", "capture"),
+    )
+    model = AutoModelForCausalLM.from_pretrained(toy_world / "nh2-mixtral-mini").eval()
+    checked, same = 0, 0
+    for a, b in zip(plain, la, strict=True):
+        assert "pos.topk_next" not in a
+        for k in a:  # the distributions themselves are untouched
+            np.testing.assert_array_equal(a[k], b[k])
+        ids, top = unpack_ids(b["pos.input_ids"]), unpack_ids(b["pos.topk_ids"])
+        nxt = unpack_ids(b["pos.topk_next"])
+        learned = np.append(b["pos.labels_mask"][1:], False)
+        reqs = lookahead_requests(top, b["pos.topk_logprobs"], ids.tolist(), learned, 0.02)
+        # exactly the requested candidates have a continuation, of 3 tokens each
+        assert set(zip(*np.nonzero(nxt[:, :, 0] >= 0), strict=True)) == set(reqs)
+        assert (nxt[nxt[:, :, 0] >= 0] >= 0).all() and (nxt[nxt[:, :, 0] < 0] < 0).all()
+        assert all(top[t, i] != ids[t + 1] for t, i in reqs)  # never the gold token
+        for t, i in reqs[:: max(1, len(reqs) // 4)]:  # a few per row, against generate()
+            prompt = torch.tensor([[*ids[: t + 1], top[t, i]]])
+            with torch.no_grad():
+                want = model.generate(prompt, max_new_tokens=3, do_sample=False,
+                                      pad_token_id=0)[0, -3:]  # fmt: skip
+            checked += 1
+            same += want.tolist() == nxt[t, i].tolist()
+    assert checked > 40 and same / checked > 0.95, (same, checked)
 
 
 def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_path):
@@ -139,6 +180,43 @@ def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     assert names == sorted(p.name for p in out.glob("shard-*")) and len(names) == 12
     for n in names:
         assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+
+
+def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_path):
+    """Two data-parallel ranks (torchrun, gloo on CPU) write the bytes one process writes;
+    killed after their first shards, the rerun resumes and ends the same."""
+    import os
+    import signal
+
+    data = toy_world / "corpus" / "heldout.jsonl"
+    cfg = _cfg(toy_world, "nh2-mixtral-mini", shard_rows=8, batch_tokens=512, lookahead=2)
+    ref = tmp_path / "ref"
+    capture(cfg, data, ref, max_rows=96)
+    job = CaptureJob(cfg, str(data), str(tmp_path / "dp"), max_rows=96)
+    cmd = job.launch_command(2, tmp_path / "job.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, deadline = Path(job.out), time.time() + 180
+    while len(list(out.glob("shard-*.safetensors"))) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    # kill one rank mid-run; torchrun then stops the other and fails
+    ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(ranks[0]), signal.SIGKILL)
+    assert proc.wait() != 0
+    assert not (out / "manifest.json").exists(), "capture finished before it could be killed"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    assert 2 <= len(before) < 12
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {n: (out / n).stat().st_mtime_ns for n in before} == before  # kept, not redone
+    got, want = json.loads((out / "manifest.json").read_text()), read_manifest(ref)
+    assert got["checksums"] == want["checksums"] and len(got["checksums"]) == 12
+    assert (
+        got["stats"]["processes"] == 2 and got["stats"]["tokens_scored"] < got["stats"]["positions"]
+    )
+    for n in want["checksums"]:
+        assert (out / n).read_bytes() == (ref / n).read_bytes(), n
+    StageReader(out, "capture").verify()
 
 
 def test_self_alignment_is_the_identity(stages, tmp_path):
@@ -347,6 +425,11 @@ def test_dry_run_bytes_per_position_match_the_shards(stages):
     for stage, folder in (("capture", "cap-pivot"), ("align", "al-mixtral"), ("fuse", "fused")):
         size = sum(p.stat().st_size for p in (stages / folder).glob("shard-*.safetensors"))
         assert per[stage] <= size / positions <= 1.05 * per[stage] + 8, (stage, size / positions)
+    # a source's capture with lookahead 3, per source position
+    positions = StageReader(stages / "cap-mixtral-la", "capture").manifest["stats"]["positions"]
+    per = stage_bytes_per_position(10, 2, 3)["capture_source"]
+    size = sum(p.stat().st_size for p in (stages / "cap-mixtral-la").glob("shard-*.safetensors"))
+    assert per <= size / positions <= 1.05 * per + 8, size / positions
 
 
 def test_paper_recipe_dry_run_estimates_offline(capsys):

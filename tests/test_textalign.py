@@ -65,6 +65,40 @@ def test_source_token_shorter_than_the_pivot_token():
     assert _dense(out, 2) == {3: 1.0}
 
 
+def test_fragments_map_by_the_continuation_the_source_captured():
+    # "means bread": pivot means | ▁bread ; source means | Ġbread. The source's alternatives
+    # are fragments: Ġp (of " pane", continuing "ane") and ĠK (of " Kaiba", continuing "aiba")
+    pivot = ["means", " bread", " pane", " p", " K", "a", "ai", "iba", "for"]
+    source = ["means", " bread", " p", "ane", " K", "aiba", " Ka", "for"]
+    v = _vocab(pivot, source)
+    p_ids, p_ends = np.array([0, 1]), np.array([5, 11])
+    s_ids, s_ends = np.array([0, 1]), np.array([5, 11])
+    ids, lp = _top([{1: 0.5, 2: 0.3, 4: 0.2}, {}])
+    gold = np.log(np.array([0.5, 1.0]))
+    nxt = np.full((2, 3, 2), -1)
+    nxt[0, 1] = [3, -1]  # Ġp -> "ane"
+    nxt[0, 2] = [5, -1]  # ĠK -> "aiba"
+    without = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(2), v, 4)
+    with_next = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(2), v, 4, nxt)
+    # without the continuation Ġp lands on the pivot's ▁p, a token it never emits for " pane"
+    assert _dense(without, 0) == {1: 0.5, 3: 0.3, 4: 0.2}
+    assert _dense(with_next, 0) == {1: 0.5, 2: 0.3, 4: 0.2}
+    # inside a source token: "Kafor", pivot ▁K | a | for, source ĠKa | for; the alternative
+    # ĠK (Kaiba) is no longer than the text read (" K"): dropped without its continuation,
+    # kept as "ai" with it
+    p_ids, p_ends = np.array([0, 4, 5, 8]), np.array([5, 7, 8, 11])
+    s_ids, s_ends = np.array([0, 6, 7]), np.array([5, 8, 11])
+    ids, lp = _top([{6: 0.75, 4: 0.25}, {7: 1.0}, {}])
+    gold = np.log(np.array([0.75, 1.0, 1.0]))
+    nxt = np.full((3, 3, 2), -1)
+    nxt[0, 1] = [5, -1]
+    without = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4)
+    with_next = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4, nxt)
+    assert _dense(without, 0) == _dense(with_next, 0) == {4: 1.0}
+    assert _dense(without, 1) == {5: 1.0}
+    assert _dense(with_next, 1) == pytest.approx({5: 0.75, 6: 0.25}, abs=1e-3)
+
+
 def test_gold_outside_the_top_k_still_gives_the_gold_path():
     pivot = ["a", "b", "c", "x"]
     source = ["a", "bc", "x"]
@@ -138,10 +172,16 @@ def test_a_certain_source_gives_every_pivot_position_its_own_gold_token(real_pai
 # --------------------------------------------------------------------------- an independent oracle
 
 
-def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb):
+def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb,
+               top_next):  # fmt: skip
     """align_text written plainly from its docstring, position by position with dicts: no
-    vectorised paths, no prefilter, ``pi`` as the longest pivot token that prefixes ``w``.
+    vectorised paths, no prefilter, ``pi`` as the longest pivot token that prefixes ``w``,
+    a candidate's text followed by its continuation where ``top_next`` holds one.
     Returns {t: (masses, gold_prob, placed, gold_only)} for every position it defines."""
+
+    def cand_text(j: int, slot: int) -> bytes:
+        cont = [x for x in top_next[j, slot] if x >= 0] if top_next is not None else []
+        return sb[top_ids[j, slot]] + b"".join(sb[x] for x in cont)
 
     def pi(w: bytes) -> int:
         best = max((i for i, b in enumerate(pb) if b and w.startswith(b)),
@@ -179,12 +219,13 @@ def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, posit
             gm = gold_p[j] if nxt >= 0 else 0.0
             if first:
                 consistent += gm
-            for v, p in zip(top_ids[j], top_p[j], strict=True):
+            for slot, (v, p) in enumerate(zip(top_ids[j], top_p[j], strict=True)):
                 if v < 0 or p <= 0 or v == nxt:
                     continue
-                if read and not (len(sb[v]) > len(read) and sb[v].startswith(read)):
+                tv = cand_text(j, slot)
+                if read and not (len(tv) > len(read) and tv.startswith(read)):
                     continue
-                w = sb[v][len(read) :] if read else emitted + sb[v]
+                w = tv[len(read) :] if read else emitted + tv
                 if first:
                     consistent += p
                 if pi(w) >= 0:
@@ -249,18 +290,25 @@ def _random_case(rng: np.random.Generator):
             top_p[j, list(cands).index(s_ids[j + 1])] = gold_p[j]
     positions = np.flatnonzero(rng.random(len(p_ids)) < 0.8)
     pb, sb = [x.encode() for x in pivot], [x.encode() for x in source]
-    return text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb
+    top_next = None
+    if rng.random() < 0.5:  # continuations for some candidates, as a capture's lookahead
+        top_next = np.where(
+            rng.random((m, k, 3)) < 0.8, rng.integers(0, len(source), (m, k, 3)), -1
+        )
+        top_next[rng.random((m, k)) < 0.5, 0] = -1  # no continuation for these candidates
+        top_next[top_next[:, :, 0] < 0] = -1
+    return text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb, top_next
 
 
 @pytest.mark.parametrize("seed", range(150))
 def test_align_text_equals_the_plain_reference(seed):
     case = _random_case(np.random.default_rng(seed))
-    text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb = case
+    text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb, nxt = case
     vocab = SourceVocab.build(sb, FirstToken(None, pb))
     with np.errstate(divide="ignore"):
         lp, glp = np.log(top_p), np.log(gold_p)
     k = len(pb) + 1  # room for every pivot token: no truncation to compare
-    out = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k)
+    out = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt)
     want = _reference(*case)
     for t in range(len(p_ids)):
         if t not in want:

@@ -6,7 +6,8 @@ The rows are a fresh sample of the toy world's language (``--rows`` conversation
 12,000, eight times the fusion corpus), captured by the toy pivot and the Mixtral source
 (K=10). The data-parallel capture is timed on the Mixtral source, launcher start-up included;
 on 2 cores its two ranks share the cores torch's threads used in one process, so its figure is
-reported, not targeted. Needs the toy world (``fusechat toy build``). The last line is one JSON
+reported, not targeted. Its shards are compared with a one-process capture run with one thread,
+as each rank runs (a CPU matmul's float reductions depend on the thread count). Needs the toy world (``fusechat toy build``). The last line is one JSON
 object.
 
     python bench/scale.py [--rows 12000] [--workers 2]
@@ -21,6 +22,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 
 def _timed(fn) -> tuple[float, dict]:
@@ -68,7 +71,13 @@ def main() -> None:
             / result["capture_nh2-mixtral-mini_tokens_per_s"],
             2,
         )
-        result["capture_identical"] = _same_bytes(d / "nh2-mixtral-mini", d / "capture-dp")
+        # float reductions depend on the thread count: the ranks ran one thread each, so the
+        # byte-for-byte check is against one process with one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        capture(cfg, d / "rows.jsonl", d / "capture-1-thread")
+        torch.set_num_threads(threads)
+        result["capture_identical"] = _same_bytes(d / "capture-1-thread", d / "capture-dp")
         piv, src = d / "openchat-mini", d / "nh2-mixtral-mini"
         for stage in ("align", "fuse"):
             secs = {}

@@ -191,7 +191,12 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
     data = toy_world / "corpus" / "heldout.jsonl"
     cfg = _cfg(toy_world, "nh2-mixtral-mini", shard_rows=8, batch_tokens=512, lookahead=2)
     ref = tmp_path / "ref"
-    capture(cfg, data, ref, max_rows=96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs: CPU float reductions follow the thread count
+    try:
+        capture(cfg, data, ref, max_rows=96)
+    finally:
+        torch.set_num_threads(threads)
     job = CaptureJob(cfg, str(data), str(tmp_path / "dp"), max_rows=96)
     cmd = job.launch_command(2, tmp_path / "job.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -205,27 +205,40 @@ class HFScorer:
         return out
 
     @torch.inference_mode()
-    def continue_greedy(self, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:
-        """The ``n`` greedy tokens after each prompt (len(prompts), n): prompts left-padded
-        into one batch, then ``n - 1`` cached decoding steps."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
+    def continue_candidates(
+        self, window: Sequence[int], cands: Sequence[tuple[int, int]], n: int, chunk: int = 256
+    ) -> np.ndarray:
+        """The ``n`` greedy tokens after each candidate ``(t, token)`` placed after
+        ``window[: t + 1]``, as (len(cands), n) ids.
+
+        One forward pass over the window fills its KV cache; then ``n`` passes decode every
+        candidate at once as extra tokens after the window, a 4D attention mask letting each
+        see the window up to its own ``t`` and its own earlier tokens, at positions ``t + 1,
+        t + 2, ...`` (tree attention): the cost is ``n`` steps of ``len(cands)`` tokens, not a
+        prefill per candidate. The same tokens as decoding each prompt alone (tested)."""
         device = self.model.get_input_embeddings().weight.device
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        steps = [out.logits[:, -1].argmax(-1)]
-        for _ in range(n - 1):
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=steps[-1][:, None], attention_mask=attn, position_ids=pos,
-                             past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
-            steps.append(out.logits[:, -1].argmax(-1))
-        return torch.stack(steps, 1).cpu().numpy()
+        dtype = self.model.get_input_embeddings().weight.dtype
+        ids = torch.tensor([list(window)], device=device)
+        got = np.zeros((len(cands), n), np.int64)
+        for a in range(0, len(cands), chunk):
+            part = cands[a : a + chunk]
+            pt = torch.tensor([t for t, _ in part], device=device)
+            toks = torch.tensor([c for _, c in part], device=device)
+            prefix = torch.arange(len(window), device=device)[None, :] <= pt[:, None]
+            own = torch.eye(len(part), dtype=torch.bool, device=device)
+            cache = self.model(input_ids=ids, use_cache=True).past_key_values
+            steps = []
+            for s in range(n):
+                allow = torch.cat([prefix, own.repeat(1, s + 1)], dim=1)
+                mask = torch.zeros(allow.shape, dtype=dtype, device=device)
+                mask = mask.masked_fill(~allow, torch.finfo(dtype).min)[None, None]
+                out = self.model(input_ids=toks[None], attention_mask=mask,
+                                 position_ids=(pt + 1 + s)[None], past_key_values=cache,
+                                 use_cache=True)  # fmt: skip
+                cache, toks = out.past_key_values, out.logits[0].argmax(-1)
+                steps.append(toks)
+            got[a : a + len(part)] = torch.stack(steps, 1).cpu().numpy()
+        return got
 
 
 class VLLMScorer:
@@ -283,13 +296,17 @@ class VLLMScorer:
             results.append((ids, lps, gold))
         return results
 
-    def continue_greedy(self, prompts: Sequence[Sequence[int]], n: int) -> np.ndarray:
-        """The ``n`` greedy tokens after each prompt (-1 after an end of sequence)."""
+    def continue_candidates(
+        self, window: Sequence[int], cands: Sequence[tuple[int, int]], n: int
+    ) -> np.ndarray:
+        """``HFScorer.continue_candidates`` as one prompt per candidate (``window[: t + 1]``
+        and the candidate), generated greedily by vLLM."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        prompts = [[*window[: t + 1], c] for t, c in cands]
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                  params, use_tqdm=False)  # fmt: skip
         got = np.full((len(prompts), n), -1, np.int64)
         for i, o in enumerate(outs):
@@ -394,23 +411,21 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
 
 
 def _lookahead(scorer, rows: Sequence[_Row], out: list[dict], cfg: CaptureConfig) -> None:
-    """Fill each row's ``pos.topk_next`` with its candidates' greedy continuations, the
-    prompts batched by length. A prompt is the scored window up to the position, then the
-    candidate: the context its probability was computed in."""
-    reqs, prompts = [], []
-    for r, (row, o) in enumerate(zip(rows, out, strict=True)):
+    """Fill each row's ``pos.topk_next`` with its candidates' greedy continuations, window by
+    window: a candidate continues the scored window up to its position, the context its
+    probability was computed in."""
+    for row, o in zip(rows, out, strict=True):
         top = unpack_ids(o["pos.topk_ids"])
         learned = np.append(o["pos.labels_mask"][1:], False)
-        for t, i in lookahead_requests(top, o["pos.topk_logprobs"], row.input_ids, learned,
-                                       cfg.lookahead_min_prob):  # fmt: skip
-            start = t // cfg.max_length * cfg.max_length if cfg.overflow == "split" else 0
-            reqs.append((r, t, i))
-            prompts.append([*row.input_ids[start : t + 1], int(top[t, i])])
-    for batch in plan_batches([len(p) + cfg.lookahead for p in prompts], cfg.batch_tokens):
-        got = scorer.continue_greedy([prompts[j] for j in batch], cfg.lookahead)
-        for j, cont in zip(batch, got, strict=True):
-            r, t, i = reqs[j]
-            out[r]["pos.topk_next"][t, i] = cont
+        reqs = lookahead_requests(top, o["pos.topk_logprobs"], row.input_ids, learned,
+                                  cfg.lookahead_min_prob)  # fmt: skip
+        for a, b in segments(len(row.input_ids), cfg.max_length, cfg.overflow):
+            mine = [(t, i) for t, i in reqs if a <= t < b]
+            if mine:
+                cands = [(t - a, int(top[t, i])) for t, i in mine]
+                got = scorer.continue_candidates(row.input_ids[a:b], cands, cfg.lookahead)
+                for (t, i), cont in zip(mine, got, strict=True):
+                    o["pos.topk_next"][t, i] = cont
 
 
 @dataclass(frozen=True)

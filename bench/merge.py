@@ -25,7 +25,7 @@ from _child import run_child
 _CHILD = """
 import json, resource, shutil, sys, time
 import mergekit.merge, peft, transformers  # imports are not merging: both pay them, untimed
-from merge.run import run
+from fusechat.merge.run import run
 shutil.rmtree(sys.argv[2], ignore_errors=True)  # deleting the last output is not merging either
 t = time.perf_counter()
 report = run(sys.argv[1], sys.argv[2], plot=False)
@@ -33,7 +33,7 @@ seconds = time.perf_counter() - t
 plot = None
 if "weights" in report:  # the heat map, timed on its own (matplotlib import included)
     from pathlib import Path
-    from merge.run import heatmap
+    from fusechat.merge.run import heatmap
     t = time.perf_counter()
     heatmap(report["weights"], Path(sys.argv[2]) / "varm_weights.png")
     plot = time.perf_counter() - t

@@ -23,9 +23,9 @@ import openai
 import torch
 import uvicorn
 
-from eval.chat import load_chat_model
-from eval.server import create_app
-from eval.toy import load_questions
+from fusechat.eval.chat import load_chat_model
+from fusechat.eval.server import create_app
+from fusechat.eval.toy import load_questions
 from fusechat.toy.build import build_toy_world
 
 

@@ -75,7 +75,7 @@ class Generator:
     """Owns the model; a worker thread serves jobs from a queue, batching compatible ones."""
 
     def __init__(self, model_path: str, max_batch: int = 16, default_max_tokens: int = 512):
-        from eval.chat import load_chat_model
+        from fusechat.eval.chat import load_chat_model
 
         self.model, self.tok, self.eos = load_chat_model(model_path)
         self.device = self.model.get_input_embeddings().weight.device

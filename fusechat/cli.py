@@ -123,7 +123,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from merge.run import run
+    from fusechat.merge.run import run
 
     report = run(
         args.config,
@@ -339,14 +339,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.api_key:
             cmd += ["--api-key", args.api_key]
         return subprocess.call(cmd)
-    from eval.server import serve
+    from fusechat.eval.server import serve
 
     serve(args.model, args.host, args.port, args.name, args.api_key, args.max_batch)
     return 0
 
 
 def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
-    from eval.mtbench import format_table, run_mt_bench
+    from fusechat.eval.mtbench import format_table, run_mt_bench
 
     models = []
     for spec in args.model:

@@ -58,7 +58,7 @@ def _model_identity(path: str) -> str:
 
 def check_merge(recipe: Recipe, source: str) -> None:
     """Every merge method of the recipe and its parameters, through mergekit's declarations."""
-    from merge.run import check_method
+    from fusechat.merge.run import check_method
 
     for i, m in enumerate(recipe.merge.methods if recipe.merge else []):
         check_method(m.method, m.parameters, m.model_parameters, f"{source}: merge.methods[{i}]")
@@ -323,8 +323,8 @@ def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> 
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import BasePolicy
 
-    from merge import varm
-    from merge.run import run
+    from fusechat.merge import varm
+    from fusechat.merge.run import run
 
     varm.register()
     base_policy = registry.get(spec.method).spec.contract.base  # known: check_merge ran first
@@ -353,8 +353,8 @@ def _merge(recipe: Recipe, spec, pivot: str, targets: list[Step], out: Path) -> 
 def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
     e = recipe.eval
     if e.kind == "mt-bench":
-        from eval.mtbench import run_mt_bench
-        from eval.server import serving
+        from fusechat.eval.mtbench import run_mt_bench
+        from fusechat.eval.server import serving
 
         questions = Path(expand(e.questions))
         with serving(model_path, step.name, e.serve_backend) as url:
@@ -366,8 +366,8 @@ def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
             )  # fmt: skip
         write_json(step.out, {"key": step.fp, "model": model_path, "scores": table[step.name]})
         return
-    from eval.chat import load_chat_model
-    from eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
+    from fusechat.eval.chat import load_chat_model
+    from fusechat.eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
 
     qs = load_questions(expand(e.questions), e.max_questions)
     model, tok, stops = load_chat_model(model_path)  # once, for both measures

@@ -19,8 +19,8 @@ from typing import Any
 
 from fusechat.errors import FusechatError, first_line
 from fusechat.io import atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
+from fusechat.merge import varm
 from fusechat.recipe import read_yaml, validation_error
-from merge import varm
 
 log = logging.getLogger(__name__)
 REPORT = "merge_report.json"

@@ -46,3 +46,28 @@ def test_toy_build_prints_skill_table(toy_world, capsys):
     assert main(["toy", "build", "--out", str(toy_world)]) == 0  # cached: returns at once
     out = capsys.readouterr().out
     assert "openchat-mini" in out and "glossary" in out and "*" in out
+
+
+def test_an_install_adds_only_the_fusechat_namespace(tmp_path):
+    """`pip install .` puts merge/ and eval/ under fusechat (fusechat.merge, fusechat.eval),
+    never as top-level packages that would collide with others of those names."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(root)],
+                   check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))}
+    assert top == {"fusechat", "bin"} or top == {"fusechat"}, top
+    assert (target / "fusechat" / "merge" / "varm.py").is_file()
+    assert (target / "fusechat" / "eval" / "server.py").is_file()
+    # the installed copy resolves its own modules, not the checkout's
+    code = ("import importlib.util as u; "
+            "print(u.find_spec('fusechat.merge.varm').origin, u.find_spec('fusechat.eval.toy').origin)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
+                         check=True, capture_output=True, text=True, cwd=tmp_path).stdout  # fmt: skip
+    assert out.split() == [str(target / "fusechat" / "merge" / "varm.py"),
+                           str(target / "fusechat" / "eval" / "toy.py")]  # fmt: skip

@@ -13,7 +13,7 @@ from mergekit.merge_methods.base import TensorGroup
 from safetensors.torch import load_file, save_file
 
 from fusechat.cli import main
-from merge import varm
+from fusechat.merge import varm
 
 
 def _group(base, targets, name="model.layers.0.mlp.up_proj.weight") -> TensorGroup:
@@ -169,7 +169,7 @@ def test_varm_merge_loads_and_generates(targets, tmp_path, capsys):
 
 def test_varm_model_granularity_equals_mergekit_linear(targets, tmp_path):
     """With one weight per model, VaRM is a linear merge with those weights."""
-    from merge.run import run
+    from fusechat.merge.run import run
 
     pivot, ts = targets
     (tmp_path / "a").mkdir()
@@ -189,7 +189,7 @@ def test_varm_model_granularity_equals_mergekit_linear(targets, tmp_path):
 
 
 def test_baselines_run_through_mergekit(targets, tmp_path):
-    from merge.run import run
+    from fusechat.merge.run import run
 
     pivot, ts = targets
     for method, params in [("ties", {"density": 0.5, "weight": 0.5}), ("sce", {})]:
@@ -272,7 +272,7 @@ def test_bad_inputs_give_one_line_and_no_output(targets, toy_world, tmp_path, ca
 
 def test_unrelated_base_warns(targets, toy_world, tmp_path, caplog):
     """A base the targets were not fine-tuned from: merged, with a warning in the report."""
-    from merge.run import run
+    from fusechat.merge.run import run
 
     pivot, ts = targets
     stranger = _finetune_like(pivot, tmp_path / "stranger", 9, 1.0)
@@ -295,7 +295,7 @@ def _independent_weights(pivot, ts, names) -> torch.Tensor:
 
 @pytest.mark.parametrize("granularity", ["layer", "model", "element"])
 def test_varm_granularities_against_weights_from_the_files(targets, tmp_path, granularity):
-    from merge.run import run
+    from fusechat.merge.run import run
 
     pivot, ts = targets
     run(_write(tmp_path, _config(pivot, ts, granularity=granularity)), tmp_path / "out")
@@ -321,7 +321,7 @@ def test_varm_granularities_against_weights_from_the_files(targets, tmp_path, gr
 def test_changed_input_weights_merge_again(targets, tmp_path):
     """The merge's cache key holds its inputs' content: an unchanged input is reused, a target
     retrained at the same path is merged anew (not answered "already merged")."""
-    from merge.run import run
+    from fusechat.merge.run import run
 
     pivot, ts = targets
     mine = [shutil.copytree(t, tmp_path / f"in{i}") for i, t in enumerate(ts[:2])]

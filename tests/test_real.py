@@ -58,8 +58,8 @@ def test_smollm2_served_answers_all_80_mt_bench_questions(smollm2, tmp_path):
     per turn for CPU time, judged by the scripted judge (7 min 22 s here, 2 cores)."""
     from test_serve_eval import MT_BENCH, _scripted_judge, _start
 
-    from eval.mtbench import run_mt_bench
-    from eval.server import create_app
+    from fusechat.eval.mtbench import run_mt_bench
+    from fusechat.eval.server import create_app
 
     url = _start(create_app(str(smollm2), "smollm2", max_batch=16))
     judge_app, _ = _scripted_judge()

@@ -16,8 +16,8 @@ import uvicorn
 from conftest import SHARED
 from fastapi import FastAPI
 
-from eval.mtbench import parse_rating, run_mt_bench
-from eval.server import create_app
+from fusechat.eval.mtbench import parse_rating, run_mt_bench
+from fusechat.eval.server import create_app
 
 MT_BENCH = SHARED / "data" / "mt_bench"
 

@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+if "MUTANT_UNDER_TEST" in os.environ:  # under `make mutation`
+    # mutmut names a mutant by its file's path (merge/varm.py -> merge.varm) and matches it to
+    # the module name the tests ran it under: load fusechat.merge as that very module
+    import importlib
+    import sys
+
+    for _name in ("merge", "merge.varm", "merge.run"):
+        sys.modules[f"fusechat.{_name}"] = importlib.import_module(_name)
+
 CACHE = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
 # The workplace's shared data (MT-Bench's questions, judge prompts, references) beside the checkout.
 SHARED = Path(

@@ -97,6 +97,17 @@ def test_fragments_map_by_the_continuation_the_source_captured():
     assert _dense(without, 0) == _dense(with_next, 0) == {4: 1.0}
     assert _dense(without, 1) == {5: 1.0}
     assert _dense(with_next, 1) == pytest.approx({5: 0.75, 6: 0.25}, abs=1e-3)
+    # a candidate longer than the text read but with a short continuation: "is Kafor" against
+    # "is Kai" + "ba"; after the pivot's ▁Ka the alternative continues "iba"
+    v = _vocab(["is", " Ka", "for", "iba", "i"], ["is", " Kafor", " Kai", "ba"])
+    p_ids, p_ends = np.array([0, 1, 2]), np.array([2, 5, 8])
+    s_ids, s_ends = np.array([0, 1]), np.array([2, 8])
+    ids, lp = _top([{1: 0.75, 2: 0.25}, {}])
+    nxt = np.full((2, 3, 1), -1)
+    nxt[0, 1] = [3]
+    out = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, np.log(np.array([0.75, 1.0])),
+                     np.arange(3), v, 4, nxt)  # fmt: skip
+    assert _dense(out, 1) == pytest.approx({2: 0.75, 3: 0.25}, abs=1e-3)
 
 
 def test_gold_outside_the_top_k_still_gives_the_gold_path():

@@ -519,6 +519,10 @@ def capture(
     on its rows alone. A killed run resumes at the missing shards, with any number of ranks."""
     if cfg.k < 1:
         raise FusechatError(f"k must be at least 1, got {cfg.k}")
+    if cfg.tensor_parallel_size < 1:
+        raise FusechatError(
+            f"tensor_parallel_size must be at least 1, got {cfg.tensor_parallel_size}"
+        )
     if cfg.tensor_parallel_size > 1 and cfg.backend != "vllm":
         raise FusechatError("tensor_parallel_size is a vllm setting (backend hf spreads a large "
                             "model over the GPUs with device_map auto)")  # fmt: skip

@@ -116,6 +116,13 @@ CASES = {
     "capture --batch-tokens 0": (CAPTURE + ["--batch-tokens", "0"], "--batch-tokens"),
     "capture --max-rows 0": (CAPTURE + ["--max-rows", "0"], "--max-rows"),
     "capture --lookahead -1": (CAPTURE + ["--lookahead", "-1"], "--lookahead"),
+    "capture --tensor-parallel-size 2 with hf": (
+        CAPTURE + ["--tensor-parallel-size", "2"],
+        "vllm setting",
+    ),
+    "capture --tensor-parallel-size 0": (CAPTURE + ["--tensor-parallel-size", "0"], "at least 1"),
+    "capture --config not a job": (["capture", "--config", "{d}/merge-zero.yaml"], "capture job"),
+    "capture without --model": (["capture", "--data", "{data}"], "--model, --out required"),
     "capture --lookahead-min-prob 2": (
         CAPTURE + ["--lookahead-min-prob", "2"],
         "--lookahead-min-prob",

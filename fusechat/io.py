@@ -20,6 +20,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS picks it; a server binds it right after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to ``path`` only if the block succeeds.

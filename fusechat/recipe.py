@@ -25,7 +25,9 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 def expand(path: str) -> str:
     """Expand ``~`` and environment variables in a recipe path; ``${FUSECHAT_CACHE}`` defaults to
     ``~/.cache/fusechat`` (where ``fusechat toy build`` and the tests keep the toy world)."""
-    cache = os.environ.get("FUSECHAT_CACHE", str(Path.home() / ".cache" / "fusechat"))
+    from fusechat.io import cache_dir
+
+    cache = str(cache_dir())
     return os.path.expanduser(os.path.expandvars(path.replace("${FUSECHAT_CACHE}", cache)))
 
 

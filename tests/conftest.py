@@ -17,7 +17,9 @@ if "MUTANT_UNDER_TEST" in os.environ:  # under `make mutation`
     for _name in ("merge", "merge.varm", "merge.run"):
         sys.modules[f"fusechat.{_name}"] = importlib.import_module(_name)
 
-CACHE = Path(os.environ.get("FUSECHAT_CACHE", Path.home() / ".cache" / "fusechat"))
+from fusechat.io import cache_dir  # noqa: E402 (after the mutation alias above)
+
+CACHE = cache_dir()
 # The workplace's shared data (MT-Bench's questions, judge prompts, references) beside the checkout.
 SHARED = Path(
     os.environ.get("FUSECHAT_SHARED", Path(__file__).resolve().parents[1].parent / "shared")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,15 +17,13 @@ from fastapi import FastAPI
 
 from fusechat.eval.mtbench import parse_rating, run_mt_bench
 from fusechat.eval.server import create_app
+from fusechat.io import free_port
 
 MT_BENCH = SHARED / "data" / "mt_bench"
 
 
 def _start(app) -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 60

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from fusechat.io import free_port
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vllm is not installed (optional extra)"
@@ -23,10 +24,7 @@ pytestmark = pytest.mark.skipif(
 def test_vllm_server_answers_the_openai_client(toy_world, tmp_path):
     import openai
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     cmd = [sys.executable, "-m", "fusechat.cli", "serve", str(toy_world / "openchat-mini")]
     cmd += ["--backend", "vllm", "--port", str(port), "--name", "pivot", "--max-model-len", "512"]
     cmd += ["--dtype", "float32"]

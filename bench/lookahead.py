@@ -20,36 +20,6 @@ import json
 import time
 
 import numpy as np
-import torch
-
-
-@torch.inference_mode()
-def prefill_per_candidate(model, window, cands, n: int, batch_tokens: int = 8192) -> np.ndarray:
-    """The baseline: every candidate's prompt prefilled on its own (batched by length)."""
-    prompts = [[*window[: t + 1], c] for t, c in cands]
-    got = np.zeros((len(prompts), n), np.int64)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    i = 0
-    while i < len(order):
-        width = len(prompts[order[i]])
-        batch = order[i : i + max(1, batch_tokens // width)]
-        i += len(batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, j in enumerate(batch):
-            ids[r, width - len(prompts[j]) :] = torch.tensor(prompts[j])
-            attn[r, width - len(prompts[j]) :] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        steps = [out.logits[:, -1].argmax(-1)]
-        for _ in range(n - 1):
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            out = model(input_ids=steps[-1][:, None], attention_mask=attn, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
-            steps.append(out.logits[:, -1].argmax(-1))
-        got[batch] = torch.stack(steps, 1).numpy()
-    return got
 
 
 def main() -> None:
@@ -60,7 +30,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from fusechat.capture import HFScorer, lookahead_requests
+    from fusechat.capture import HFScorer, lookahead_requests, prefill_per_candidate
     from fusechat.data import encode
     from fusechat.io import cache_dir
     from fusechat.toy.corpus import make_corpus

@@ -215,7 +215,14 @@ class HFScorer:
         candidate at once as extra tokens after the window, a 4D attention mask letting each
         see the window up to its own ``t`` and its own earlier tokens, at positions ``t + 1,
         t + 2, ...`` (tree attention): the cost is ``n`` steps of ``len(cands)`` tokens, not a
-        prefill per candidate. The same tokens as decoding each prompt alone (tested)."""
+        prefill per candidate. The same tokens as decoding each prompt alone (tested).
+
+        A model with sliding-window attention shorter than the window plus ``n`` (Gemma 3's
+        local layers) keeps only recent keys and would see past its window under the custom
+        mask: it decodes each prompt on its own instead (``prefill_per_candidate``)."""
+        slide = getattr(self.model.config, "sliding_window", None)
+        if slide is not None and slide < len(window) + n:
+            return prefill_per_candidate(self.model, window, cands, n)
         device = self.model.get_input_embeddings().weight.device
         dtype = self.model.get_input_embeddings().weight.dtype
         ids = torch.tensor([list(window)], device=device)
@@ -239,6 +246,37 @@ class HFScorer:
                 steps.append(toks)
             got[a : a + len(part)] = torch.stack(steps, 1).cpu().numpy()
         return got
+
+
+@torch.inference_mode()
+def prefill_per_candidate(
+    model, window: Sequence[int], cands: Sequence[tuple[int, int]], n: int, batch_tokens: int = 8192
+) -> np.ndarray:
+    """``HFScorer.continue_candidates`` one prompt per candidate (``window[: t + 1]``, then the
+    candidate): prompts left-padded into batches by length, prefilled, then ``n - 1`` cached
+    steps. Correct for any attention; each candidate re-reads its prefix."""
+    device = model.get_input_embeddings().weight.device
+    prompts = [[*window[: t + 1], c] for t, c in cands]
+    got = np.zeros((len(prompts), n), np.int64)
+    for batch in plan_batches([len(p) for p in prompts], batch_tokens):
+        width = len(prompts[batch[0]])  # plan_batches puts the longest first
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, j in enumerate(batch):
+            ids[r, width - len(prompts[j]) :] = torch.tensor(prompts[j])
+            attn[r, width - len(prompts[j]) :] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        steps = [out.logits[:, -1].argmax(-1)]
+        for _ in range(n - 1):
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=steps[-1][:, None], attention_mask=attn, position_ids=pos,
+                        past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+            steps.append(out.logits[:, -1].argmax(-1))
+        got[batch] = torch.stack(steps, 1).cpu().numpy()
+    return got
 
 
 class VLLMScorer:

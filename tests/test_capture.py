@@ -123,6 +123,34 @@ def test_lookahead_stores_each_alternatives_greedy_continuation(stages, toy_worl
     assert checked > 40 and same / checked > 0.98, (same, checked)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_candidate_continuations_equal_plain_greedy_decoding(tmp_path, sliding_window):
+    """Tree attention (no sliding window) and the per-prompt fallback (a window shorter than
+    the row: Gemma 3's local layers) both give what decoding each prompt alone gives."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fusechat.capture import HFScorer
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1,
+                        sliding_window=sliding_window)  # fmt: skip
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    scorer = HFScorer(str(tmp_path / "m"), "float32")
+    window = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    cands = [(t, (7 * t + 3) % 97) for t in range(2, 29, 3)] + [(20, 5), (20, 6)]
+    got = scorer.continue_candidates(window, cands, 3, chunk=4)  # chunks of 4: three passes
+    with torch.no_grad():
+        for (t, c), row in zip(cands, got, strict=True):
+            prompt, want = [*window[: t + 1], c], []
+            for _ in range(3):
+                want.append(
+                    int(scorer.model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+                )
+                prompt.append(want[-1])
+            assert row.tolist() == want, (t, c)
+
+
 def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_path):
     data = toy_world / "corpus" / "heldout.jsonl"
     full = capture(_cfg(toy_world, "openchat-mini", shard_rows=8), data, tmp_path / "f", max_rows=8)

@@ -110,6 +110,17 @@ def heldout_nll_per_char(model, tok, questions: Sequence[dict]) -> float:
     return nll_per_char(model, tok, rows, "tokenizer")
 
 
+def nll_by_skill(model, tok, questions: Sequence[dict]) -> dict[str, float]:
+    """``heldout_nll_per_char`` over all questions (``nll/char``) and per skill
+    (``nll/char SKILL``): where a model's held-out loss is, as well as how much."""
+    out = {"nll/char": heldout_nll_per_char(model, tok, questions)}
+    for skill in sorted({q["skill"] for q in questions}):
+        out[f"nll/char {skill}"] = heldout_nll_per_char(
+            model, tok, [q for q in questions if q["skill"] == skill]
+        )
+    return out
+
+
 def score(questions: Sequence[dict], answers: Sequence[str], judge=rule_judge) -> dict:
     """Per-skill and average judge scores; a question with several right ``answers`` takes
     the best score over them."""

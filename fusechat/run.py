@@ -95,7 +95,7 @@ def _stage_versions() -> dict[str, int]:
     from fusechat import align, capture, fuse, train
 
     return {"capture": capture.VERSION, "align": align.VERSION, "fuse": fuse.VERSION,
-            "train": train.VERSION, "merge": 1, "eval": 1}  # fmt: skip
+            "train": train.VERSION, "merge": 1, "eval": 2}  # fmt: skip
 
 
 def plan(recipe: Recipe, root: Path) -> list[Step]:
@@ -367,12 +367,12 @@ def _evaluate(recipe: Recipe, model_path: str, step: Step) -> None:
         write_json(step.out, {"key": step.fp, "model": model_path, "scores": table[step.name]})
         return
     from fusechat.eval.chat import load_chat_model
-    from fusechat.eval.toy import generate_answers, heldout_nll_per_char, load_questions, score
+    from fusechat.eval.toy import generate_answers, load_questions, nll_by_skill, score
 
     qs = load_questions(expand(e.questions), e.max_questions)
     model, tok, stops = load_chat_model(model_path)  # once, for both measures
     answers = generate_answers(model, tok, stops, qs, e.max_new_tokens)
-    scores = {**score(qs, answers), "nll/char": heldout_nll_per_char(model, tok, qs)}
+    scores = {**score(qs, answers), **nll_by_skill(model, tok, qs)}
     result = {"key": step.fp, "model": model_path, "scores": scores,
               "answers": [{"id": q["id"], "answer": a} for q, a in zip(qs, answers, strict=True)]}  # fmt: skip
     write_json(step.out, result)
@@ -455,8 +455,9 @@ def format_summary(summary: dict) -> str:
     lines = []
     scores = summary["scores"]
     if scores:
-        last = ["average", "nll/char"]
-        cols = sorted({k for v in scores.values() for k in v if k not in last}) + last
+        last = ["average", "nll/char"]  # per-skill losses stay in summary.json and the study
+        cols = sorted({k for v in scores.values() for k in v
+                       if k not in last and not k.startswith("nll/char ")}) + last  # fmt: skip
         width = max(len(n) for n in scores) + 2
         lines.append("model".ljust(width) + "".join(c[:10].rjust(11) for c in cols))
         for name, sc in scores.items():

@@ -139,6 +139,12 @@ def format_table(result: dict) -> str:
         n, a = m[NLL], m.get("average", {"mean": float("nan"), "std": 0.0})
         lines.append(f"{name.ljust(width)}{m['role']:>8}{n['mean']:>13.4f} ± {n['std']:.4f}"
                      f"{a['mean']:>12.2f} ± {a['std']:.2f}")  # fmt: skip
+    skills = sorted(k for k in next(iter(ms.values()), {}) if k.startswith(f"{NLL} "))
+    if skills and result.get("clm"):  # where the gains are: each target against CLM, by skill
+        lines.append("nats/char by skill: " + ", ".join(k[len(NLL) + 1 :] for k in skills))
+        for name in [result["clm"], *result["targets"]]:
+            cells = [f"{ms[name][k]['mean']:.4f} ± {ms[name][k]['std']:.4f}" for k in skills]
+            lines.append(f"  {name.ljust(width)}" + "   ".join(cells))
     for t, r in result["targets"].items():
         te = r["token_efficiency"]
         eff = f"{te['mean']:.2f}x ± {te['std']:.2f}" if te else "not reached"

@@ -63,3 +63,19 @@ def test_set_overrides():
                      ("train.lr.x=1", "not a section"), ("seed=[1", "not valid YAML")]:  # fmt: skip
         with pytest.raises(FusechatError, match=msg):
             apply_override(raw, bad)
+
+
+def test_the_table_shows_each_target_against_clm_by_skill():
+    from fusechat.study import format_table
+
+    runs = {0: _run(0.30, 0.20, 0.29, 0.25), 1: _run(0.32, 0.22, 0.31, 0.24)}
+    for seed, r in runs.items():
+        for sc in r["scores"].values():
+            sc["nll/char facts"] = sc["nll/char"] / 2 + seed / 100
+            sc["nll/char glossary"] = sc["nll/char"] * 2
+    table = format_table(analyse(runs))
+    assert "nats/char by skill: facts, glossary" in table
+    block = table.split("nats/char by skill")[1].splitlines()[1:4]
+    assert [x.split()[0] for x in block] == ["clm", "t1", "t2"]  # CLM, then each target
+    # t1: facts 0.10 and 0.12 over the seeds, glossary 0.40 and 0.44
+    assert "0.1100 ± 0.0141" in block[1] and "0.4200 ± 0.0283" in block[1]

@@ -30,9 +30,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from fusechat.capture import HFScorer, lookahead_requests, prefill_per_candidate
+    from fusechat.capture import lookahead_requests
     from fusechat.data import encode
     from fusechat.io import cache_dir
+    from fusechat.scorers import HFScorer, prefill_per_candidate
     from fusechat.toy.corpus import make_corpus
 
     path = cache_dir() / "toy" / "nh2-mixtral-mini"

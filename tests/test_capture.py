@@ -19,12 +19,12 @@ from fusechat.capture import (
     CaptureJob,
     capture,
     lookahead_requests,
-    plan_batches,
     segments,
 )
 from fusechat.cli import main
 from fusechat.fuse import fuse_stage, sequence_ce
 from fusechat.io import read_manifest
+from fusechat.scorers import plan_batches
 from fusechat.shards import StageReader, save_shard, unpack_ids
 
 ROWS = 40
@@ -129,7 +129,7 @@ def test_candidate_continuations_equal_plain_greedy_decoding(tmp_path, sliding_w
     the row: Gemma 3's local layers) both give what decoding each prompt alone gives."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from fusechat.capture import HFScorer
+    from fusechat.scorers import HFScorer
 
     torch.manual_seed(0)
     cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

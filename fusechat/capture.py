@@ -45,7 +45,6 @@ from fusechat.shards import (
     ids_dtype,
     pack_ids,
     save_shard,
-    unpack_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -206,9 +205,13 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
         gold = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
         mask = np.array(row.labels_mask, dtype=bool)
         learned = np.append(mask[1:], False)  # position t predicts a learned token t+1
+        # fp16 turns below -65504 into -inf: clamp, a vanishing probability stays finite
+        # (a NaN from the model itself is refused when the shard is written)
+        lps16 = np.maximum(lps, -60000.0).astype(np.float16)
         extra = {}
         if cfg.lookahead:
-            extra["pos.topk_next"] = np.full((len(ids), cfg.k, cfg.lookahead), -1, np.int64)
+            nxt = _continuations(scorer, row.input_ids, ids, lps16, learned, cfg)
+            extra["pos.topk_next"] = pack_ids(nxt, dtype)
         out.append(
             {
                 **extra,
@@ -216,9 +219,7 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
                 "pos.labels_mask": mask,
                 "pos.byte_end": row.byte_end.astype(np.int32),
                 "pos.topk_ids": pack_ids(ids, dtype),
-                # fp16 turns below -65504 into -inf: clamp, a vanishing probability stays finite
-                # (a NaN from the model itself is refused when the shard is written)
-                "pos.topk_logprobs": np.maximum(lps, -60000.0).astype(np.float16),
+                "pos.topk_logprobs": lps16,
                 "pos.gold_logprob": np.maximum(gold, -60000.0).astype(np.float16),
                 "row.index": np.int64(row.index),
                 "row.nll_sum": np.float64(-gold[learned].astype(np.float64).sum()),
@@ -228,30 +229,26 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
                 "row.truncated": np.bool_(row.truncated),
             }
         )
-    if cfg.lookahead:
-        _lookahead(scorer, rows, out, cfg)
-    for o in out:
-        if "pos.topk_next" in o:
-            o["pos.topk_next"] = pack_ids(o["pos.topk_next"], dtype)
     return out
 
 
-def _lookahead(scorer, rows: Sequence[_Row], out: list[dict], cfg: CaptureConfig) -> None:
-    """Fill each row's ``pos.topk_next`` with its candidates' greedy continuations, window by
-    window: a candidate continues the scored window up to its position, the context its
-    probability was computed in."""
-    for row, o in zip(rows, out, strict=True):
-        top = unpack_ids(o["pos.topk_ids"])
-        learned = np.append(o["pos.labels_mask"][1:], False)
-        reqs = lookahead_requests(top, o["pos.topk_logprobs"], row.input_ids, learned,
-                                  cfg.lookahead_min_prob)  # fmt: skip
-        for a, b in segments(len(row.input_ids), cfg.max_length, cfg.overflow):
-            mine = [(t, i) for t, i in reqs if a <= t < b]
-            if mine:
-                cands = [(t - a, int(top[t, i])) for t, i in mine]
-                got = scorer.continue_candidates(row.input_ids[a:b], cands, cfg.lookahead)
-                for (t, i), cont in zip(mine, got, strict=True):
-                    o["pos.topk_next"][t, i] = cont
+def _continuations(
+    scorer, input_ids: Sequence[int], top: np.ndarray, lps16: np.ndarray, learned: np.ndarray,
+    cfg: CaptureConfig,
+) -> np.ndarray:  # fmt: skip
+    """One row's ``pos.topk_next`` (T, K, L; -1 where none): its candidates' greedy
+    continuations, window by window, each continuing the scored window up to its position (the
+    context its probability was computed in). The threshold reads the stored fp16 log-probs."""
+    got = np.full((len(top), cfg.k, cfg.lookahead), -1, np.int64)
+    reqs = lookahead_requests(top, lps16, input_ids, learned, cfg.lookahead_min_prob)
+    for a, b in segments(len(input_ids), cfg.max_length, cfg.overflow):
+        mine = [(t, i) for t, i in reqs if a <= t < b]
+        if mine:
+            cands = [(t - a, int(top[t, i])) for t, i in mine]
+            conts = scorer.continue_candidates(input_ids[a:b], cands, cfg.lookahead)
+            for (t, i), cont in zip(mine, conts, strict=True):
+                got[t, i] = cont
+    return got
 
 
 @dataclass(frozen=True)

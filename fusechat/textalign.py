@@ -203,10 +203,14 @@ def align_text(
     top_p = np.where(top_ids >= 0, np.exp(top_logprobs.astype(np.float64)), 0.0)
     gold_p = np.exp(gold_logprobs.astype(np.float64))
     conts = continuations(top_next, vocab)
-    # a candidate's text length, with its continuation where one was captured
+    # each candidate's text length and pi of its whole text, with its continuation where one
+    # was captured
     full_len = vocab.lengths[np.clip(top_ids, 0, None)]
+    cand_pid = vocab.table[np.clip(top_ids, 0, None)]
     for (jj, i), ext in conts.items():
         full_len[jj, i] += len(ext)
+        if top_ids[jj, i] >= 0:
+            cand_pid[jj, i] = vocab.first(vocab.bytes[top_ids[jj, i]] + ext)
     c, c_next, g = p_ends[positions], p_ends[positions + 1], p_ids[positions + 1]
     j = np.searchsorted(s_ends, c, side="right") - 1
     jc, jn = np.clip(j, 0, None), np.clip(j + 1, 0, m - 1)
@@ -217,13 +221,7 @@ def align_text(
     f_pos, f_j, f_g, f_gold = positions[fast], j[fast], g[fast], s_ids[jn[fast]]
     ids = top_ids[f_j]
     p = np.where(ids == f_gold[:, None], 0.0, top_p[f_j])  # the gold comes from gold_p
-    mapped = np.where(ids >= 0, vocab.table[np.clip(ids, 0, None)], -1)
-    if conts:  # candidates with a continuation map by their whole text
-        row_of = {jj: n for n, jj in enumerate(f_j.tolist())}
-        for (jj, i), ext in conts.items():
-            n = row_of.get(jj)
-            if n is not None and ids[n, i] >= 0:
-                mapped[n, i] = vocab.first(vocab.bytes[ids[n, i]] + ext)
+    mapped = np.where(ids >= 0, cand_pid[f_j], -1)
     mapped = np.concatenate([f_g[:, None], mapped], axis=1)
     p = np.concatenate([gold_p[f_j][:, None], p], axis=1)
     placed_p = np.where(mapped >= 0, p, 0.0)

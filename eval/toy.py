@@ -100,24 +100,20 @@ def generate_answers(
     return answers
 
 
-def heldout_nll_per_char(model, tok, questions: Sequence[dict]) -> float:
-    """Held-out loss of the reference answers, in nats per character (comparable across
-    tokenizers), each conversation in the model's own chat template."""
-    from fusechat.heldout import nll_per_char
-
-    rows = [{"messages": [*q["messages"], {"role": "assistant", "content": q["reference"]}]}
-            for q in questions]  # fmt: skip
-    return nll_per_char(model, tok, rows, "tokenizer")
-
-
 def nll_by_skill(model, tok, questions: Sequence[dict]) -> dict[str, float]:
-    """``heldout_nll_per_char`` over all questions (``nll/char``) and per skill
-    (``nll/char SKILL``): where a model's held-out loss is, as well as how much."""
-    out = {"nll/char": heldout_nll_per_char(model, tok, questions)}
+    """Held-out loss of the reference answers in nats per character (comparable across
+    tokenizers; each conversation in the model's own chat template), per skill (``nll/char
+    SKILL``: where a model's loss is) and pooled over all questions (``nll/char``), from one
+    pass over them."""
+    from fusechat.heldout import nll_and_chars
+
+    sums = {}
     for skill in sorted({q["skill"] for q in questions}):
-        out[f"nll/char {skill}"] = heldout_nll_per_char(
-            model, tok, [q for q in questions if q["skill"] == skill]
-        )
+        rows = [{"messages": [*q["messages"], {"role": "assistant", "content": q["reference"]}]}
+                for q in questions if q["skill"] == skill]  # fmt: skip
+        sums[skill] = nll_and_chars(model, tok, rows, "tokenizer")
+    out = {"nll/char": sum(n for n, _ in sums.values()) / max(sum(c for _, c in sums.values()), 1)}
+    out |= {f"nll/char {s}": n / max(c, 1) for s, (n, c) in sums.items()}
     return out
 
 

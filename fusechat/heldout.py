@@ -19,13 +19,21 @@ def learned_nll(model, batch: dict) -> torch.Tensor:
     return token_nll(logits, batch["input_ids"])[predicts_label(batch["labels_mask"])]
 
 
-@torch.no_grad()
 def nll_per_char(
     model, tokenizer, rows: Sequence[dict], template: str = "tokenizer", batch_size: int = 64
 ) -> float:
     """``sum_t -log p(x_t+1 | x_<=t) / n_chars`` over the assistant tokens of ``rows``
     (conversations in ``messages`` form, rendered with ``template``: a named template or the
     tokenizer's own chat template), divided by the characters of the assistant turns."""
+    total_nll, total_chars = nll_and_chars(model, tokenizer, rows, template, batch_size)
+    return total_nll / max(total_chars, 1)
+
+
+@torch.no_grad()
+def nll_and_chars(
+    model, tokenizer, rows: Sequence[dict], template: str = "tokenizer", batch_size: int = 64
+) -> tuple[float, int]:
+    """The two sums of ``nll_per_char``, so that groups of rows can be pooled."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,4 +46,4 @@ def nll_per_char(
         total_nll += learned_nll(model, batch).sum().item()
         total_chars += sum(end - start for e in encs for start, end in e.assistant_spans)
     model.train(was_training)
-    return total_nll / max(total_chars, 1)
+    return total_nll, total_chars

@@ -42,9 +42,11 @@ from fusechat.shards import StageReader
 
 
 def method_figures(
-    piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None, methods=METHODS
-) -> dict:
-    """Each of ``methods`` on the same captured rows; per skill too when ``skills``."""
+    piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None, methods=METHODS,
+    targets=None,
+) -> dict:  # fmt: skip
+    """Each of ``methods`` on the same captured rows; per skill too when ``skills``; with the
+    toy language's ``targets`` (``value_targets``), each method's ``value_kl`` too."""
     rows = [(p, s) for i in range(piv.n_shards) for p, s in zip(piv.shard(i), src.shard(i),
                                                                 strict=True)]  # fmt: skip
     k = src.key["k"]
@@ -59,9 +61,10 @@ def method_figures(
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         tally: dict[str, Counter] = defaultdict(Counter)
-        n_tokens = 0
+        n_tokens, aligned = 0, {}
         for (p, s), gp in zip(rows, gold_prob, strict=True):
-            c = transfer_counts(p, al(p, s), gp)
+            aligned[int(p["row.index"])] = r = al(p, s)
+            c = transfer_counts(p, r, gp)
             n_tokens += len(p["pos.input_ids"])
             tally["all"].update(c)
             if skills:
@@ -71,6 +74,8 @@ def method_figures(
                 for key, c in tally.items()}  # fmt: skip
         figs["all"]["tokens_per_s"] = round(n_tokens / seconds)
         figs["all"]["setup_s"] = round(setup, 2)
+        if targets is not None:
+            figs["all"]["value_kl"] = value_kl(targets, aligned)
         out[method] = figs
     return out
 
@@ -151,19 +156,11 @@ def toy_figures(n_rows: int) -> dict:
         targets = value_targets(piv, rows, make_world(ToyConfig().seed), piv_tok)
         for name in ("nh2-mixtral-mini", "nh2-solar-mini"):
             src_tok = AutoTokenizer.from_pretrained(world / name)
-            out[name] = method_figures(piv, caps[name, 0], piv_tok, src_tok, skills)
-            look = method_figures(piv, caps[name, 4], piv_tok, src_tok, skills, ("text",))
+            out[name] = method_figures(piv, caps[name, 0], piv_tok, src_tok, skills,
+                                       targets=targets)  # fmt: skip
+            look = method_figures(piv, caps[name, 4], piv_tok, src_tok, skills, ("text",),
+                                  targets)  # fmt: skip
             out[name]["text+lookahead"] = look["text"]
-            for method in [*METHODS, "text+lookahead"]:
-                cap = caps[name, 4 if method == "text+lookahead" else 0]
-                al = RowAligner(method.split("+")[0], "offsets", piv_tok, src_tok, 10)
-                if method == "stats":
-                    al.set_stats(sum((al.cooccurrence(p, s) for i in range(piv.n_shards)
-                                      for p, s in zip(piv.shard(i), cap.shard(i), strict=True)),
-                                     Counter()))  # fmt: skip
-                aligned = {int(p["row.index"]): al(p, s) for i in range(piv.n_shards)
-                           for p, s in zip(piv.shard(i), cap.shard(i), strict=True)}  # fmt: skip
-                out[name][method]["all"]["value_kl"] = value_kl(targets, aligned)
     return out
 
 

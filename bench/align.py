@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align import align_dtw, align_offsets, coverage, map_exact
+from fusechat.baselines import align_dtw, align_offsets, coverage, map_exact
 from fusechat.data import TEMPLATES, render
 from fusechat.io import cache_dir
 from fusechat.tokens import byte_fallback_ids, token_texts
@@ -63,7 +63,8 @@ def capture_cost(convs: list[list[dict]], k: int = 10) -> dict:
 
     from safetensors.numpy import load_file
 
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import capture
+    from fusechat.configs import CaptureConfig
     from fusechat.toy.build import build_toy_world
 
     cache = cache_dir()
@@ -115,7 +116,8 @@ def smollm2_figures(convs: list[list[dict]], pivot, rows: list[str]) -> dict:
 
     from transformers import AutoTokenizer
 
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import capture
+    from fusechat.configs import CaptureConfig
     from fusechat.errors import FusechatError
     from fusechat.toy.real import smollm2
 

@@ -44,7 +44,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from fusechat.align import align
-    from fusechat.capture import CaptureConfig, CaptureJob, capture
+    from fusechat.capture import capture, torchrun_command
+    from fusechat.configs import AlignConfig, CaptureConfig, CaptureJob, DataSpec, FuseConfig
     from fusechat.fuse import fuse_stage
     from fusechat.io import cache_dir
     from fusechat.toy.corpus import make_corpus
@@ -61,8 +62,9 @@ def main() -> None:
             result[f"capture_{name}_tokens_per_s"] = round(m["stats"]["positions"] / secs)
         positions = m["stats"]["positions"]
         # the same Mixtral capture with 2 torchrun ranks (one thread each: the cores are shared)
-        job = CaptureJob(cfg, str(d / "rows.jsonl"), str(d / "capture-dp"))
-        cmd = job.launch_command(args.workers, d / "job.json")
+        job = CaptureJob(config=cfg, data=DataSpec(path=str(d / "rows.jsonl")),
+                         out=str(d / "capture-dp"))  # fmt: skip
+        cmd = torchrun_command(job, args.workers, d / "job.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         secs, _ = _timed(lambda: subprocess.run(cmd, env=env, check=True, capture_output=True))
         result[f"capture_{args.workers}_ranks_tokens_per_s"] = round(m["stats"]["positions"] / secs)
@@ -84,10 +86,14 @@ def main() -> None:
             for w in (1, args.workers):
                 out = d / f"{stage}-{w}"
                 if stage == "align":
-                    secs[w], _ = _timed(lambda out=out, w=w: align(piv, src, out, workers=w))
+                    secs[w], _ = _timed(
+                        lambda out=out, w=w: align(piv, src, out, AlignConfig(workers=w))
+                    )
                 else:
                     secs[w], _ = _timed(
-                        lambda out=out, w=w: fuse_stage(piv, [d / "align-1"], out, workers=w)
+                        lambda out=out, w=w: fuse_stage(
+                            piv, [d / "align-1"], out, FuseConfig(workers=w)
+                        )
                     )
             result[f"{stage}_1_worker_s"] = round(secs[1], 2)
             result[f"{stage}_{args.workers}_workers_s"] = round(secs[args.workers], 2)

@@ -132,7 +132,8 @@ def toy_figures(n_rows: int) -> dict:
     """Captures of the toy world's fusion corpus (first ``n_rows``): each source to the pivot."""
     from transformers import AutoTokenizer
 
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import capture
+    from fusechat.configs import CaptureConfig
     from fusechat.io import cache_dir
     from fusechat.toy.build import ToyConfig, build_toy_world
     from fusechat.toy.corpus import make_world
@@ -169,7 +170,8 @@ def real_figures(mt_bench: Path, n_rows: int) -> dict:
     conversations, rendered with SmolLM2's chat template; every method aligns them."""
     from transformers import AutoTokenizer
 
-    from fusechat.capture import CaptureConfig, capture
+    from fusechat.capture import capture
+    from fusechat.configs import CaptureConfig
     from fusechat.errors import FusechatError
     from fusechat.io import cache_dir
     from fusechat.toy.real import gemma3, smollm2

@@ -12,7 +12,6 @@ never stalls the small ones beside it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import queue
@@ -192,6 +191,91 @@ def _validation_message(e: ValidationError) -> str:
 MAX_BODY = 4 << 20  # bytes: about a million tokens of text, far beyond any context served here
 
 
+class _Api:
+    """The endpoints' work, apart from their routes: parsing, completing, streaming."""
+
+    def __init__(self, gen: Generator, served_name: str, max_body: int):
+        self.gen, self.name, self.max_body = gen, served_name, max_body
+
+    async def parse(self, request: Request, cls: type[_Req]) -> _Req:
+        """The request body as ``cls``: size checked before reading, parsed in a thread."""
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read as it arrives: the loop stays free
+            size += len(chunk)
+            if size <= self.max_body:
+                chunks.append(chunk)
+            elif size > 16 * self.max_body:
+                break  # draining so the client can read the 413 has its limits too
+        if size > self.max_body:
+            raise _Reject(413, f"request body over {self.max_body} bytes (the server's limit)")
+        body = b"".join(chunks)
+        try:
+            req = await asyncio.to_thread(cls.model_validate_json, body)
+        except ValidationError as e:
+            raise _Reject(400, _validation_message(e)) from None
+        if req.model not in (None, self.name):
+            raise _Reject(404, f"model {req.model!r} does not exist (serving {self.name!r})",
+                          "model_not_found")  # fmt: skip
+        return req
+
+    async def complete(self, prompt: str, req: _Req, chat: bool):
+        try:
+            job = await asyncio.to_thread(self.gen.job, prompt, req, req.stream)
+        except ValueError as e:
+            return _error(400, str(e))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        obj = "chat.completion" if chat else "text_completion"
+        if req.stream:
+            return StreamingResponse(self.stream(job, rid, chat), media_type="text/event-stream")
+        await asyncio.to_thread(job.done.wait)
+        if job.error is not None:
+            return _error(500, f"generation failed: {job.error}", "server_error")
+        text, finish, n_out = job.result
+        choice = {"index": 0, "finish_reason": finish}
+        choice.update(
+            {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        )
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
+                 "total_tokens": len(job.prompt_ids) + n_out}  # fmt: skip
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
+                "choices": [choice], "usage": usage}  # fmt: skip
+
+    def chunk(self, rid: str, chat: bool, delta: str | None, finish: str | None,
+              first: bool = False) -> str:  # fmt: skip
+        """One server-sent event of a streamed answer."""
+        if chat:
+            d = (
+                {"role": "assistant", "content": ""}
+                if first
+                else ({"content": delta} if delta else {})
+            )
+            c = {"index": 0, "delta": d, "finish_reason": finish}
+        else:
+            c = {"index": 0, "text": delta or "", "finish_reason": finish}
+        body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.name, "choices": [c]}  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def stream(self, job: _Job, rid: str, chat: bool):
+        if chat:
+            yield self.chunk(rid, chat, None, None, first=True)
+        it = iter(job.streamer)
+        sent = ""
+        while True:
+            piece = await asyncio.to_thread(next, it, None)
+            if piece is None:
+                break
+            cut, stopped = _cut_at_stop(sent + piece, job.stop)
+            if cut[len(sent) :]:
+                yield self.chunk(rid, chat, cut[len(sent) :], None)
+            sent = cut
+            if stopped:
+                break
+        await asyncio.to_thread(job.done.wait)
+        yield self.chunk(rid, chat, None, job.result[1] if job.result else "stop")
+        yield "data: [DONE]\n\n"
+
+
 def create_app(
     model_path: str,
     served_name: str,
@@ -200,33 +284,13 @@ def create_app(
     **kw,
 ) -> FastAPI:
     gen = Generator(model_path, **kw)  # a model that cannot load is one FusechatError line
+    api = _Api(gen, served_name, max_body)
     app = FastAPI(title=f"fusechat serve {served_name}")
     created = int(time.time())
 
     @app.exception_handler(_Reject)
     async def _rejected(request: Request, exc: _Reject):
         return _error(exc.status, exc.message, exc.kind)
-
-    async def _parse(request: Request, cls: type[_Req]) -> _Req:
-        """The request body as ``cls``: size checked before reading, parsed in a thread."""
-        chunks, size = [], 0
-        async for chunk in request.stream():  # read as it arrives: the loop stays free
-            size += len(chunk)
-            if size <= max_body:
-                chunks.append(chunk)
-            elif size > 16 * max_body:
-                break  # draining so the client can read the 413 has its limits too
-        if size > max_body:
-            raise _Reject(413, f"request body over {max_body} bytes (the server's limit)")
-        body = b"".join(chunks)
-        try:
-            req = await asyncio.to_thread(cls.model_validate_json, body)
-        except ValidationError as e:
-            raise _Reject(400, _validation_message(e)) from None
-        if req.model not in (None, served_name):
-            raise _Reject(404, f"model {req.model!r} does not exist (serving {served_name!r})",
-                          "model_not_found")  # fmt: skip
-        return req
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -239,67 +303,9 @@ def create_app(
         return {"object": "list", "data": [{"id": served_name, "object": "model",
                                             "created": created, "owned_by": "fusechat"}]}  # fmt: skip
 
-    async def _complete(prompt: str, req: _Req, chat: bool):
-        try:
-            job = await asyncio.to_thread(gen.job, prompt, req, req.stream)
-        except ValueError as e:
-            return _error(400, str(e))
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        obj = "chat.completion" if chat else "text_completion"
-        if req.stream:
-            return StreamingResponse(_stream(job, rid, chat), media_type="text/event-stream")
-        await asyncio.to_thread(job.done.wait)
-        if job.error is not None:
-            return _error(500, f"generation failed: {job.error}", "server_error")
-        text, finish, n_out = job.result
-        choice = {"index": 0, "finish_reason": finish}
-        choice.update(
-            {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        )
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
-                 "total_tokens": len(job.prompt_ids) + n_out}  # fmt: skip
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": served_name,
-                "choices": [choice], "usage": usage}  # fmt: skip
-
-    async def _stream(job: _Job, rid: str, chat: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d = (
-                    {"role": "assistant", "content": ""}
-                    if first
-                    else ({"content": delta} if delta else {})
-                )
-                c = {"index": 0, "delta": d, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": delta or "", "finish_reason": finish}
-            body = {"id": rid, "object": obj, "created": int(time.time()), "model": served_name,
-                    "choices": [c]}  # fmt: skip
-            return f"data: {json.dumps(body)}\n\n"
-
-        if chat:
-            yield chunk(None, None, first=True)
-        it = iter(job.streamer)
-        sent = ""
-        while True:
-            piece = await asyncio.to_thread(next, it, None)
-            if piece is None:
-                break
-            cut, stopped = _cut_at_stop(sent + piece, job.stop)
-            if cut[len(sent) :]:
-                yield chunk(cut[len(sent) :], None)
-            sent = cut
-            if stopped:
-                break
-        await asyncio.to_thread(job.done.wait)
-        finish = job.result[1] if job.result else "stop"
-        yield chunk(None, finish)
-        yield "data: [DONE]\n\n"
-
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = await _parse(request, ChatRequest)
+        req = await api.parse(request, ChatRequest)
         msgs = [m.model_dump() for m in req.messages]
         try:
             prompt = await asyncio.to_thread(
@@ -307,71 +313,11 @@ def create_app(
             )
         except Exception as e:  # a template that rejects this conversation
             return _error(400, f"messages: {e}")
-        return await _complete(prompt, req, chat=True)
+        return await api.complete(prompt, req, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await _parse(request, CompletionRequest)
-        return await _complete(req.prompt, req, chat=False)
+        req = await api.parse(request, CompletionRequest)
+        return await api.complete(req.prompt, req, chat=False)
 
     return app
-
-
-@contextlib.contextmanager
-def serving(model_path: str, name: str, backend: str = "auto", timeout: float = 600):
-    """Serve a model for the duration of a block; yields the base URL. ``auto`` picks vLLM
-    when it is installed (a subprocess), else this module's server (a thread)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    import uvicorn
-
-    from fusechat.errors import FusechatError
-    from fusechat.io import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    if backend == "auto":
-        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
-    if backend == "hf":
-        server = uvicorn.Server(uvicorn.Config(create_app(model_path, name), host="127.0.0.1",
-                                               port=port, log_level="warning"))  # fmt: skip
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.02)
-        try:
-            yield url
-        finally:
-            server.should_exit = True
-        return
-    import openai
-
-    cmd = [sys.executable, "-m", "fusechat.cli", "serve", model_path, "--backend", "vllm"]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--name", name], env=dict(os.environ))
-    try:
-        client, deadline = openai.OpenAI(base_url=url, api_key="none"), time.time() + timeout
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise FusechatError(f"{model_path}: vLLM server did not start") from None
-                time.sleep(2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          api_key: str | None = None, max_batch: int = 16) -> None:  # fmt: skip
-    from pathlib import Path
-
-    import uvicorn
-
-    app = create_app(model_path, name or Path(model_path.rstrip("/")).name, api_key,
-                     max_batch=max_batch)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info")

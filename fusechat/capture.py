@@ -21,23 +21,29 @@ only the source knows that text (``fusechat.textalign``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusechat.data import Message, encode, get_template, load_conversations, load_tokenizer
+from fusechat.configs import CaptureConfig, CaptureJob, DataSpec, job_command
+from fusechat.data import encode, load_conversations, load_tokenizer
 from fusechat.errors import FusechatError
-from fusechat.io import fingerprint, read_manifest
+from fusechat.io import (
+    corpus_fingerprint,
+    fingerprint,
+    model_fingerprint,
+    read_manifest,
+    tokenizer_fingerprint,
+)
+from fusechat.ranks import Ranks, join
 from fusechat.scorers import HFScorer, VLLMScorer, plan_batches
 from fusechat.shards import (
     begin_stage,
@@ -50,62 +56,6 @@ from fusechat.shards import (
 log = logging.getLogger(__name__)
 VERSION = 4  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest;
 # 4: candidates' continuations (lookahead)
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    model: str  # local folder or hub id
-    template: str = "tokenizer"  # a named template, or 'tokenizer' (the chat template)
-    render_with: str | None = None  # with template 'tokenizer': whose chat template renders
-    # the text (the pivot's, in FuseChat); default the model's own
-    k: int = 10
-    max_length: int = 2048
-    overflow: Literal["truncate", "split"] = "truncate"
-    backend: Literal["hf", "vllm"] = "hf"
-    dtype: str = "auto"
-    batch_tokens: int = 8192  # padded tokens per forward pass
-    shard_rows: int = 256
-    tensor_parallel_size: int = 1  # vllm: GPUs one copy of the model spans
-    lookahead: int = 0  # greedy tokens stored after each alternative candidate (0: none)
-    lookahead_min_prob: float = 0.02  # candidates below this probability get none
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def model_fingerprint(path: str) -> str:
-    """Identity of a checkpoint: small files hashed whole, weight files by name, size and their
-    first and last MiB (hashing a 90 GB Mixtral whole would take minutes); hub ids by name."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return fingerprint({"hub": path})
-    h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(folder)}:{size}".encode())
-        with open(p, "rb") as f:
-            if size <= 64 << 20:
-                h.update(f.read())
-            else:
-                h.update(f.read(1 << 20))
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a vocabulary: every (token, id) pair; two tokenizers that tokenize alike
-    but number tokens differently must not share captured ids."""
-    return fingerprint(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
-
-
-def corpus_fingerprint(convs: Sequence[Sequence[Message]]) -> str:
-    h = hashlib.sha256()
-    for c in convs:
-        for m in c:
-            h.update(f"{m['role']}\x00{m['content']}\x01".encode())
-        h.update(b"\x02")
-    return h.hexdigest()[:16]
 
 
 def text_hash(text: str) -> np.uint64:
@@ -251,111 +201,37 @@ def _continuations(
     return got
 
 
-@dataclass(frozen=True)
-class CaptureJob:
-    """A whole capture (what ``fusechat run`` hands a launcher as one JSON file, so no
-    setting is lost on the way to its processes): ``capture(**job)`` minus ``overwrite``."""
-
-    config: CaptureConfig
-    data: str
-    out: str
-    data_format: str = "auto"
-    max_rows: int | None = None
-    strict: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> CaptureJob:
-        d = json.loads(text)
-        return cls(**{**d, "config": CaptureConfig(**d["config"])})
-
-    def run(self, overwrite: bool = False) -> dict:
-        return capture(self.config, self.data, self.out, self.data_format, self.max_rows,
-                       overwrite, self.strict)  # fmt: skip
-
-    def launch_command(self, processes: int, job_file: Path) -> list[str]:
-        """``torchrun`` on this node with ``processes`` ranks; writes the job to ``job_file``."""
-        from fusechat.io import write_atomic
-
-        write_atomic(job_file, self.to_json())
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}", "-m", "fusechat.cli", "capture",
-                "--config", str(job_file)]  # fmt: skip
+def torchrun_command(job: CaptureJob, processes: int, job_file: Path) -> list[str]:
+    """``torchrun`` on this node with ``processes`` ranks running ``job`` (written to
+    ``job_file``)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"]  # fmt: skip
+    return job_command(torchrun, "capture", job, job_file)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among the data-parallel processes that a launcher (``torchrun``,
-    ``accelerate launch``) started: ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the
-    environment; one process when none is set."""
-
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                   int(env.get("LOCAL_RANK", 0)))  # fmt: skip
-
-    def shards(self, todo: Sequence[int]) -> list[int]:
-        """This rank's share: every ``world``-th shard, so each does the same amount."""
-        return list(todo[self.rank :: self.world])
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _join(ranks: Ranks) -> bool:
-    """Join the launcher's process group (gloo: it only synchronises here; a day's timeout, so
-    ranks with uneven work wait for each other); True when this call created it."""
-    import datetime
-
-    if ranks.world == 1 or torch.distributed.is_initialized():
-        return False
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    if not torch.cuda.is_available():  # CPU ranks share the cores instead of oversubscribing
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return True
+def run_job(job: CaptureJob, overwrite: bool = False) -> dict:
+    """A capture job as ``fusechat run`` hands it to ``torchrun`` (``fusechat capture --config``)."""
+    return capture(job.config, job.data, job.out, overwrite)
 
 
 def capture(
     cfg: CaptureConfig,
-    data: str,
+    data: DataSpec | str | os.PathLike,
     out: str | os.PathLike,
-    data_format: str = "auto",
-    max_rows: int | None = None,
     overwrite: bool = False,
-    strict: bool = False,
+    max_rows: int | None = None,
 ) -> dict:
-    """Run the capture stage into ``out``; resumes shard by shard (``strict``: a malformed
-    corpus row fails the stage instead of being skipped). Returns the manifest.
+    """Run the capture stage into ``out``; resumes shard by shard. ``data``: the corpus and how
+    to read it (a path: every row, skipping malformed ones; ``max_rows`` then limits it).
+    Returns the manifest.
 
     Under a launcher (``torchrun --nproc_per_node N``, also across nodes on a shared
     filesystem) each rank scores every N-th missing shard on its own device and rank 0 writes
     the manifest once all exist: the same bytes as one process, since a shard's batches depend
     on its rows alone. A killed run resumes at the missing shards, with any number of ranks."""
-    if cfg.k < 1:
-        raise FusechatError(f"k must be at least 1, got {cfg.k}")
-    if cfg.tensor_parallel_size < 1:
-        raise FusechatError(
-            f"tensor_parallel_size must be at least 1, got {cfg.tensor_parallel_size}"
-        )
-    if cfg.tensor_parallel_size > 1 and cfg.backend != "vllm":
-        raise FusechatError("tensor_parallel_size is a vllm setting (backend hf spreads a large "
-                            "model over the GPUs with device_map auto)")  # fmt: skip
-    if cfg.lookahead < 0 or not 0.0 <= cfg.lookahead_min_prob <= 1.0:
-        raise FusechatError(
-            f"lookahead must be >= 0 and lookahead_min_prob in [0, 1], got {cfg.lookahead} "
-            f"and {cfg.lookahead_min_prob}"
-        )
-    get_template(cfg.template)
-    convs, report = load_conversations(data, data_format, strict=strict, max_rows=max_rows)
+    if not isinstance(data, DataSpec):
+        data = DataSpec(path=str(data), max_rows=max_rows)
+    convs, report = load_conversations(data.path, data.format, data.strict, data.max_rows)
     tokenizer = load_tokenizer(cfg.model)
     render_tok, rendering = None, None
     if cfg.template == "tokenizer":
@@ -366,7 +242,7 @@ def capture(
     key = {
         "stage": "capture",
         "version": VERSION,
-        **{k: v for k, v in asdict(cfg).items() if k not in ("batch_tokens", "render_with")},
+        **{k: v for k, v in cfg.key().items() if k != "render_with"},  # rendering stands for it
         "rendering": rendering,
         "model_fingerprint": model_fingerprint(cfg.model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -384,9 +260,9 @@ def capture(
             "capture: backend vllm runs one process (set tensor_parallel_size for a model "
             "larger than one GPU); data-parallel processes are for backend hf"
         )
-    created = _join(ranks)
+    created = join(ranks)
     try:
-        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data)
+        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data.path)
     finally:
         if created:
             torch.distributed.destroy_process_group()

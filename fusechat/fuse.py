@@ -6,12 +6,14 @@ Distributions are sparse, ``(ids, probs)`` rows over the pivot's vocabulary (``f
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fusechat.configs import FuseConfig
 from fusechat.sparse import Sparse, combine_duplicates
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,6 @@ def fuse(
 # --------------------------------------------------------------------------- the stage
 
 VERSION = 3  # 2: the unaligned setting; 3: shard checksums in the manifest
-METHODS = ("minCE", "avgCE")
-UNALIGNED = ("gold", "pivot")  # what a position without a chosen model's distribution learns
 
 
 def sequence_ce(row: dict, norm: str) -> float:
@@ -79,14 +79,11 @@ def sequence_ce(row: dict, norm: str) -> float:
 
 # pragma: no mutate block (stage I/O: tested end to end in test_capture/test_run, not by mutation)
 def fuse_stage(
-    pivot_dir: str,
-    aligned_dirs: Sequence[str],
-    out: str,
-    method: str = "minCE",
-    ce_norm: str = "token",
-    unaligned: str = "gold",
+    pivot_dir: str | os.PathLike,
+    aligned_dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    cfg: FuseConfig | None = None,
     overwrite: bool = False,
-    workers: int = 1,
 ) -> dict:
     """Fuse the pivot's captured distributions with aligned sources' (``fusechat fuse``).
 
@@ -94,19 +91,14 @@ def fuse_stage(
     target (``pos.target_ids``, ``pos.target_probs``) and ``row.weights`` (per model, pivot
     first). Where no chosen model has a distribution, the target is one-hot on the gold next
     token (``unaligned='gold'``) or the pivot's own distribution (``'pivot'``). Rows with no
-    learned token are dropped and counted. Shards are spread over ``workers`` processes (the
-    same output as one).
+    learned token are dropped and counted. Shards are spread over ``cfg.workers`` processes
+    (the same output as one).
     """
     from fusechat.errors import FusechatError
-    from fusechat.io import fingerprint, read_manifest
-    from fusechat.shards import StageReader, begin_stage, finish_stage, map_shards
+    from fusechat.io import fingerprint
+    from fusechat.shards import StageReader, run_sharded
 
-    if method not in METHODS:
-        raise FusechatError(f"unknown fusion method {method!r} (minCE or avgCE)")
-    if unaligned not in UNALIGNED:
-        raise FusechatError(f"unknown unaligned target {unaligned!r} (gold or pivot)")
-    if ce_norm not in ("token", "char"):
-        raise FusechatError(f"unknown cross-entropy normalisation {ce_norm!r} (token or char)")
+    cfg = cfg or FuseConfig()
     if not aligned_dirs:
         raise FusechatError("fuse needs at least one aligned source")
     piv = StageReader(pivot_dir, "capture")
@@ -121,41 +113,37 @@ def fuse_stage(
         "version": VERSION,
         "pivot_capture": fingerprint(piv.key),
         "aligned": [fingerprint(s.key) for s in srcs],
-        "method": method,
-        "ce_norm": ce_norm,
-        "unaligned": unaligned,
+        "method": cfg.method,
+        "ce_norm": cfg.ce_norm,
+        "unaligned": cfg.unaligned,
         "shard_rows": piv.key["shard_rows"],
         # what training checks its model and corpus against
         "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
         "corpus_fingerprint": piv.key["corpus_fingerprint"],
         "pivot_model": piv.key["model"],
     }
-    done = begin_stage(out, key, overwrite)
-    if done is None:
-        log.info("%s: fusion already complete", out)
-        return read_manifest(out)
-    job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), method, ce_norm,
-                   unaligned, frozenset(done))  # fmt: skip
-    parts = map_shards(piv.n_shards, _fuse_shard, (piv, srcs, job), workers,
-                       (_fuse_setup, job), f"fuse {Path(out).name}")  # fmt: skip
-    kept = sum(p[0] for p in parts)
-    dropped_empty = sum(p[1] for p in parts)
-    weight_sum = sum((p[2] for p in parts), np.zeros(1 + len(srcs)))
-    stats = {
-        "rows": kept,
-        "dropped_empty": dropped_empty,
-        "mean_weights": (weight_sum / max(kept, 1)).round(4).tolist(),
-        "pivot_capture": str(pivot_dir),
-        "aligned": [str(d) for d in aligned_dirs],
-        "pivot_model": piv.key["model"],
-    }
-    log.info(
-        "fused %d rows (%d dropped: nothing learned); mean weights %s",
-        kept,
-        dropped_empty,
-        stats["mean_weights"],
-    )
-    return finish_stage(out, key, piv.n_shards, stats, {i: p[3] for i, p in enumerate(parts)})
+
+    def start(done: frozenset[int]) -> tuple:
+        job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done)
+        return (piv, srcs, job), job
+
+    def summarize(parts: list) -> dict:
+        kept = sum(p[0] for p in parts)
+        weight_sum = sum((p[2] for p in parts), np.zeros(1 + len(srcs)))
+        stats = {
+            "rows": kept,
+            "dropped_empty": sum(p[1] for p in parts),
+            "mean_weights": (weight_sum / max(kept, 1)).round(4).tolist(),
+            "pivot_capture": str(pivot_dir),
+            "aligned": [str(d) for d in aligned_dirs],
+            "pivot_model": piv.key["model"],
+        }
+        log.info("fused %d rows (%d dropped: nothing learned); mean weights %s",
+                 kept, stats["dropped_empty"], stats["mean_weights"])  # fmt: skip
+        return stats
+
+    return run_sharded(out, key, piv.n_shards, start, _fuse_shard, summarize, overwrite,
+                       cfg.workers, _fuse_setup, f"fuse {Path(out).name}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,9 +153,7 @@ class _FuseJob:
     pivot_dir: str
     aligned_dirs: tuple[str, ...]
     out: str
-    method: str
-    ce_norm: str
-    unaligned: str
+    cfg: FuseConfig
     done: frozenset[int]
 
 
@@ -178,9 +164,9 @@ def _fuse_setup(job: _FuseJob) -> tuple:
     return StageReader(job.pivot_dir, "capture"), srcs, job
 
 
-def _fuse_shard(state: tuple, i: int) -> tuple[int, int, np.ndarray, str | None]:
+def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str | None]:
     """Fuse shard ``i``, write it unless a previous run did; (rows kept, rows dropped, sum of
-    the rows' model weights, checksum of what was written)."""
+    the rows' model weights) and the checksum of what was written."""
     from fusechat.shards import pack_ids, save_shard, unpack_ids
 
     piv, srcs, job = state
@@ -192,19 +178,19 @@ def _fuse_shard(state: tuple, i: int) -> tuple[int, int, np.ndarray, str | None]
             dropped += 1
             continue
         lp = prow["pos.topk_logprobs"].astype(np.float32)
-        ces = [sequence_ce(prow, job.ce_norm)]
+        ces = [sequence_ce(prow, job.cfg.ce_norm)]
         # a source whose (truncated) row holds no learned token cannot be chosen
-        ces += [sequence_ce(s, job.ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
+        ces += [sequence_ce(s, job.cfg.ce_norm) if s["row.n_tokens"] > 0 else np.inf for s in srows]
         p = np.exp(lp.astype(np.float64))
         pivot = (unpack_ids(prow["pos.topk_ids"]), p / p.sum(-1, keepdims=True))
         dists = [pivot] + [(unpack_ids(s["pos.ids"]), s["pos.probs"]) for s in srows]
         valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
         gold = None
-        if job.unaligned == "gold":
+        if job.cfg.unaligned == "gold":
             nxt = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
             gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
-        ids, probs = fuse(dists, valid, ces, job.method, gold)
-        w = sequence_weights(ces, job.method)
+        ids, probs = fuse(dists, valid, ces, job.cfg.method, gold)
+        w = sequence_weights(ces, job.cfg.method)
         weight_sum += w
         rows.append(
             {
@@ -217,4 +203,4 @@ def _fuse_shard(state: tuple, i: int) -> tuple[int, int, np.ndarray, str | None]
             }
         )
     written = None if i in job.done else save_shard(Path(job.out), i, rows)
-    return len(rows), dropped, weight_sum, written
+    return (len(rows), dropped, weight_sum), written

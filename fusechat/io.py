@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,42 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def model_fingerprint(path: str) -> str:
+    """Identity of a checkpoint: small files hashed whole, weight files by name, size and their
+    first and last MiB (hashing a 90 GB Mixtral whole would take minutes); hub ids by name."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return fingerprint({"hub": path})
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(folder)}:{size}".encode())
+        with open(p, "rb") as f:
+            if size <= 64 << 20:
+                h.update(f.read())
+            else:
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a vocabulary: every (token, id) pair; two tokenizers that tokenize alike
+    but number tokens differently must not share captured ids."""
+    return fingerprint(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+
+
+def corpus_fingerprint(convs: Sequence[Sequence[dict]]) -> str:
+    """Identity of a parsed corpus: every message's role and content, in order."""
+    h = hashlib.sha256()
+    for c in convs:
+        for m in c:
+            h.update(f"{m['role']}\x00{m['content']}\x01".encode())
+        h.update(b"\x02")
+    return h.hexdigest()[:16]
+
+
 def _files(path: Path) -> list[tuple[str, Path]]:
     """A file, or every file under a folder in path order, each with the name it is keyed by
     (its name, or its path relative to the folder)."""
@@ -103,9 +139,11 @@ def stat_fingerprint(path: str | os.PathLike) -> str | None:
     return fingerprint([(n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in _files(path)])
 
 
-def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The folder's manifest, or None when the folder or manifest is missing or unreadable."""
-    p = Path(folder) / MANIFEST
+def read_manifest(out: str | os.PathLike) -> dict | None:
+    """The record that marks an output complete: a folder's ``manifest.json``, or a JSON file
+    output itself; None when it is missing or unreadable."""
+    p = Path(out)
+    p = p if p.suffix == ".json" else p / MANIFEST
     try:
         return read_json(p)
     except (OSError, json.JSONDecodeError):

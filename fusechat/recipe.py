@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from fusechat.data import TEMPLATE_NAMES
+from fusechat.configs import (
+    AlignConfig,
+    CaptureSection,
+    Config,
+    DataSpec,
+    FuseConfig,
+    ModelSettings,
+    PositiveInt,
+    Template,
+    TrainSettings,
+)
 from fusechat.errors import FusechatError
-
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def expand(path: str) -> str:
@@ -34,26 +42,15 @@ def expand(path: str) -> str:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(Config):
+    pass
 
 
-class ModelSpec(_Section):
+class ModelSpec(ModelSettings):
     """A chat model: a local folder or a hub id (loaded by transformers' Auto classes)."""
 
     path: Annotated[str, Field(min_length=1)]
     name: str | None = None  # defaults to the last component of ``path``
-    dtype: Dtype = "auto"
-    template: str = "tokenizer"  # its own conversation format: a named template or 'tokenizer'
-    # capture with backend vllm: GPUs one copy spans (NH2-Mixtral-8x7B in bf16: 2 x 80 GB)
-    tensor_parallel_size: PositiveInt = 1
-
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, v: str) -> str:
-        if v not in TEMPLATE_NAMES:
-            raise ValueError(f"unknown template {v!r} (known: {', '.join(TEMPLATE_NAMES)})")
-        return v
 
     @property
     def label(self) -> str:
@@ -69,9 +66,25 @@ class ModelSpec(_Section):
         return "hub id" if HUB_ID.match(self.path) else "missing local folder"
 
 
+class PivotSpec(ModelSpec):
+    """The pivot, whose conversation format renders every model's input (FuseChat): a named
+    template, or 'tokenizer' (its chat template). Sources have none of their own."""
+
+    template: Template = "tokenizer"
+
+
 class Models(_Section):
-    pivot: ModelSpec
+    pivot: PivotSpec
     sources: Annotated[list[ModelSpec], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_source_template(cls, raw: object) -> object:
+        for i, s in enumerate(raw.get("sources") or [] if isinstance(raw, dict) else []):
+            if isinstance(s, dict) and "template" in s:
+                raise ValueError(f"sources[{i}].template: every model's input is rendered in the "
+                                 "pivot's format (FuseChat); set it on the pivot or in data")  # fmt: skip
+        return raw
 
     @model_validator(mode="after")
     def _unique_names(self) -> Models:
@@ -87,107 +100,17 @@ class Models(_Section):
         return [self.pivot, *self.sources]
 
 
-class Data(_Section):
+class Data(DataSpec):
     """The chat corpus every model scores; FuseChat renders all inputs with the pivot's template."""
 
-    path: Annotated[str, Field(min_length=1)]
-    format: Literal["auto", "messages", "sharegpt"] = "auto"
-    max_rows: Annotated[int, Field(gt=0)] | None = None
-    template: str | None = None  # None: the pivot's template
-    strict: bool = False  # fail on the first malformed row instead of skipping it
-
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, v: str | None) -> str | None:
-        return ModelSpec._known_template(v) if v is not None else v
+    template: Template | None = None  # None: the pivot's template
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+class TrainSection(TrainSettings):
+    """``fusechat train`` of one target per source; the recipe's ``seed`` seeds each run."""
 
-
-class CaptureSection(_Section):
-    """``fusechat capture`` for the pivot and every source (FuseChat: K = 10, 2048 tokens)."""
-
-    k: PositiveInt = 10
-    max_length: PositiveInt = 2048
-    overflow: Literal["truncate", "split"] = "truncate"
-    backend: Literal["hf", "vllm"] = "hf"
-    batch_tokens: PositiveInt = 8192
-    shard_rows: PositiveInt = 256
-    # sources only: greedy tokens stored after each alternative candidate, so the text
-    # alignment maps a word fragment (`Ġp` of ` pane`) to the pivot token the word begins
-    # with; costs one short generation per candidate above lookahead_min_prob
-    lookahead: NonNegativeInt = 0
-    lookahead_min_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
-    # data-parallel ranks on this node (torchrun; backend hf): each scores its share of the
-    # shards on its own GPU, the same bytes as one process. Several nodes: README
-    processes: PositiveInt = 1
-
-
-class AlignSection(_Section):
-    """``fusechat align`` of each source to the pivot (``fusechat.align``: ``text`` maps by
-    continuation text; ``exact``, ``mined``, ``stats`` are the baselines)."""
-
-    method: Literal["text", "exact", "mined", "stats"] = "text"
-    sequence: Literal["offsets", "dtw"] = "offsets"  # the baselines' position pairing
-    workers: PositiveInt = 1  # processes sharing the shards (the output is the same)
-
-    @model_validator(mode="after")
-    def _text_by_offsets(self) -> AlignSection:
-        if self.method == "text" and self.sequence != "offsets":
-            raise ValueError("method 'text' aligns by byte offsets (sequence: offsets)")
-        return self
-
-
-class FuseSection(_Section):
-    """``fusechat fuse``: pairwise (pivot + one source) per target, as FuseChat does."""
-
-    method: Literal["minCE", "avgCE"] = "minCE"
-    ce_norm: Literal["token", "char"] = "token"
-    unaligned: Literal["gold", "pivot"] = "gold"  # target where no chosen model has one
-    workers: PositiveInt = 1  # processes sharing the shards (the output is the same)
-
-
-class LoraSection(_Section):
-    r: PositiveInt = 16
-    alpha: PositiveInt = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] | str = "all-linear"
-
-
-class TrainSection(_Section):
-    """``fusechat train`` of one target per source (FuseChat's defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9
-    temperature: Annotated[float, Field(gt=0)] = 1.0
-    fusion_loss: Literal["ce", "kl"] = "ce"
-    lr: Annotated[float, Field(gt=0)] = 5e-6
-    epochs: Annotated[float, Field(gt=0)] = 3.0
-    max_steps: int = -1  # optimizer steps; -1: as many as ``epochs`` make
-    batch_size: PositiveInt = 128
-    micro_batch_size: PositiveInt = 4
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_length: PositiveInt = 2048
-    gradient_checkpointing: bool = True
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    save_steps: PositiveInt = 200
-    logging_steps: PositiveInt = 10
-    heldout: str | None = None  # held-out conversations whose loss is logged while training
-    eval_steps: Annotated[int, Field(ge=0)] = 0  # that curve's interval (0: never)
-    lora: LoraSection | None = None
     clm_baseline: bool = False  # also train lambda = 1 on the pivot's capture (the CLM baseline)
     launcher: str | None = None  # an accelerate config file: run training under accelerate launch
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError("must be -1 (train for epochs) or at least 1")
-        return v
 
 
 class MergeMethodSpec(_Section):
@@ -242,8 +165,8 @@ class Recipe(_Section):
     models: Models
     data: Data
     capture: CaptureSection = CaptureSection()
-    align: AlignSection = AlignSection()
-    fuse: FuseSection = FuseSection()
+    align: AlignConfig = AlignConfig()
+    fuse: FuseConfig = FuseConfig()
     train: TrainSection = TrainSection()
     merge: MergeSection = MergeSection()
     eval: EvalSection = EvalSection()
@@ -323,18 +246,6 @@ def validation_error(source: str | Path, e: ValidationError) -> FusechatError:
     msg = msg.removeprefix("Value error, ")
     more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return FusechatError(f"{source}: {field}: {msg}{more}")
-
-
-def check_options(section: type[BaseModel], values: dict, prefix: str = "") -> None:
-    """Command-line options checked by the recipe section that declares them (one rule for
-    both): the first error as ``--option: message``."""
-    try:
-        section.model_validate(values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else ""
-        flag = "--" + prefix + {"lam": "lambda"}.get(name, name).replace("_", "-")
-        raise FusechatError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 _KEY_PART = re.compile(r"(\w[\w-]*)|\[(\d+)\]")

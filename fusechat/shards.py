@@ -257,6 +257,37 @@ def map_shards(
         return out
 
 
+def run_sharded(
+    out: str | os.PathLike,
+    key: dict,
+    n_shards: int,
+    start: Callable[[frozenset[int]], tuple[Any, Any]],
+    task: Callable[[Any, int], tuple[Any, str | None]],
+    summarize: Callable[[list], dict],
+    overwrite: bool = False,
+    workers: int = 1,
+    setup: Callable | None = None,
+    desc: str = "",
+) -> dict:
+    """A sharded stage from its per-shard function; returns the manifest.
+
+    Owns what every stage shares: the folder's key (``begin_stage``: a finished folder with
+    this key is reused, a partial one resumed, another key refused unless ``overwrite``), the
+    shards (``map_shards`` over ``workers``), their checksums and the manifest
+    (``finish_stage``). ``start(done)``, given the shards a previous run wrote, returns the
+    shared state and a picklable job (``setup(job)`` rebuilds the state in a spawned worker);
+    ``task(state, i)`` returns shard ``i``'s result and the checksum of what it wrote (None
+    when the shard was already there); ``summarize(results)`` gives the manifest's stats."""
+    done = begin_stage(out, key, overwrite)
+    if done is None:
+        log.info("%s: %s already complete", out, key.get("stage", "stage"))
+        return read_manifest(out)
+    state, job = start(frozenset(done))
+    parts = map_shards(n_shards, task, state, workers, (setup, job) if setup else None, desc)
+    stats = summarize([r for r, _ in parts])
+    return finish_stage(out, key, n_shards, stats, {i: d for i, (_, d) in enumerate(parts)})
+
+
 # --------------------------------------------------------------------------- reading a stage
 
 

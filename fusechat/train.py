@@ -16,145 +16,21 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
+from fusechat.configs import LoraConfig, TrainConfig
 from fusechat.errors import FusechatError
-from fusechat.io import fingerprint, read_json, read_manifest, write_json
+from fusechat.io import fingerprint, model_fingerprint, read_json, read_manifest, write_json
 from fusechat.losses import fusion_losses, predicts_label
-from fusechat.shards import STAGE, StageReader, shard_name, unpack_ids
+from fusechat.ranks import Ranks
+from fusechat.rows import ShardRows, check_targets, collate_rows
+from fusechat.shards import STAGE
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: the loss normalised over the whole effective batch (num_items_in_batch)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = "all-linear"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Defaults are the FuseChat paper's (7B, 8 GPUs)."""
-
-    lam: float = 0.9  # weight of the causal-LM loss; 1.0 = plain SFT, the CLM baseline
-    temperature: float = 1.0  # teacher temperature on the fused target
-    fusion_loss: str = "ce"  # ce | kl
-    lr: float = 5e-6
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 128  # effective: micro_batch_size x accumulation x processes
-    micro_batch_size: int = 4
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_length: int = 2048
-    gradient_checkpointing: bool = True
-    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | fp32
-    save_steps: int = 200
-    logging_steps: int = 10
-    heldout: str | None = None  # held-out conversations: their loss is logged during training
-    eval_steps: int = 0  # every this many steps (and at the start); 0 = never
-    seed: int = 0
-    lora: LoraSpec | None = None
-    extra: dict = field(default_factory=dict)  # more TrainingArguments, e.g. deepspeed, fsdp
-
-    def to_json(self) -> str:
-        """Every setting, for a launcher's child processes (nothing re-listed, nothing lost)."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        raw = json.loads(text)
-        lora = raw.pop("lora", None)
-        if lora is not None:
-            tm = lora["target_modules"]
-            lora = LoraSpec(**{**lora, "target_modules": tm if isinstance(tm, str) else tuple(tm)})
-        return cls(**raw, lora=lora)
-
-
-# --------------------------------------------------------------------------- data
-
-
-class ShardRows(torch.utils.data.Dataset):
-    """Rows of a ``fuse`` output (or, for the CLM baseline, of a pivot ``capture``), read
-    lazily by memory-mapped slices: nothing holds the whole corpus in memory."""
-
-    def __init__(self, folder: str | os.PathLike, max_length: int, with_targets: bool):
-        stage = read_manifest(folder)
-        kind = (stage or {}).get("key", {}).get("stage", "fuse")
-        self.reader = StageReader(folder, kind)
-        self.reader.verify()
-        if with_targets and kind != "fuse":
-            raise FusechatError(
-                f"{folder}: is a {kind} output; fusion training needs fused targets"
-            )
-        self.with_targets = with_targets
-        self.max_length = max_length
-        self.index: list[tuple[int, int, int]] = []  # (shard, start, end)
-        for s in range(self.reader.n_shards):
-            with safe_open(self.reader.folder / shard_name(s), framework="np") as f:
-                splits = f.get_tensor("row.splits")
-            self.index += [
-                (s, int(a), int(b)) for a, b in zip(splits[:-1], splits[1:], strict=True)
-            ]
-        self._handles: dict[int, object] = {}
-        if not self.index:
-            raise FusechatError(f"{folder}: holds no rows")
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _slice(self, s: int, key: str, a: int, b: int) -> np.ndarray:
-        f = self._handles.get(s)
-        if f is None:
-            f = self._handles[s] = safe_open(self.reader.folder / shard_name(s), framework="np")
-        return f.get_slice(key)[a:b]
-
-    def __getitem__(self, i: int) -> dict:
-        s, a, b = self.index[i]
-        b = min(b, a + self.max_length)
-        row = {
-            "input_ids": unpack_ids(self._slice(s, "pos.input_ids", a, b)),
-            "labels_mask": self._slice(s, "pos.labels_mask", a, b).astype(bool),
-        }
-        if self.with_targets:
-            row["target_ids"] = unpack_ids(self._slice(s, "pos.target_ids", a, b))
-            row["target_probs"] = self._slice(s, "pos.target_probs", a, b).astype(np.float32)
-        return row
-
-    def __getstate__(self):  # DataLoader workers open their own handles
-        return {**self.__dict__, "_handles": {}}
-
-
-def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; target ids pad with -1 and probabilities with 0."""
-    n = max(len(r["input_ids"]) for r in rows)
-    out = {
-        "input_ids": torch.zeros((len(rows), n), dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), n), dtype=torch.long),
-        "labels_mask": torch.zeros((len(rows), n), dtype=torch.bool),
-    }
-    if "target_ids" in rows[0]:
-        k = rows[0]["target_ids"].shape[1]
-        out["target_ids"] = torch.full((len(rows), n, k), -1, dtype=torch.long)
-        out["target_probs"] = torch.zeros((len(rows), n, k), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        t = len(r["input_ids"])
-        out["input_ids"][i, :t] = torch.from_numpy(r["input_ids"])
-        out["attention_mask"][i, :t] = 1
-        out["labels_mask"][i, :t] = torch.from_numpy(r["labels_mask"])
-        if "target_ids" in out:
-            out["target_ids"][i, :t] = torch.from_numpy(r["target_ids"])
-            out["target_probs"][i, :t] = torch.from_numpy(r["target_probs"])
-    return out
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -328,42 +204,16 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def check_targets(data_key: dict, tokenizer, corpus_fp: str | None) -> None:
-    """Reject targets made for another tokenizer or corpus before any training."""
-    from fusechat.capture import tokenizer_fingerprint
-
-    want = data_key.get("pivot_tokenizer_fingerprint") or data_key.get("tokenizer_fingerprint")
-    got = tokenizer_fingerprint(tokenizer)
-    if want != got:
-        raise FusechatError(
-            f"the training data was made with another tokenizer than {tokenizer.name_or_path} "
-            f"(vocabulary fingerprint {want} vs {got})"
-        )
-    if corpus_fp is not None and data_key.get("corpus_fingerprint") != corpus_fp:
-        raise FusechatError(
-            f"the training data was made from another corpus "
-            f"(fingerprint {data_key.get('corpus_fingerprint')} vs {corpus_fp})"
-        )
-
-
 def train(
     model_path: str,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    cfg: TrainConfig = TrainConfig(),
+    cfg: TrainConfig | None = None,
     corpus_fingerprint: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Fine-tune ``model_path`` on a ``fuse`` output (or, with ``lam == 1``, a pivot capture)."""
-    from transformers import TrainingArguments
-
-    from fusechat.capture import model_fingerprint
-    from fusechat.data import load_model, load_tokenizer
-
-    if not 0.0 <= cfg.lam <= 1.0:
-        raise FusechatError(f"lambda must be in [0, 1], got {cfg.lam}")
-    if cfg.fusion_loss not in ("ce", "kl"):
-        raise FusechatError(f"unknown fusion loss {cfg.fusion_loss!r} (ce or kl)")
+    cfg = cfg or TrainConfig()
     rows = ShardRows(data, cfg.max_length, with_targets=cfg.lam < 1.0)
     out = Path(out)
     key = {
@@ -371,7 +221,7 @@ def train(
         "version": VERSION,
         "model": model_fingerprint(model_path),
         "data": fingerprint(rows.reader.key),
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
     }
     key = json.loads(json.dumps(key))  # as read back from disk (tuples become lists)
     done = read_manifest(out)
@@ -380,45 +230,73 @@ def train(
         return done
     if out.exists() and not overwrite:
         raise FusechatError(f"{out}: exists with another training run; use --overwrite")
+    tokenizer, model = _load(model_path, rows, corpus_fingerprint, cfg.lora)
+    ckpt = _checkpoint_folder(out, key, overwrite)
+    ranks = Ranks.from_env()
+    trainer = _trainer(cfg, model, tokenizer, rows, ckpt, ranks.world)
+    t0 = time.perf_counter()
+    last = last_complete_checkpoint(ckpt) if trainer.is_world_process_zero() else None
+    trainer.accelerator.wait_for_everyone()  # rank 0 has removed a cut-off checkpoint
+    last = last_complete_checkpoint(ckpt)
+    if last:
+        log.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    stats = {
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": len(rows),
+        "effective_batch": trainer.args.gradient_accumulation_steps * cfg.micro_batch_size
+        * ranks.world,
+        "processes": ranks.world,
+        "resumed_from": last,
+    }  # fmt: skip
+    return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None)
+
+
+def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraConfig | None):
+    """The pivot's tokenizer (checked against the targets) and model (wrapped in a LoRA)."""
+    from fusechat.data import load_model, load_tokenizer
+
     tokenizer = load_tokenizer(model_path)
-    check_targets(rows.reader.key, tokenizer, corpus_fingerprint)
+    check_targets(rows.reader.key, tokenizer, corpus_fp)
     model = load_model(model_path, dtype="auto")
     if len(tokenizer) > model.config.vocab_size:
         raise FusechatError(
             f"{model_path}: tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}"
         )
+    if lora is not None:
+        import peft
+
+        tm = lora.target_modules
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=lora.r, lora_alpha=lora.scale, lora_dropout=lora.dropout,
+            target_modules=tm if isinstance(tm, str) else list(tm), task_type="CAUSAL_LM",
+        ))  # fmt: skip
+    return tokenizer, model
+
+
+def _checkpoint_folder(out: Path, key: dict, overwrite: bool) -> Path:
+    """``OUT.ckpt``, holding checkpoints of this configuration only."""
     ckpt = out.with_name(out.name + ".ckpt")
     if (ckpt / STAGE).exists() and read_json(ckpt / STAGE) != key:
         if not overwrite:
             raise FusechatError(f"{ckpt}: checkpoints of another configuration; use --overwrite")
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer under a launcher
+    if Ranks.from_env().rank == 0:  # one writer under a launcher
         write_json(ckpt / STAGE, key)
-    if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+    return ckpt
 
-        tm = cfg.lora.target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(tm) if not isinstance(tm, str) else tm,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, world: int):
+    """The HF Trainer with the fusion loss, its arguments from ``cfg``."""
+    from transformers import TrainingArguments
+
     accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch_size * world)))
     if accum * cfg.micro_batch_size * world != cfg.batch_size:
-        log.warning(
-            "batch size %d is not micro batch %d x %d processes x accumulation; using %d",
-            cfg.batch_size,
-            cfg.micro_batch_size,
-            world,
-            accum * cfg.micro_batch_size * world,
-        )
+        log.warning("batch size %d is not micro batch %d x %d processes x accumulation; using %d",
+                    cfg.batch_size, cfg.micro_batch_size, world, accum * cfg.micro_batch_size * world)  # fmt: skip
     args = TrainingArguments(
         output_dir=str(ckpt),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -446,39 +324,32 @@ def train(
         **_precision(cfg.precision),
         **cfg.extra,
     )
-    log_path = ckpt / "train_log.jsonl"
-    callbacks = [_jsonl_callback(log_path)]
+    callbacks = [_jsonl_callback(ckpt / "train_log.jsonl")]
     if cfg.heldout and cfg.eval_steps > 0:
         from fusechat.data import load_conversations
 
         convs, _ = load_conversations(cfg.heldout)
         held = [{"messages": c} for c in convs]
-        callbacks.append(_heldout_callback(held, tokenizer, cfg.eval_steps, log_path))
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        data_collator=collate_rows,
-        callbacks=callbacks,
-        lam=cfg.lam,
-        temperature=cfg.temperature,
+        callbacks.append(
+            _heldout_callback(held, tokenizer, cfg.eval_steps, ckpt / "train_log.jsonl")
+        )
+    return _trainer_class()(
+        model=model, args=args, train_dataset=rows, data_collator=collate_rows,
+        callbacks=callbacks, lam=cfg.lam, temperature=cfg.temperature,
         fusion_loss=cfg.fusion_loss,
-    )
-    last = last_complete_checkpoint(ckpt) if trainer.is_world_process_zero() else None
-    trainer.accelerator.wait_for_everyone()
-    last = last_complete_checkpoint(ckpt)
-    if last:
-        log.info("resuming from %s", last)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
-    seconds = time.perf_counter() - t0
-    # Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then
-    # adds tokenizer, logs and manifest and renames the folder into place.
+    )  # fmt: skip
+
+
+def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool) -> dict:
+    """The trained model in ``out``, renamed into place whole, with its manifest.
+
+    Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then adds
+    tokenizer, logs and manifest and renames the folder into place."""
     staging = out.with_name(f".{out.name}.tmp")
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    if cfg.lora is not None:
+    if lora:
         if trainer.is_world_process_zero():  # a plain checkpoint that merging can use
             trainer.model.merge_and_unload().save_pretrained(staging, max_shard_size="5GB")
     else:
@@ -486,27 +357,16 @@ def train(
     if not trainer.is_world_process_zero():
         return {}
     tokenizer.save_pretrained(staging)
-    for junk in ("training_args.bin",):
-        (staging / junk).unlink(missing_ok=True)
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    log_path = ckpt / "train_log.jsonl"
     if log_path.exists():
         shutil.copy(log_path, staging / "train_log.jsonl")
         plot_losses(log_path, staging / "loss.png")
-    manifest = {
-        "key": key,
-        "stats": {
-            "steps": result.global_step,
-            "train_loss": result.training_loss,
-            "seconds": round(seconds, 1),
-            "rows": len(rows),
-            "effective_batch": accum * cfg.micro_batch_size * world,
-            "processes": world,
-            "resumed_from": last,
-        },
-    }
     write_json(staging / "manifest.json", manifest)
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)
     shutil.rmtree(ckpt, ignore_errors=True)
-    log.info("trained %s in %.1f s (%d steps)", out, seconds, result.global_step)
+    log.info("trained %s in %.1f s (%d steps)", out, manifest["stats"]["seconds"],
+             manifest["stats"]["steps"])  # fmt: skip
     return manifest

@@ -3,7 +3,7 @@
 Planning and loading stay mergekit's (lazy, shard by shard). Around it fusechat adds what a
 user needs before and after: inputs checked before any output is written (architectures,
 tensor names and shapes, a base that is not an ancestor), PEFT adapter folders accepted as
-inputs, an atomic output folder, and ``merge_report.json`` with the weight each target got
+inputs, an atomic output folder, and its report ``manifest.json`` with the weight each target got
 for each tensor (plus a heat map for VaRM).
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fusechat.errors import FusechatError, first_line
-from fusechat.io import atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
+from fusechat.io import MANIFEST, atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
 from fusechat.merge import varm
 from fusechat.recipe import read_yaml, validation_error
 
 log = logging.getLogger(__name__)
-REPORT = "merge_report.json"
+REPORT = MANIFEST  # the merge report is the output's completion record, as for every stage
 # Relative delta ||theta_i - theta_base|| / ||theta_base|| above which the base is unlikely to be
 # the model the target was fine-tuned from (fine-tunes move weights by a few percent).
 ANCESTOR_LIMIT = 0.5

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusechat.capture import CaptureConfig, capture
+from fusechat.capture import capture
 from fusechat.cli import main
+from fusechat.configs import CaptureConfig
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ CASES = {
         CAPTURE + ["--tensor-parallel-size", "2"],
         "vllm setting",
     ),
-    "capture --tensor-parallel-size 0": (CAPTURE + ["--tensor-parallel-size", "0"], "at least 1"),
+    "capture --tensor-parallel-size 0": (CAPTURE + ["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
     "capture --config not a job": (["capture", "--config", "{d}/merge-zero.yaml"], "capture job"),
     "capture without --model": (["capture", "--data", "{data}"], "--model, --out required"),
     "capture --lookahead-min-prob 2": (

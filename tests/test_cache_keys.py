@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from fusechat.recipe import Recipe, apply_override
-from fusechat.run import plan
+from fusechat.run import plan, run_root
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -59,6 +59,7 @@ CHANGES = {
     "data.format": ("messages", []),
     "data.max_rows": ("100", []),
     "data.template": ("chatml", []),
+    "models.pivot.template": ("chatml", ["data.template=null"]),
     "data.strict": ("true", []),
     "capture.k": ("5", []),
     "capture.max_length": ("200", []),
@@ -69,6 +70,8 @@ CHANGES = {
     "capture.lookahead_min_prob": ("0.1", ["capture.lookahead=2"]),
     "align.method": ("exact", []),
     "align.sequence": ("dtw", ["align.method=exact"]),
+    "align.pivot_tokenizer": ("PIVOT_COPY", []),
+    "align.source_tokenizer": ("SOURCE_COPY", []),
     "fuse.method": ("avgCE", []),
     "fuse.ce_norm": ("token", []),
     "fuse.unaligned": ("pivot", []),
@@ -82,6 +85,8 @@ CHANGES = {
     "train.micro_batch_size": ("8", []),
     "train.warmup_ratio": ("0.1", []),
     "train.weight_decay": ("0.1", []),
+    "train.scheduler": ("linear", []),
+    "train.extra": ("{optim: sgd}", []),
     "train.max_length": ("128", []),
     "train.gradient_checkpointing": ("true", []),
     "train.precision": ("bf16", []),
@@ -94,7 +99,6 @@ CHANGES = {
     "train.lora.dropout": ("0.1", ["train.lora={}"]),
     "train.lora.target_modules": ("[q_proj]", ["train.lora={}"]),
     "train.clm_baseline": ("false", []),
-    "train.launcher": ("acc.yaml", []),
     "merge.methods[0].name": ("varm2", []),
     "merge.methods[0].method": ("slerp", []),
     "merge.methods[0].parameters": ("{t: 0.5}", []),
@@ -115,12 +119,11 @@ ALLOWED = {
     "run_dir": "where the run folder is; step keys are content addressed",
     "models.pivot.name": "names the pivot's steps; its content is keyed by fingerprint",
     "models.sources[0].name": "names the source's steps; its content is keyed by fingerprint",
-    "models.pivot.template": "the rendering is data.template's when set, as in this recipe",
-    "models.sources[0].template": "informational: every model reads the pivot's rendering",
     "capture.batch_tokens": "the padding budget of a forward pass: speed, not results",
     "capture.processes": "data-parallel ranks: byte-identical output (test_capture)",
     "align.workers": "processes sharing the shards: byte-identical output (test_capture)",
     "fuse.workers": "processes sharing the shards: byte-identical output (test_capture)",
+    "train.launcher": "the same training under accelerate launch (equal at step 1, test_train)",
 }
 
 
@@ -177,10 +180,22 @@ def test_a_changed_setting_changes_some_step_key(base, leaf):
 def test_an_allowed_setting_changes_no_key(base, leaf):
     raw, root, subst = base
     value = {"name": "mini2", "run_dir": str(root / "elsewhere"), "models.pivot.name": "piv",
-             "models.sources[0].name": "mix", "models.pivot.template": "chatml",
-             "models.sources[0].template": "openchat", "capture.batch_tokens": "1024",
-             "align.workers": "2", "fuse.workers": "2", "capture.processes": "2"}[leaf]  # fmt: skip
+             "models.sources[0].name": "mix", "capture.batch_tokens": "1024",
+             "align.workers": "2", "fuse.workers": "2", "capture.processes": "2",
+             "train.launcher": "acc.yaml"}[leaf]  # fmt: skip
     before = _keys(raw, [], root)
     after = _keys(raw, [f"{leaf}={value}"], root)
     # keys are equal step by step (renamed steps compared by position in the plan)
     assert list(before.values()) == list(after.values()), leaf
+    # ...and yet the setting has its effect: it reaches the steps that run with it
+    steps = [_steps(raw, o) for o in ([], [f"{leaf}={value}"])]
+    assert steps[0] != steps[1], f"{leaf}: reaches no step"
+
+
+def _steps(raw: dict, overrides: list[str]) -> list[tuple]:
+    """What each step runs with: its folder, name and settings (speed settings included)."""
+    r = yaml.safe_load(yaml.safe_dump(raw))
+    for o in overrides:
+        apply_override(r, o)
+    recipe = Recipe.model_validate(r)
+    return [(str(s.out), s.name, s.settings) for s in plan(recipe, run_root(recipe))]

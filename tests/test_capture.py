@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from fusechat.align import align
-from fusechat.capture import (
-    CaptureConfig,
-    CaptureJob,
-    capture,
-    lookahead_requests,
-    segments,
-)
+from fusechat.capture import capture, lookahead_requests, segments, torchrun_command
 from fusechat.cli import main
+from fusechat.configs import AlignConfig, CaptureConfig, CaptureJob, DataSpec, FuseConfig
 from fusechat.fuse import fuse_stage, sequence_ce
 from fusechat.io import read_manifest
 from fusechat.scorers import plan_batches
@@ -45,7 +40,7 @@ def stages(toy_world, tmp_path_factory):
     capture(_cfg(toy_world, "nh2-mixtral-mini", lookahead=3), data, d / "cap-mixtral-la",
             max_rows=ROWS)  # fmt: skip
     align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral")
-    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", method="exact")
+    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", AlignConfig(method="exact"))
     fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
     return d
 
@@ -227,8 +222,9 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
         capture(cfg, data, ref, max_rows=96)
     finally:
         torch.set_num_threads(threads)
-    job = CaptureJob(cfg, str(data), str(tmp_path / "dp"), max_rows=96)
-    cmd = job.launch_command(2, tmp_path / "job.json")
+    job = CaptureJob(config=cfg, data=DataSpec(path=str(data), max_rows=96),
+                     out=str(tmp_path / "dp"))  # fmt: skip
+    cmd = torchrun_command(job, 2, tmp_path / "job.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out, deadline = Path(job.out), time.time() + 180
@@ -255,7 +251,9 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
 
 
 def test_self_alignment_is_the_identity(stages, tmp_path):
-    m = align(stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self", method="exact")
+    m = align(
+        stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self", AlignConfig(method="exact")
+    )
     assert m["stats"]["coverage"] == 1.0 and m["stats"]["mapped_mass"] == pytest.approx(1.0)
     m = align(stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self-text")
     assert m["stats"]["coverage"] == 1.0 and m["stats"]["agreement"] == 1.0
@@ -440,13 +438,17 @@ def test_align_and_fuse_with_two_workers_write_the_same_bytes(stages, tmp_path, 
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: [start])
     for method in ("text", "stats") if start == "fork" else ("stats",):
         one, two = tmp_path / f"one-{method}", tmp_path / f"two-{method}"
-        a = align(stages / "cap-pivot", stages / "cap-mixtral", one, method=method)
-        b = align(stages / "cap-pivot", stages / "cap-mixtral", two, method=method, workers=2)
+        a = align(stages / "cap-pivot", stages / "cap-mixtral", one, AlignConfig(method=method))
+        b = align(
+            stages / "cap-pivot", stages / "cap-mixtral", two, AlignConfig(method=method, workers=2)
+        )
         assert a["stats"] == b["stats"] and a["shards"] > 1
         for s in sorted(one.glob("shard-*")):
             assert s.read_bytes() == (two / s.name).read_bytes(), (method, s.name)
     f1 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f1")
-    f2 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", workers=2)
+    f2 = fuse_stage(
+        stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", FuseConfig(workers=2)
+    )
     assert f1["stats"] == f2["stats"] and f1["checksums"] == f2["checksums"]
 
 

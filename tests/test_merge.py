@@ -142,7 +142,7 @@ def test_varm_merge_loads_and_generates(targets, tmp_path, capsys):
     pivot, ts = targets
     out = tmp_path / "out"
     assert main(["merge", str(_write(tmp_path, _config(pivot, ts))), str(out)]) == 0
-    report = json.loads((out / "merge_report.json").read_text())
+    report = json.loads((out / "manifest.json").read_text())
     assert (out / "varm_weights.png").stat().st_size > 0
     assert (out / "chat_template.jinja").exists()
     for name, w in report["weights"].items():
@@ -220,7 +220,7 @@ def test_lora_adapter_input(targets, tmp_path):
     out = tmp_path / "out"
     cfg = _config(pivot, [ts[0], tmp_path / "adapter"])
     assert main(["merge", str(_write(tmp_path, cfg)), str(out)]) == 0
-    report = json.loads((out / "merge_report.json").read_text())
+    report = json.loads((out / "manifest.json").read_text())
     assert any("+" in m for m in report["models"])
     AutoModelForCausalLM.from_pretrained(out)
     name = "model.layers.0.self_attn.q_proj.weight"

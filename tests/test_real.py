@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fusechat.capture import CaptureConfig, capture
+from fusechat.capture import capture
+from fusechat.configs import CaptureConfig
 from fusechat.shards import StageReader, unpack_ids
 
 
@@ -80,7 +81,7 @@ def test_gpt2_tokenizer_aligns_with_mistral_and_smollm2(smollm2, mistral_tokeniz
     from conftest import CACHE
     from transformers import AutoTokenizer
 
-    from fusechat.align import align_offsets, map_exact
+    from fusechat.baselines import align_offsets, map_exact
     from fusechat.errors import FusechatError
     from fusechat.tokens import token_texts
     from fusechat.toy.real import gpt2

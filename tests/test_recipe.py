@@ -11,7 +11,7 @@ VALID = {
     "models": {
         "pivot": {"path": "toy/openchat-mini", "template": "openchat", "dtype": "float32"},
         "sources": [
-            {"path": "toy/nh2-mixtral-mini", "template": "chatml"},
+            {"path": "toy/nh2-mixtral-mini"},
             {"path": "NousResearch/Nous-Hermes-2-SOLAR-10.7B", "name": "solar"},
         ],
     },
@@ -70,8 +70,13 @@ BROKEN = [
     ),
     (
         "unknown template",
-        _edit(["models", "sources", 0, "template"], "vicuna"),
-        "recipe.yaml: models.sources[0].template: unknown template 'vicuna'",
+        _edit(["models", "pivot", "template"], "vicuna"),
+        "recipe.yaml: models.pivot.template: Input should be",
+    ),
+    (
+        "a source's own template (every input is rendered in the pivot's format)",
+        _edit(["models", "sources", 0, "template"], "chatml"),
+        "recipe.yaml: models: sources[0].template: every model's input is rendered",
     ),
     (
         "no sources",

@@ -149,7 +149,7 @@ def test_kill_during_training_then_rerun_gives_the_same_merged_model(toy_world, 
                 time.sleep(0.05)
             proc.kill()
             proc.wait()
-            assert not list(root.glob("merge/*/merge_report.json"))
+            assert not list(root.glob("merge/*/manifest.json"))
         assert main(["run", str(path)]) == 0
         (out,) = [p for p in root.glob("merge/*-varm-*") if p.is_dir()]
         merged[label] = load_file(out / "model.safetensors")

@@ -13,10 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from fusechat.align import align
-from fusechat.capture import CaptureConfig, capture
+from fusechat.capture import capture
 from fusechat.cli import main
+from fusechat.configs import CaptureConfig, LoraConfig, TrainConfig, TrainJob
 from fusechat.fuse import fuse_stage
-from fusechat.train import LoraSpec, ShardRows, TrainConfig, evaluate, train
+from fusechat.rows import ShardRows
+from fusechat.train import evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_lambda_one_is_plain_clm_on_a_capture(toy_world, fused, tmp_path):
 def test_lora_trains_and_merges(toy_world, fused, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(max_steps=3, lora=LoraSpec(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    cfg = _cfg(max_steps=3, lora=LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
     train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "lora", cfg)
     assert not (tmp_path / "lora" / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
@@ -143,54 +145,58 @@ def test_shipped_accelerate_configs_load(name, kind):
     assert cfg.mixed_precision == "bf16"
 
 
-def test_launcher_receives_every_setting(tmp_path):
+def test_launcher_receives_every_setting(toy_world, tmp_path, monkeypatch):
     """Under train.launcher the child reads the very TrainConfig the in-process path uses (a
-    JSON file, no hand-built argv): every train-section setting, LoRA dropout and target
+    JSON job file, no hand-built argv): every train-section setting, LoRA dropout and target
     modules included, arrives unchanged."""
     import yaml
 
+    from fusechat import steps
+    from fusechat.configs import TrainSettings
     from fusechat.recipe import Recipe
-    from fusechat.run import launch_command, train_config
+    from fusechat.run import plan
 
     raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mini.yaml").read_text())
     raw["seed"] = 7
     raw["train"].update({"temperature": 2.0, "fusion_loss": "kl", "lr": 1e-4, "epochs": 2.0,
                          "max_steps": 9, "batch_size": 16, "micro_batch_size": 4,
-                         "warmup_ratio": 0.1, "weight_decay": 0.01, "max_length": 128,
-                         "gradient_checkpointing": True, "precision": "bf16", "save_steps": 3,
-                         "logging_steps": 2, "eval_steps": 5, "launcher": "acc.yaml",
+                         "warmup_ratio": 0.1, "scheduler": "linear", "weight_decay": 0.01,
+                         "max_length": 128, "gradient_checkpointing": False,
+                         "precision": "bf16", "save_steps": 3, "logging_steps": 2,
+                         "eval_steps": 5, "launcher": "acc.yaml", "extra": {"optim": "sgd"},
                          "lora": {"r": 4, "alpha": 8, "dropout": 0.2,
                                   "target_modules": ["q_proj", "v_proj"]}})  # fmt: skip
     recipe = Recipe.model_validate(raw)
-    cfg = train_config(recipe, 0.3)
-    cmd = launch_command("acc.yaml", "PIVOT", tmp_path / "fused", tmp_path / "out", cfg)
+    step = next(s for s in plan(recipe, tmp_path) if s.stage == "train")
+    sent: list[list[str]] = []
+    monkeypatch.setattr(steps.subprocess, "run", lambda cmd: sent.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))  # fmt: skip
+    steps.run_step(step)
+    (cmd,) = sent
     assert cmd[cmd.index("--config_file") + 1] == "acc.yaml"
-    sent = TrainConfig.from_json(Path(cmd[cmd.index("--config") + 1]).read_text())
-    assert sent == cfg
+    job = TrainJob.model_validate_json(Path(cmd[cmd.index("--config") + 1]).read_text())
+    assert job.config == step.settings.config and job.out == str(step.out)
     t = recipe.train
-    for name in ("temperature", "fusion_loss", "lr", "epochs", "max_steps", "batch_size",
-                 "micro_batch_size", "warmup_ratio", "weight_decay", "max_length",
-                 "gradient_checkpointing", "precision", "save_steps", "logging_steps",
-                 "eval_steps"):  # fmt: skip
-        assert getattr(sent, name) == getattr(t, name), name
-    assert sent.lam == 0.3 and sent.seed == 7 and sent.heldout.endswith("heldout.jsonl")
-    assert (sent.lora.r, sent.lora.alpha, sent.lora.dropout) == (4, 8, 0.2)
-    assert sent.lora.target_modules == ("q_proj", "v_proj")
+    for name in set(TrainSettings.model_fields) - {"lam", "heldout"}:
+        assert getattr(job.config, name) == getattr(t, name), name
+    assert job.config.lam == 0.9 and job.config.seed == 7
+    assert job.config.heldout.endswith("heldout.jsonl")
+    assert job.config.lora == LoraConfig(r=4, alpha=8, dropout=0.2,
+                                         target_modules=("q_proj", "v_proj"))  # fmt: skip
     assert not any(a.startswith("--lr") or a.startswith("--lora") for a in cmd)
 
 
-def test_train_config_file_on_the_command_line(toy_world, fused, tmp_path):
-    cfg = _cfg(lam=1.0, max_steps=2)
-    f = tmp_path / "cfg.json"
-    f.write_text(cfg.to_json())
+def test_train_job_file_on_the_command_line(toy_world, fused, tmp_path):
     out = tmp_path / "out"
-    argv = ["train", "--model", str(toy_world / "openchat-mini"), "--data",
-            str(fused["capture"]), "--out", str(out), "--config", str(f)]  # fmt: skip
-    assert main(argv) == 0
+    job = TrainJob(config=_cfg(lam=1.0, max_steps=2), model=str(toy_world / "openchat-mini"),
+                   data=str(fused["capture"]), out=str(out))  # fmt: skip
+    f = tmp_path / "job.json"
+    f.write_text(job.model_dump_json())
+    assert main(["train", "--config", str(f)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["key"]["config"]["max_steps"] == 2 and manifest["stats"]["steps"] == 2
     f.write_text("{")
-    assert main([*argv[:-2], "--config", str(f), "--overwrite"]) == 2
+    assert main(["train", "--config", str(f), "--overwrite"]) == 2
 
 
 def test_accumulated_micro_batches_equal_one_batch(toy_world, fused, tmp_path):
@@ -215,7 +221,11 @@ def test_accumulated_micro_batches_equal_one_batch(toy_world, fused, tmp_path):
 def test_lora_run_is_reused_not_retrained(toy_world, fused, tmp_path):
     """A finished LoRA training (target modules a tuple in memory, a list on disk) is found
     complete on the next call instead of being trained again or refused."""
-    cfg = _cfg(lam=1.0, max_steps=1, lora=LoraSpec(4, 8, 0.0, ("q_proj", "v_proj")))
+    cfg = _cfg(
+        lam=1.0,
+        max_steps=1,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")),
+    )
     out = tmp_path / "out"
     first = train(str(toy_world / "openchat-mini"), fused["capture"], out, cfg)
     mtime = (out / "manifest.json").stat().st_mtime_ns
@@ -229,17 +239,20 @@ def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path
     processes train, every setting arrives (LoRA included), and the first step's loss,
     normalised by the learned tokens of the whole batch across both, equals one process's."""
     cfg = _cfg(lam=0.5, lr=1e-3, max_steps=2, batch_size=8, micro_batch_size=4, logging_steps=1,
-               lora=LoraSpec(4, 8, 0.0, ("q_proj", "v_proj")))  # fmt: skip
-    f = tmp_path / "cfg.json"
-    f.write_text(cfg.to_json())
-    args = ["-m", "fusechat.cli", "train", "--model", str(toy_world / "openchat-mini"),
-            "--data", str(fused["train"]), "--config", str(f)]  # fmt: skip
+               lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")))  # fmt: skip
+    f = tmp_path / "job.json"
+
+    def job(cfg: TrainConfig, out: Path) -> list[str]:
+        f.write_text(TrainJob(config=cfg, model=str(toy_world / "openchat-mini"),
+                              data=str(fused["train"]), out=str(out)).model_dump_json())  # fmt: skip
+        return ["-m", "fusechat.cli", "train", "--config", str(f)]
+
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1"]  # fmt: skip
     step1 = {}
-    for n, cmd in ((1, [sys.executable, *args]), (2, [*launch, *args])):
+    for n, cmd in ((1, [sys.executable]), (2, launch)):
         out = tmp_path / f"p{n}"
-        subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+        subprocess.run([*cmd, *job(cfg, out)], check=True, capture_output=True, timeout=300)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["stats"]["processes"] == n and manifest["stats"]["effective_batch"] == 8
         assert manifest["key"]["config"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0,
@@ -249,11 +262,11 @@ def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path
     assert step1[2] == pytest.approx(step1[1], rel=1e-5)
     # full fine-tuning, one SGD step: the two processes' weights are one process's, exactly
     # (with LoRA the adapters' random init differs between the runs, not the maths)
-    f.write_text(_cfg(lam=0.5, lr=0.5, max_steps=1, batch_size=8, micro_batch_size=4,
-                      extra={"optim": "sgd"}).to_json())  # fmt: skip
-    for n, cmd in ((1, [sys.executable, *args]), (2, [*launch, *args])):
+    sgd = _cfg(lam=0.5, lr=0.5, max_steps=1, batch_size=8, micro_batch_size=4,
+               extra={"optim": "sgd"})  # fmt: skip
+    for n, cmd in ((1, [sys.executable]), (2, launch)):
         out = tmp_path / f"sgd{n}"
-        subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+        subprocess.run([*cmd, *job(sgd, out)], check=True, capture_output=True, timeout=300)
     a, b = (load_file(tmp_path / f"sgd{n}" / "model.safetensors") for n in (1, 2))
     base = load_file(toy_world / "openchat-mini" / "model.safetensors")
     assert any(not torch.equal(a[k], base[k]) for k in a)

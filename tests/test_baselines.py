@@ -1,9 +1,9 @@
-"""Alignment and vocabulary mapping, on hand-made offsets and on real tokenizers."""
+"""The baselines' alignment and vocabulary mapping, on hand-made offsets and real tokenizers."""
 
 import numpy as np
 import pytest
 
-from fusechat.align import (
+from fusechat.baselines import (
     align_dtw,
     align_offsets,
     cooccurrence,

@@ -1,0 +1,194 @@
+"""The stage commands (``capture``, ``align``, ``fuse``, ``train``, ``merge``): their options are
+derived from the stage's config (``fusechat.configs``), so a setting is declared once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fusechat.configs import (
+    AlignConfig,
+    CaptureConfig,
+    CaptureJob,
+    DataSpec,
+    FuseConfig,
+    LoraConfig,
+    TrainConfig,
+    TrainJob,
+    add_options,
+    from_options,
+    option_values,
+    read_job,
+)
+from fusechat.errors import FusechatError
+
+CAPTURE_FLAGS = {"render_with": "chat_template_of"}
+DATA_FLAGS = {"path": "data"}
+OVERWRITE = dict(
+    action="store_true",
+    help="replace an output folder made with other settings (default: refuse; a folder with "
+    "the same settings is resumed or reused)",
+)
+
+
+def _print_stats(out: str, manifest: dict) -> int:
+    if manifest:  # under a launcher, only rank 0 has the manifest
+        print(json.dumps({"out": str(out), **manifest["stats"]}))
+    return 0
+
+
+def _required(args: argparse.Namespace, **flags: str) -> None:
+    """Options needed unless --config gives the whole job (flag name -> argparse dest)."""
+    missing = [f"--{flag}" for flag, dest in flags.items() if getattr(args, dest) is None]
+    if missing:
+        raise FusechatError(f"{args.command}: {', '.join(missing)} required (or --config)")
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from fusechat.capture import capture, run_job
+
+    if args.config:  # every setting from one file (what `fusechat run` hands torchrun)
+        job = read_job(CaptureJob, args.config)
+        return _print_stats(job.out, run_job(job, args.overwrite))
+    _required(args, model="model", data="path", out="out")
+    cfg = from_options(CaptureConfig, option_values(args, CaptureConfig), CAPTURE_FLAGS)
+    data = from_options(DataSpec, option_values(args, DataSpec), DATA_FLAGS)
+    return _print_stats(args.out, capture(cfg, data, args.out, args.overwrite))
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from fusechat.align import align
+
+    cfg = from_options(AlignConfig, option_values(args, AlignConfig))
+    return _print_stats(args.out, align(args.pivot, args.source, args.out, cfg, args.overwrite))
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from fusechat.fuse import fuse_stage
+
+    cfg = from_options(FuseConfig, option_values(args, FuseConfig))
+    m = fuse_stage(args.pivot, args.aligned, args.out, cfg, args.overwrite)
+    return _print_stats(args.out, m)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fusechat.train import train
+
+    if args.config:  # every setting from one file (what `fusechat run` hands a launcher)
+        job = read_job(TrainJob, args.config)
+    else:
+        _required(args, model="model", data="data", out="out")
+        values = option_values(args, TrainConfig)
+        lora = option_values(args, LoraConfig, "lora_")
+        if lora:
+            values["lora"] = lora
+        cfg = from_options(TrainConfig, values)
+        job = TrainJob(config=cfg, model=args.model, data=args.data, out=args.out)
+    m = train(job.model, job.data, job.out, job.config, overwrite=args.overwrite)
+    return _print_stats(job.out, m)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from fusechat.merge.run import run
+
+    report = run(args.config, args.out, overwrite=args.overwrite, shard_size=args.shard_size,
+                 device=args.device, lora_merge_dtype=args.lora_merge_dtype,
+                 plot=not args.no_plot)  # fmt: skip
+    summary = {k: report[k] for k in ("merge_method", "models", "seconds", "warnings")}
+    if "mean_weights" in report:
+        summary["mean_weights"] = report["mean_weights"]
+    print(json.dumps({"out": args.out, **summary}))
+    return 0
+
+
+def add_stage_commands(sub) -> None:
+    c = sub.add_parser(
+        "capture",
+        help="score a chat corpus with one model; store top-K next-token distributions",
+        description="Run one model over a chat corpus and store, per conversation, its token "
+        "ids, label mask, byte offsets, the top-K token ids and log-probabilities at every "
+        "position, and the cross-entropy of the assistant tokens. Output is sharded "
+        "(safetensors) with a manifest; an interrupted capture resumes at the first missing "
+        "shard and gives byte-identical shards.",
+    )
+    add_options(c, CaptureConfig, flags=CAPTURE_FLAGS)
+    add_options(c, DataSpec, flags=DATA_FLAGS)
+    c.add_argument("--out", help="output folder (required without --config)")
+    c.add_argument("--config", metavar="FILE", help="a whole capture job as JSON (written by "
+                   "fusechat run for torchrun); other options are then ignored")  # fmt: skip
+    c.add_argument("--overwrite", **OVERWRITE)
+    c.set_defaults(func=_cmd_capture)
+
+    a = sub.add_parser(
+        "align",
+        help="map a source's captured distributions onto the pivot's tokens and vocabulary",
+        description="Align a source capture to the pivot capture of the same corpus. "
+        "text (default): every learned pivot position gets the source's distribution over the "
+        "pivot tokens the pivot's own tokenizer would emit there, each source candidate mapped "
+        "by the text it continues with, also inside source tokens (the source's gold path "
+        "gives the chunk likelihood of a pivot token that the source cuts finer). Baselines: "
+        "a pivot position takes the source position that ends at the same byte (offsets) or "
+        "the reference's DTW pairing (dtw), with source ids mapped into the pivot vocabulary "
+        "(exact; mined = minimum edit distance, FuseLLM; stats = co-occurrence, FuseChat-2.0). "
+        "Prints coverage (and, for text, agreement with the pivot's gold tokens).",
+    )
+    a.add_argument("--pivot", required=True, help="the pivot's capture folder")
+    a.add_argument("--source", required=True, help="the source's capture folder")
+    a.add_argument("--out", required=True, help="output folder")
+    add_options(a, AlignConfig)
+    a.add_argument("--overwrite", **OVERWRITE)
+    a.set_defaults(func=_cmd_align)
+
+    f = sub.add_parser(
+        "fuse",
+        help="fuse the pivot's distributions with aligned sources' into sparse targets",
+        description="Per conversation, combine the pivot's distributions with each aligned "
+        "source's (minCE or avgCE on each sequence's cross-entropy against the gold text). "
+        "Writes sparse targets over the pivot vocabulary.",
+    )
+    f.add_argument("--pivot", required=True, help="the pivot's capture folder")
+    f.add_argument("--aligned", required=True, nargs="+", help="aligned source folders")
+    f.add_argument("--out", required=True, help="output folder")
+    add_options(f, FuseConfig)
+    f.add_argument("--overwrite", **OVERWRITE)
+    f.set_defaults(func=_cmd_fuse)
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune the pivot on fused targets: lambda * CLM + (1 - lambda) * fusion",
+        description="Distil fused targets (from fusechat fuse) into a copy of the pivot with "
+        "loss = lambda * CE(gold) + (1 - lambda) * CE(fused target, student) over assistant "
+        "tokens, computed from the sparse targets. Defaults are the FuseChat paper's. Runs "
+        "under accelerate launch / torchrun (DeepSpeed, FSDP) unchanged; checkpoints go to "
+        "OUT.ckpt and a rerun resumes from the last one. lambda = 1 is plain SFT (the CLM "
+        "baseline) and also accepts a pivot capture folder as data.",
+    )
+    t.add_argument("--model", help="the pivot: model folder or hub id")
+    t.add_argument("--data", help="fuse output (or pivot capture, lambda 1)")
+    t.add_argument("--out", help="output model folder")
+    add_options(t, TrainConfig)
+    add_options(t, LoraConfig, prefix="lora_")
+    t.add_argument("--config", metavar="FILE", help="a whole training job as JSON (written by "
+                   "fusechat run for accelerate launch); other options are then ignored")  # fmt: skip
+    t.add_argument("--overwrite", action="store_true", help="replace output and checkpoints")
+    t.set_defaults(func=_cmd_train)
+
+    m = sub.add_parser(
+        "merge",
+        help="merge checkpoints in parameter space (VaRM and every mergekit method)",
+        description="Merge models with a mergekit-style YAML (models, base_model, "
+        "merge_method, parameters, dtype, tokenizer_source), or a recipe whose 'merge' section "
+        "is one. Every mergekit method works (linear, task_arithmetic, ties, dare_ties, slerp, "
+        "sce, ...) plus 'varm' (parameters: granularity matrix|element|layer|model, statistic "
+        "square|abs, temperature). Inputs: local folders, hub ids, 'BASE+ADAPTER' or a PEFT "
+        "adapter folder. Inputs are checked before anything is written; the output folder "
+        "appears only when complete, with its report manifest.json (and varm_weights.png).",
+    )
+    m.add_argument("config", help="mergekit-style YAML, or a recipe with a 'merge' section")
+    m.add_argument("out", help="output model folder")
+    m.add_argument("--shard-size", default="5B", help="output shard size (mergekit, default 5B)")
+    m.add_argument("--device", help="device for the arithmetic (default: cuda if available)")
+    m.add_argument("--lora-merge-dtype", help="dtype for applying LoRA adapters (default: auto)")
+    m.add_argument("--no-plot", action="store_true", help="skip the VaRM heat map PNG")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.set_defaults(func=_cmd_merge)

@@ -1,0 +1,247 @@
+"""The steps of a recipe: each a frozen value (stage, name, settings, inputs).
+
+A step's settings are everything its stage needs besides its inputs' outputs, including the
+identities of what it reads from outside the run (a model's fingerprint, the corpus file's).
+Its key is its stage, the stage's format version, the settings that shape the output and its
+inputs' keys; the key names its folder. A step is done when its output holds its completion
+record (``read_manifest``), the one rule for every stage. ``run_step`` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+
+from fusechat.configs import (
+    CaptureConfig,
+    CaptureJob,
+    CaptureSettings,
+    Config,
+    DataSpec,
+    TrainConfig,
+    TrainJob,
+    job_command,
+)
+from fusechat.errors import FusechatError
+from fusechat.io import fingerprint, read_manifest, write_json
+from fusechat.recipe import EvalSection, MergeMethodSpec, expand
+
+
+class CaptureStep(Config):
+    SPEED = frozenset({"processes"})
+    config: CaptureConfig
+    data: DataSpec
+    processes: int = 1
+    model_id: str
+    data_id: str
+    render_id: str | None = None
+
+    def key(self) -> dict:
+        c = self.config
+        shared = c.model_dump(include=set(CaptureSettings.model_fields) - c.SPEED)
+        if not c.lookahead:
+            shared["lookahead_min_prob"] = None  # it has no effect then
+        return {"model": self.model_id, "capture": shared, "template": c.template,
+                "render_with": self.render_id, "data": self.data_id,
+                "max_rows": self.data.max_rows, "format": self.data.format, "dtype": c.dtype,
+                "strict": self.data.strict,
+                # parallel reductions round differently: a conservative key
+                "tensor_parallel_size": c.tensor_parallel_size}  # fmt: skip
+
+
+class TrainStep(Config):
+    SPEED = frozenset({"launcher", "pivot"})
+    config: TrainConfig
+    pivot: str  # the pivot's path (by ``pivot_id`` in the key)
+    pivot_id: str
+    heldout_id: str | None = None
+    launcher: str | None = None  # an accelerate config file
+
+    def key(self) -> dict:
+        return {"train": self.config.model_dump(exclude={"heldout"}), "pivot": self.pivot_id,
+                "heldout": self.heldout_id}  # fmt: skip
+
+
+class MergeStep(Config):
+    SPEED = frozenset({"pivot"})
+    spec: MergeMethodSpec
+    dtype: str
+    pivot: str
+    pivot_id: str
+    seed: int
+
+    def key(self) -> dict:
+        return {"merge": self.spec.model_dump(), "dtype": self.dtype, "pivot": self.pivot_id,
+                "seed": self.seed}  # fmt: skip
+
+
+class EvalStep(Config):
+    SPEED = frozenset({"model"})
+    eval: EvalSection
+    model: str  # the model's path: an input model by ``model_id``, a produced one by its step
+    model_id: str | None = None
+    questions_id: str
+
+    def key(self) -> dict:
+        return {"eval": self.eval.model_dump(), "model": self.model_id,
+                "questions": self.questions_id}  # fmt: skip
+
+
+VERSIONS = {"merge": 1, "eval": 2}  # the stages' output formats (the others: their modules')
+
+
+def stage_version(stage: str) -> int:
+    if stage in VERSIONS:
+        return VERSIONS[stage]
+    import importlib
+
+    return importlib.import_module(f"fusechat.{stage}").VERSION
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    stage: str
+    name: str  # e.g. "nh2-mixtral-mini"
+    settings: Config
+    inputs: tuple[Step, ...] = ()
+    root: Path = field(default=Path("."), repr=False)
+    role: str = ""  # eval steps: pivot, source, target, clm (the baseline) or merge
+
+    @cached_property
+    def key(self) -> dict:
+        # the stage's format version: outputs of older code are never taken for current ones
+        return {"stage": self.stage, "version": stage_version(self.stage),
+                **self.settings.key(), "inputs": [s.fp for s in self.inputs]}  # fmt: skip
+
+    @property
+    def fp(self) -> str:
+        return fingerprint(self.key)
+
+    @property
+    def out(self) -> Path:
+        suffix = ".json" if self.stage == "eval" else ""
+        return self.root / self.stage / f"{self.name}-{self.fp[:10]}{suffix}"
+
+    def done(self) -> bool:
+        return read_manifest(self.out) is not None
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def _capture(step: Step) -> None:
+    """In this process, or data-parallel under torchrun (the same bytes)."""
+    from fusechat.capture import run_job, torchrun_command
+
+    s = step.settings
+    job = CaptureJob(config=s.config, data=s.data, out=str(step.out))
+    if s.processes == 1:
+        run_job(job)
+        return
+    _launch(step, torchrun_command(job, s.processes, _job_file(step)), "torchrun")
+
+
+def _job_file(step: Step) -> Path:
+    step.out.parent.mkdir(parents=True, exist_ok=True)
+    return step.out.with_name(f"{step.out.name}.{step.stage}.json")
+
+
+def _launch(step: Step, cmd: list[str], what: str) -> None:
+    if subprocess.run(cmd).returncode != 0:
+        raise FusechatError(f"{step.stage} {step.out.name}: {what} failed (see its log above)")
+
+
+def _align(step: Step) -> None:
+    from fusechat.align import align
+
+    pivot, source = step.inputs
+    align(pivot.out, source.out, step.out, step.settings)
+
+
+def _fuse(step: Step) -> None:
+    from fusechat.fuse import fuse_stage
+
+    pivot, aligned = step.inputs
+    fuse_stage(pivot.out, [aligned.out], step.out, step.settings)
+
+
+def _train(step: Step) -> None:
+    from fusechat.train import train
+
+    s = step.settings
+    (data,) = step.inputs
+    if s.launcher is None:
+        train(s.pivot, data.out, step.out, s.config)
+        return
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  expand(s.launcher)]  # fmt: skip
+    job = TrainJob(config=s.config, model=s.pivot, data=str(data.out), out=str(step.out))
+    _launch(step, job_command(accelerate, "train", job, _job_file(step)), "accelerate launch")
+
+
+def _merge(step: Step) -> None:
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import BasePolicy
+
+    from fusechat.merge import varm
+    from fusechat.merge.run import run
+
+    s = step.settings
+    varm.register()
+    base_policy = registry.get(s.spec.method).spec.contract.base  # known: check_merge ran first
+    params = {"parameters": s.spec.model_parameters} if s.spec.model_parameters else {}
+    config = {
+        "merge_method": s.spec.method,
+        # the pivot is the base of every target; methods that ignore a base (linear) get none,
+        # or mergekit would count it as one more input
+        **({"base_model": s.pivot} if base_policy != BasePolicy.IGNORED else {}),
+        "models": [{"model": str(t.out), **params} for t in step.inputs],
+        "dtype": s.dtype,
+        **({"parameters": s.spec.parameters} if s.spec.parameters else {}),
+    }
+    cfg_path = step.out.with_name(step.out.name + ".yaml")
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run(cfg_path, step.out, overwrite=True, random_seed=s.seed)
+
+
+def _evaluate(step: Step) -> None:
+    e, model_path = step.settings.eval, step.settings.model
+    if e.kind == "mt-bench":
+        from fusechat.eval.mtbench import run_mt_bench
+        from fusechat.eval.serving import serving
+
+        questions = Path(expand(e.questions))
+        with serving(model_path, step.name, e.serve_backend) as url:
+            table = run_mt_bench(
+                str(questions.parent), [(step.name, url)], e.judge.base_url, e.judge.model,
+                str(step.out.parent / "mt-bench"), judge_api_key=os.environ.get(e.judge.api_key_env),
+                concurrency=e.concurrency, max_tokens=e.max_new_tokens,
+                max_questions=e.max_questions,
+            )  # fmt: skip
+        write_json(step.out, {"key": step.fp, "model": model_path, "scores": table[step.name]})
+        return
+    from fusechat.eval.chat import load_chat_model
+    from fusechat.eval.toy import generate_answers, load_questions, nll_by_skill, score
+
+    qs = load_questions(expand(e.questions), e.max_questions)
+    model, tok, stops = load_chat_model(model_path)  # once, for both measures
+    answers = generate_answers(model, tok, stops, qs, e.max_new_tokens)
+    scores = {**score(qs, answers), **nll_by_skill(model, tok, qs)}
+    result = {"key": step.fp, "model": model_path, "scores": scores,
+              "answers": [{"id": q["id"], "answer": a} for q, a in zip(qs, answers, strict=True)]}  # fmt: skip
+    write_json(step.out, result)
+
+
+ACTIONS = {"capture": _capture, "align": _align, "fuse": _fuse, "train": _train,
+           "merge": _merge, "eval": _evaluate}  # fmt: skip
+
+
+def run_step(step: Step) -> None:
+    ACTIONS[step.stage](step)

@@ -33,7 +33,7 @@ seconds = time.perf_counter() - t
 plot = None
 if "weights" in report:  # the heat map, timed on its own (matplotlib import included)
     from pathlib import Path
-    from fusechat.merge.run import heatmap
+    from fusechat.merge.plot import heatmap
     t = time.perf_counter()
     heatmap(report["weights"], Path(sys.argv[2]) / "varm_weights.png")
     plot = time.perf_counter() - t

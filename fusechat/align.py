@@ -302,17 +302,10 @@ def align(
     check_same_corpus(piv, src)
     piv.check_complete()
     src.check_complete()
-    key = {
-        "stage": "align",
-        "version": VERSION,
-        "pivot_capture": fingerprint(piv.key),
-        "source_capture": fingerprint(src.key),
-        "method": cfg.method,
-        "sequence": cfg.sequence,
-        "k": src.key["k"],
-        "shard_rows": piv.key["shard_rows"],
-        "rows": piv.key["rows"],
-    }
+    key = {"stage": "align", "version": VERSION, "pivot_capture": fingerprint(piv.key),
+           "source_capture": fingerprint(src.key), "method": cfg.method,
+           "sequence": cfg.sequence, "k": src.key["k"], "shard_rows": piv.key["shard_rows"],
+           "rows": piv.key["rows"]}  # fmt: skip
 
     def start(done: frozenset[int]) -> tuple:
         job = _AlignJob(str(pivot_dir), str(source_dir), str(out), cfg, done)

@@ -34,24 +34,18 @@ import torch
 from tqdm import tqdm
 
 from fusechat.configs import CaptureConfig, CaptureJob, DataSpec, job_command
-from fusechat.data import encode, load_conversations, load_tokenizer
+from fusechat.conversations import load_conversations
+from fusechat.data import encode, load_tokenizer
 from fusechat.errors import FusechatError
 from fusechat.io import (
     corpus_fingerprint,
     fingerprint,
     model_fingerprint,
-    read_manifest,
     tokenizer_fingerprint,
 )
 from fusechat.ranks import Ranks, join
 from fusechat.scorers import HFScorer, VLLMScorer, plan_batches
-from fusechat.shards import (
-    begin_stage,
-    finish_stage,
-    ids_dtype,
-    pack_ids,
-    save_shard,
-)
+from fusechat.shards import ids_dtype, pack_ids, run_sharded, save_shard
 
 log = logging.getLogger(__name__)
 VERSION = 4  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest;
@@ -270,43 +264,52 @@ def capture(
 
 def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, data) -> dict:
     """``capture`` once the rows and the key are known: this rank's shards, then the manifest."""
-    if ranks.rank == 0:  # one process prepares the folder (and clears it with overwrite)
-        done = begin_stage(out, key, overwrite)
-    ranks.barrier()
-    if ranks.rank != 0:
-        done = begin_stage(out, key, prepared=True)
-    if done is None:
-        log.info("%s: capture already complete", out)
-        return read_manifest(out)
     n_shards = -(-len(rows) // cfg.shard_rows)
-    todo = [s for s in range(n_shards) if s not in done]
-    mine = ranks.shards(todo)
 
-    def tokens(shards):
-        return sum(len(r.input_ids) for s in shards for r in rows[s * cfg.shard_rows :][: cfg.shard_rows])  # fmt: skip
+    def part(s: int) -> list[_Row]:
+        return rows[s * cfg.shard_rows : (s + 1) * cfg.shard_rows]
 
-    total = tokens(todo)
-    seconds, written = 0.0, {}
-    t0 = time.perf_counter()
-    if mine:
-        scorer = (
-            VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k, cfg.tensor_parallel_size)
-            if cfg.backend == "vllm"
-            else HFScorer(cfg.model, cfg.dtype, ranks.local if ranks.world > 1 else None)
-        )
-        desc = f"capture {out.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
-        with tqdm(total=tokens(mine), unit="tok", unit_scale=True, desc=desc) as bar:
-            for s in mine:
-                shard_rows = rows[s * cfg.shard_rows : (s + 1) * cfg.shard_rows]
-                written[s] = save_shard(out, s, _score_shard(scorer, shard_rows, cfg, bar))
-    ranks.barrier()  # every shard exists
-    seconds = time.perf_counter() - t0 if todo else 0.0
-    if ranks.rank != 0:
-        ranks.barrier()  # rank 0 writes the manifest
-        return read_manifest(out)
+    def tokens(shards: Sequence[int]) -> int:
+        return sum(len(r.input_ids) for s in shards for r in part(s))
+
+    run: dict = {}
+
+    def start(done: frozenset[int]) -> tuple:
+        todo = [s for s in range(n_shards) if s not in done]
+        mine = ranks.shards(todo)
+        run.update(done=done, total=tokens(todo), t0=time.perf_counter())
+        if mine:  # the model loads only where there is work
+            run["scorer"] = (
+                VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k, cfg.tensor_parallel_size)
+                if cfg.backend == "vllm"
+                else HFScorer(cfg.model, cfg.dtype, ranks.local if ranks.world > 1 else None)
+            )
+            desc = f"capture {out.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
+            run["bar"] = tqdm(total=tokens(mine), unit="tok", unit_scale=True, desc=desc)
+        return run, None
+
+    def score(run: dict, s: int) -> tuple[None, str | None]:
+        if s in run["done"]:
+            return None, None
+        return None, save_shard(out, s, _score_shard(run["scorer"], part(s), cfg, run["bar"]))
+
+    def summarize(_: list) -> dict:
+        seconds = time.perf_counter() - run["t0"] if run["total"] else 0.0
+        return _stats(rows, len(report.skipped), cfg, run["total"], seconds, data, ranks.world)
+
+    try:
+        return run_sharded(out, key, n_shards, start, score, summarize, overwrite, desc=None,
+                           ranks=ranks)  # fmt: skip
+    finally:
+        if "bar" in run:
+            run["bar"].close()
+
+
+def _stats(rows, skipped: int, cfg: CaptureConfig, total: int, seconds: float, data: str,
+           processes: int) -> dict:  # fmt: skip
     stats = {
         "rows": len(rows),
-        "skipped_rows": len(report.skipped),
+        "skipped_rows": skipped,
         "positions": sum(len(r.input_ids) for r in rows),
         "truncated": sum(r.truncated for r in rows),
         "split": sum(len(r.input_ids) > cfg.max_length for r in rows)
@@ -317,16 +320,9 @@ def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, d
         "tokens_per_s": round(total / seconds, 1) if seconds > 0 and total else None,
         "model_path": cfg.model,
         "data_path": str(data),
-        "processes": ranks.world,
+        "processes": processes,
     }
-    log.info(
-        "captured %d rows (%d positions, %d truncated, %d split) at %s tokens/s",
-        stats["rows"],
-        stats["positions"],
-        stats["truncated"],
-        stats["split"],
-        stats["tokens_per_s"],
-    )
-    manifest = finish_stage(out, key, n_shards, stats, written)
-    ranks.barrier()
-    return manifest
+    log.info("captured %d rows (%d positions, %d truncated, %d split) at %s tokens/s",
+             stats["rows"], stats["positions"], stats["truncated"], stats["split"],
+             stats["tokens_per_s"])  # fmt: skip
+    return stats

@@ -37,7 +37,8 @@ def count_tokens(recipe, tokenizer) -> tuple[int, int, bool]:
     """(conversations, tokens, exact): the corpus rendered with the pivot's template and
     tokenized, truncated at ``capture.max_length``; for a corpus that is not local, (rows or
     0, rows x max length, False)."""
-    from fusechat.data import encode, load_conversations
+    from fusechat.conversations import load_conversations
+    from fusechat.data import encode
     from fusechat.recipe import expand
 
     path = expand(recipe.data.path)

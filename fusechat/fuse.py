@@ -108,20 +108,13 @@ def fuse_stage(
             raise FusechatError(f"{s.folder}: aligned to another pivot capture than {pivot_dir}")
     for r in (piv, *srcs):
         r.check_complete()
-    key = {
-        "stage": "fuse",
-        "version": VERSION,
-        "pivot_capture": fingerprint(piv.key),
-        "aligned": [fingerprint(s.key) for s in srcs],
-        "method": cfg.method,
-        "ce_norm": cfg.ce_norm,
-        "unaligned": cfg.unaligned,
-        "shard_rows": piv.key["shard_rows"],
-        # what training checks its model and corpus against
-        "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
-        "corpus_fingerprint": piv.key["corpus_fingerprint"],
-        "pivot_model": piv.key["model"],
-    }
+    key = {"stage": "fuse", "version": VERSION, "pivot_capture": fingerprint(piv.key),
+           "aligned": [fingerprint(s.key) for s in srcs], "method": cfg.method,
+           "ce_norm": cfg.ce_norm, "unaligned": cfg.unaligned,
+           "shard_rows": piv.key["shard_rows"],
+           # what training checks its model and corpus against
+           "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
+           "corpus_fingerprint": piv.key["corpus_fingerprint"], "pivot_model": piv.key["model"]}  # fmt: skip
 
     def start(done: frozenset[int]) -> tuple:
         job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done)

@@ -6,8 +6,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Ranks:
@@ -31,6 +29,8 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
+            import torch
+
             torch.distributed.barrier()
 
 
@@ -38,6 +38,8 @@ def join(ranks: Ranks) -> bool:
     """Join the launcher's process group (gloo: it only synchronises here; a day's timeout, so
     ranks with uneven work wait for each other); True when this call created it."""
     import datetime
+
+    import torch
 
     if ranks.world == 1 or torch.distributed.is_initialized():
         return False

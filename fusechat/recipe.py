@@ -28,6 +28,7 @@ from fusechat.configs import (
     TrainSettings,
 )
 from fusechat.errors import FusechatError
+from fusechat.io import HUB_ID
 
 
 def expand(path: str) -> str:
@@ -37,9 +38,6 @@ def expand(path: str) -> str:
 
     cache = str(cache_dir())
     return os.path.expanduser(os.path.expandvars(path.replace("${FUSECHAT_CACHE}", cache)))
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _Section(Config):

@@ -24,8 +24,15 @@ from fusechat.configs import (
     TrainSettings,
 )
 from fusechat.errors import FusechatError, first_line
-from fusechat.io import file_fingerprint, fingerprint, model_fingerprint, read_json, write_json
-from fusechat.recipe import HUB_ID, Recipe, expand, load_recipe
+from fusechat.io import (
+    HUB_ID,
+    file_fingerprint,
+    fingerprint,
+    model_fingerprint,
+    read_json,
+    write_json,
+)
+from fusechat.recipe import Recipe, expand, load_recipe
 from fusechat.steps import CaptureStep, EvalStep, MergeStep, Step, TrainStep, run_step
 
 log = logging.getLogger(__name__)

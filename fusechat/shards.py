@@ -30,6 +30,7 @@ from safetensors.numpy import load, save
 
 from fusechat.errors import FusechatError
 from fusechat.io import MANIFEST, read_json, read_manifest, write_json
+from fusechat.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,14 @@ def _set_state(state: Any) -> None:
 
 
 def map_shards(
-    n: int,
+    shards: Sequence[int],
     task: Callable,
     state: Any,
     workers: int = 1,
     rebuild: tuple[Callable, Any] | None = None,
     desc: str = "",
 ) -> list:
-    """``task(state, i)`` for every shard ``i < n``, results in shard order. With ``workers >
+    """``task(state, i)`` for every shard ``i`` of ``shards``, results in that order. With ``workers >
     1`` the shards are spread over processes: forked where the platform forks (they inherit
     ``state``, loaded tokenizers and warm caches included), else spawned, each building its
     own as ``setup(job)`` from ``rebuild = (setup, job)`` (module-level functions and a
@@ -234,8 +235,9 @@ def map_shards(
     from tqdm import tqdm
 
     with contextlib.ExitStack() as stack:
+        n = len(shards)
         if workers <= 1 or n <= 1:
-            results: Iterator = (task(state, i) for i in range(n))
+            results: Iterator = (task(state, i) for i in shards)
         else:
             if "fork" in mp.get_all_start_methods():
                 # the workers run numpy and tokenizers only; tokenizers' threads are turned off
@@ -248,8 +250,9 @@ def map_shards(
             else:
                 ctx, init, args = mp.get_context("spawn"), _init_worker, rebuild
             pool = stack.enter_context(ProcessPoolExecutor(min(workers, n), ctx, init, args))
-            results = pool.map(partial(_in_worker, task), range(n))
-        bar = stack.enter_context(tqdm(total=n, desc=desc))  # closed before an error prints
+            results = pool.map(partial(_in_worker, task), shards)
+        # closed before an error prints; desc None: the task draws its own progress
+        bar = stack.enter_context(tqdm(total=n, desc=desc, disable=desc is None))
         out = []
         for r in results:
             out.append(r)
@@ -267,7 +270,8 @@ def run_sharded(
     overwrite: bool = False,
     workers: int = 1,
     setup: Callable | None = None,
-    desc: str = "",
+    desc: str | None = "",
+    ranks: Ranks | None = None,
 ) -> dict:
     """A sharded stage from its per-shard function; returns the manifest.
 
@@ -277,15 +281,33 @@ def run_sharded(
     (``finish_stage``). ``start(done)``, given the shards a previous run wrote, returns the
     shared state and a picklable job (``setup(job)`` rebuilds the state in a spawned worker);
     ``task(state, i)`` returns shard ``i``'s result and the checksum of what it wrote (None
-    when the shard was already there); ``summarize(results)`` gives the manifest's stats."""
-    done = begin_stage(out, key, overwrite)
+    when the shard was already there); ``summarize(results)`` gives the manifest's stats.
+
+    Under a launcher (``ranks``, several processes) each rank runs every N-th missing shard
+    and rank 0, once all exist, prepares the folder before and writes the manifest after."""
+    ranks = ranks or Ranks()
+    if ranks.rank == 0:  # one process prepares the folder (and clears it with overwrite)
+        done = begin_stage(out, key, overwrite)
+    ranks.barrier()
+    if ranks.rank != 0:
+        done = begin_stage(out, key, prepared=True)
     if done is None:
         log.info("%s: %s already complete", out, key.get("stage", "stage"))
         return read_manifest(out)
     state, job = start(frozenset(done))
-    parts = map_shards(n_shards, task, state, workers, (setup, job) if setup else None, desc)
+    shards = list(range(n_shards))
+    if ranks.world > 1:  # the missing shards, shared out; the others' results stay unknown
+        shards = ranks.shards([i for i in shards if i not in done])
+    parts = map_shards(shards, task, state, workers, (setup, job) if setup else None, desc)
+    ranks.barrier()  # every shard exists
+    if ranks.rank != 0:
+        ranks.barrier()  # rank 0 writes the manifest
+        return read_manifest(out)
     stats = summarize([r for r, _ in parts])
-    return finish_stage(out, key, n_shards, stats, {i: d for i, (_, d) in enumerate(parts)})
+    sums = {i: d for i, (_, d) in zip(shards, parts, strict=True)}
+    manifest = finish_stage(out, key, n_shards, stats, sums)
+    ranks.barrier()
+    return manifest
 
 
 # --------------------------------------------------------------------------- reading a stage

@@ -86,6 +86,18 @@ def continuations(top_next: np.ndarray | None, vocab: SourceVocab) -> dict[tuple
     }
 
 
+def _read_inside(j: int, c: int, s_ids: list, s_ends: list, sb: list) -> bytes | None:
+    """The part of source token j+1 read before byte ``c`` (empty at a token boundary); None
+    where it cannot be known (no next token, or a token whose text and span disagree, as a
+    zero-width special's)."""
+    a = s_ends[j]
+    if a >= c:
+        return b""
+    if j + 1 >= len(s_ids) or s_ends[j + 1] - a != len(sb[s_ids[j + 1]]):
+        return None
+    return sb[s_ids[j + 1]][: c - a]
+
+
 def _walk(
     j: int,
     c: int,
@@ -96,32 +108,20 @@ def _walk(
     first_ids: list[int],
     conts: dict[tuple[int, int], bytes],
 ) -> tuple[dict[int, float], float, float]:
-    """Steps 1-2 for one position. ``row``: the source's ids, byte ends, top-K ids, top-K
-    probabilities and gold probabilities as Python lists (the walk is scalar code);
-    ``conts``: (source position, top-K slot) -> the candidate's stored continuation;
-    ``first_ids``: the first step's top-K ids with the candidates that cannot fit the text
-    read already set to -1 (a vectorised prefilter on first bytes and lengths). Returns
-    pivot id -> mass, the gold text's probability ``P(text[c:c'] | text[:c])`` along the gold
-    path, and the context-consistent mass."""
+    """Steps 1-2 at one position, scalar code over the source ``row`` as lists (``conts``: a
+    candidate's continuation by (position, slot); ``first_ids``: after ``_prefilter``). Returns
+    pivot id -> mass, ``P(text[c:c'] | text[:c])`` on the gold path, the consistent mass."""
     s_ids, s_ends, top_ids, top_p, gold_p = row
     masses: dict[int, float] = {}
     sb, table, first, memo = vocab.bytes, vocab.table_list, vocab.first, vocab.first.memo
-    m = len(s_ids)
-    a = s_ends[j]
-    r = b""
-    if a < c:  # inside a source token: the text read so far must be its prefix
-        if j + 1 >= m:
-            return masses, 0.0, 0.0
-        gold = s_ids[j + 1]
-        if s_ends[j + 1] - a != len(sb[gold]):
-            return masses, 0.0, 0.0  # token text and its span disagree (a zero-width special)
-        r = sb[gold][: c - a]
+    r = _read_inside(j, c, s_ids, s_ends, sb)
+    if r is None:
+        return masses, 0.0, 0.0
     emitted = b""  # text[c:a_j] once the walk has passed c
-    carry, consistent = 1.0, 0.0
+    carry, consistent, first_step = 1.0, 0.0, True
     conditioned = bool(r)  # P(text[c:c'] | text[:c]) divides by P(R) when R is not empty
-    first_step = True
     while True:
-        nxt = s_ids[j + 1] if j + 1 < m else -1
+        nxt = s_ids[j + 1] if j + 1 < len(s_ids) else -1
         gold_mass = gold_p[j] if nxt >= 0 else 0.0
         if first_step:
             consistent += gold_mass
@@ -160,6 +160,91 @@ def _walk(
         j += 1
 
 
+def _candidate_tables(top_ids: np.ndarray, conts: dict, vocab: SourceVocab) -> tuple:
+    """Each candidate's text length and pi of its whole text, with its continuation where
+    one was captured."""
+    full_len = vocab.lengths[np.clip(top_ids, 0, None)]
+    cand_pid = vocab.table[np.clip(top_ids, 0, None)]
+    for (jj, i), ext in conts.items():
+        full_len[jj, i] += len(ext)
+        if top_ids[jj, i] >= 0:
+            cand_pid[jj, i] = vocab.first(vocab.bytes[top_ids[jj, i]] + ext)
+    return full_len, cand_pid
+
+
+def _fill_fast(out: dict, pos, g, gold, ids, top_p, gold_p, cand_pid, k: int) -> None:
+    """Positions where the source stands at the same boundary and its gold token covers the
+    pivot's: its top-K, each candidate mapped whole, the gold by its own probability."""
+    p = np.where(ids == gold[:, None], 0.0, top_p)  # the gold comes from gold_p
+    mapped = np.concatenate([g[:, None], np.where(ids >= 0, cand_pid, -1)], axis=1)
+    p = np.concatenate([gold_p[:, None], p], axis=1)
+    placed_p = np.where(mapped >= 0, p, 0.0)
+    out["gold_prob"][pos] = gold_p
+    out["placed"][pos] = placed_p.sum(1) / np.maximum(p.sum(1), 1e-30)
+    c_ids, c_p = top_k(mapped, placed_p, k)
+    out["ids"][pos], out["probs"][pos] = c_ids, c_p
+    out["valid"][pos] = c_p.sum(1) > 0
+
+
+def _prefilter(out: dict, positions, walk, at: tuple, s_ids, s_ends, top_ids, top_p, gold_p,
+               full_len, width_ok, vocab: SourceVocab) -> tuple:  # fmt: skip
+    """Before the scalar walk: inside a source token, only candidates longer than the text
+    read and starting with its first byte can continue it (filtered in numpy); positions left
+    with no alternative whose gold token covers the pivot's get their answer here (all mass on
+    g, P(gold text | context) = 1). Returns the positions still to walk and their first-step
+    candidates."""
+    j, c, c_next, g = at
+    wj = j[walk]
+    cand = top_ids[wj]
+    inside = (s_ends[wj] < c[walk])[:, None]
+    lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
+    long = full_len[wj] > (c[walk] - s_ends[wj])[:, None]
+    first = np.where(~inside | (lead & long), cand, -1)
+    nxt = s_ids[wj + 1]
+    alone = ((first < 0) | (first == nxt[:, None]) | (top_p[wj] <= 0)).all(1)
+    covers = width_ok[walk] & (s_ends[wj + 1] >= c_next[walk]) & (gold_p[wj] > 0)
+    trivial = inside[:, 0] & alone & covers
+    t = positions[walk[trivial]]
+    out["ids"][t, 0], out["probs"][t, 0] = g[walk[trivial]], 1.0
+    out["gold_prob"][t], out["placed"][t] = 1.0, 1.0
+    out["valid"][t], out["gold_only"][t] = True, True
+    return walk[~trivial], first[~trivial]
+
+
+def _fill_walked(out: dict, pos, where: tuple, row: tuple, vocab: SourceVocab,
+                 first_ids: list, conts: dict, k: int) -> None:  # fmt: skip
+    """The other positions, each by a walk along the source's gold path (``_walk``);
+    ``where``: their source positions, pivot byte offsets and gold pivot tokens."""
+    n_w = len(pos)
+    ids_w = np.full((n_w, k), -1, dtype=np.int64)
+    p_w = np.zeros((n_w, k))
+    gp_w, placed_w, only_w = np.zeros(n_w), np.zeros(n_w), np.zeros(n_w, bool)
+    for n, (jj, cc, cn, gg) in enumerate(zip(*(a.tolist() for a in where), strict=True)):
+        masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n], conts)
+        if masses:
+            total = sum(masses.values())
+            placed_w[n] = total / cons if cons > 0 else 0.0
+            items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
+            ids_w[n, : len(items)] = [i for i, _ in items]
+            kept = sum(x for _, x in items)
+            p_w[n, : len(items)] = [x / kept for _, x in items]
+            only_w[n] = len(masses) == 1 and gg in masses
+    out["ids"][pos], out["probs"][pos] = ids_w, p_w.astype(np.float32)
+    out["gold_prob"][pos], out["placed"][pos] = gp_w, placed_w
+    out["valid"][pos], out["gold_only"][pos] = p_w.sum(1) > 0, only_w
+
+
+def _no_distributions(n: int, k: int) -> dict[str, np.ndarray]:
+    return {
+        "ids": np.full((n, k), -1, dtype=np.int64),
+        "probs": np.zeros((n, k), dtype=np.float32),
+        "valid": np.zeros(n, dtype=bool),
+        "gold_prob": np.full(n, np.nan),
+        "placed": np.zeros(n),
+        "gold_only": np.zeros(n, dtype=bool),
+    }
+
+
 def align_text(
     p_ids: np.ndarray,
     p_ends: np.ndarray,
@@ -187,14 +272,7 @@ def align_text(
     consistent with the text read, so the distribution is one-hot by construction).
     """
     n = len(p_ids)
-    out = {
-        "ids": np.full((n, k), -1, dtype=np.int64),
-        "probs": np.zeros((n, k), dtype=np.float32),
-        "valid": np.zeros(n, dtype=bool),
-        "gold_prob": np.full(n, np.nan),
-        "placed": np.zeros(n),
-        "gold_only": np.zeros(n, dtype=bool),
-    }
+    out = _no_distributions(n, k)
     positions = np.asarray(positions, dtype=np.int64)
     positions = positions[positions + 1 < n]
     m = len(s_ids)
@@ -203,14 +281,7 @@ def align_text(
     top_p = np.where(top_ids >= 0, np.exp(top_logprobs.astype(np.float64)), 0.0)
     gold_p = np.exp(gold_logprobs.astype(np.float64))
     conts = continuations(top_next, vocab)
-    # each candidate's text length and pi of its whole text, with its continuation where one
-    # was captured
-    full_len = vocab.lengths[np.clip(top_ids, 0, None)]
-    cand_pid = vocab.table[np.clip(top_ids, 0, None)]
-    for (jj, i), ext in conts.items():
-        full_len[jj, i] += len(ext)
-        if top_ids[jj, i] >= 0:
-            cand_pid[jj, i] = vocab.first(vocab.bytes[top_ids[jj, i]] + ext)
+    full_len, cand_pid = _candidate_tables(top_ids, conts, vocab)
     c, c_next, g = p_ends[positions], p_ends[positions + 1], p_ids[positions + 1]
     j = np.searchsorted(s_ends, c, side="right") - 1
     jc, jn = np.clip(j, 0, None), np.clip(j + 1, 0, m - 1)
@@ -218,66 +289,17 @@ def align_text(
     width_ok = s_ends[jn] - s_ends[jc] == vocab.lengths[s_ids[jn]]
     # the fast path: the source is at the same boundary and its gold token covers g
     fast = has_next & (s_ends[jc] == c) & width_ok & (s_ends[jn] >= c_next)
-    f_pos, f_j, f_g, f_gold = positions[fast], j[fast], g[fast], s_ids[jn[fast]]
-    ids = top_ids[f_j]
-    p = np.where(ids == f_gold[:, None], 0.0, top_p[f_j])  # the gold comes from gold_p
-    mapped = np.where(ids >= 0, cand_pid[f_j], -1)
-    mapped = np.concatenate([f_g[:, None], mapped], axis=1)
-    p = np.concatenate([gold_p[f_j][:, None], p], axis=1)
-    placed_p = np.where(mapped >= 0, p, 0.0)
-    out["gold_prob"][f_pos] = gold_p[f_j]
-    out["placed"][f_pos] = placed_p.sum(1) / np.maximum(p.sum(1), 1e-30)
-    c_ids, c_p = top_k(mapped, placed_p, k)
-    out["ids"][f_pos], out["probs"][f_pos] = c_ids, c_p
-    out["valid"][f_pos] = c_p.sum(1) > 0
+    f_j = j[fast]
+    _fill_fast(out, positions[fast], g[fast], s_ids[jn[fast]], top_ids[f_j], top_p[f_j],
+               gold_p[f_j], cand_pid[f_j], k)  # fmt: skip
     # the rest walk the gold path, in scalar code over Python lists
     walk = np.flatnonzero(has_next & ~fast)
-    if len(walk):
-        # inside a source token, only candidates longer than the text read and starting with
-        # its first byte can continue it: filter them in numpy before the scalar walk
-        wj = j[walk]
-        cand = top_ids[wj]
-        inside = (s_ends[wj] < c[walk])[:, None]
-        lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
-        long = full_len[wj] > (c[walk] - s_ends[wj])[:, None]
-        first = np.where(~inside | (lead & long), cand, -1)
-        # inside a source token whose gold token covers g, with no alternative left after the
-        # prefilter: the walk's answer is known (all mass on g, P(gold text | context) = 1)
-        nxt = s_ids[wj + 1]
-        alone = ((first < 0) | (first == nxt[:, None]) | (top_p[wj] <= 0)).all(1)
-        covers = width_ok[walk] & (s_ends[wj + 1] >= c_next[walk]) & (gold_p[wj] > 0)
-        trivial = inside[:, 0] & alone & covers
-        t = positions[walk[trivial]]
-        out["ids"][t, 0], out["probs"][t, 0] = g[walk[trivial]], 1.0
-        out["gold_prob"][t], out["placed"][t] = 1.0, 1.0
-        out["valid"][t], out["gold_only"][t] = True, True
-        walk, first = walk[~trivial], first[~trivial]
+    if not len(walk):
+        return out
+    walk, first = _prefilter(out, positions, walk, (j, c, c_next, g), s_ids, s_ends, top_ids,
+                             top_p, gold_p, full_len, width_ok, vocab)  # fmt: skip
     if len(walk):
         row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
-        first_ids = first.tolist()
-        ids_w = np.full((len(walk), k), -1, dtype=np.int64)
-        p_w = np.zeros((len(walk), k))
-        gp_w, placed_w, only_w = np.zeros(len(walk)), np.zeros(len(walk)), np.zeros(len(walk), bool)
-        for n, (jj, cc, cn, gg) in enumerate(
-            zip(
-                j[walk].tolist(),
-                c[walk].tolist(),
-                c_next[walk].tolist(),
-                g[walk].tolist(),
-                strict=True,
-            )
-        ):
-            masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n], conts)
-            if masses:
-                total = sum(masses.values())
-                placed_w[n] = total / cons if cons > 0 else 0.0
-                items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
-                ids_w[n, : len(items)] = [i for i, _ in items]
-                kept = sum(x for _, x in items)
-                p_w[n, : len(items)] = [x / kept for _, x in items]
-                only_w[n] = len(masses) == 1 and gg in masses
-        t = positions[walk]
-        out["ids"][t], out["probs"][t] = ids_w, p_w.astype(np.float32)
-        out["gold_prob"][t], out["placed"][t] = gp_w, placed_w
-        out["valid"][t], out["gold_only"][t] = p_w.sum(1) > 0, only_w
+        _fill_walked(out, positions[walk], (j[walk], c[walk], c_next[walk], g[walk]), row,
+                     vocab, first.tolist(), conts, k)  # fmt: skip
     return out

@@ -326,7 +326,7 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
     )
     callbacks = [_jsonl_callback(ckpt / "train_log.jsonl")]
     if cfg.heldout and cfg.eval_steps > 0:
-        from fusechat.data import load_conversations
+        from fusechat.conversations import load_conversations
 
         convs, _ = load_conversations(cfg.heldout)
         held = [{"messages": c} for c in convs]

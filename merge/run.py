@@ -20,6 +20,7 @@ from typing import Any
 from fusechat.errors import FusechatError, first_line
 from fusechat.io import MANIFEST, atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
 from fusechat.merge import varm
+from fusechat.merge.plot import heatmap
 from fusechat.recipe import read_yaml, validation_error
 
 log = logging.getLogger(__name__)
@@ -276,50 +277,45 @@ def group_statistics(cfg, options, granularity: str, statistic: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def heatmap(weights: dict[str, dict[str, float]], path: Path) -> bool:
-    """PNG of each target's VaRM weight by decoder layer (rows) and module (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cells: dict[tuple[int, str], dict[str, float]] = {}
-    for name, per_model in weights.items():
-        parts = name.split(".")
-        if "layers" not in parts:
-            continue
-        i = parts.index("layers")
-        if i + 1 >= len(parts) or not parts[i + 1].isdigit():
-            continue
-        module = ".".join(p for p in parts[i + 2 :] if p not in ("weight", "bias"))
-        cells[(int(parts[i + 1]), module)] = per_model
-    if not cells:
-        return False
-    layers = sorted({layer for layer, _ in cells})
-    modules = sorted({m for _, m in cells})
-    models = list(next(iter(cells.values())))
-    fig, axes = plt.subplots(
-        1, len(models), figsize=(1 + 0.5 * len(modules) * len(models), 1.5 + 0.3 * len(layers))
-    )
-    axes = np.atleast_1d(axes)
-    for ax, model in zip(axes, models, strict=True):
-        grid = np.full((len(layers), len(modules)), np.nan)
-        for (layer, module), pm in cells.items():
-            grid[layers.index(layer), modules.index(module)] = pm.get(model, np.nan)
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_title(Path(model).name, fontsize=8)
-        ax.set_xticks(range(len(modules)), modules, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(layers)), layers, fontsize=6)
-        ax.set_ylabel("layer")
-    fig.subplots_adjust(bottom=0.35, top=0.9)
-    fig.colorbar(im, ax=list(axes), label="VaRM weight")
-    fig.savefig(path, dpi=100)  # no bbox_inches="tight": it draws the figure twice
-    plt.close(fig)
-    return True
-
-
 # --------------------------------------------------------------------------- entry point
+
+
+def _merge_key(raw: dict, cfg, random_seed: int) -> tuple[str, str]:
+    """(the merge's settings, those and the inputs' content): a target retrained at the same
+    path merges anew."""
+    refs = [m.model for m in cfg.models or []] + ([cfg.base_model] if cfg.base_model else [])
+    inputs = [str(p.path) for r in refs for p in (r.model, r.lora) if p is not None]
+    same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
+    key = fingerprint({"merge": same_merge, "inputs": {p: stat_fingerprint(p) for p in inputs}})
+    return same_merge, key
+
+
+def _done(out: Path, key: str, same_merge: str, overwrite: bool) -> dict | None:
+    """The report of a finished merge with this key (reused), None when the merge must run;
+    an output of another merge is refused unless ``overwrite``."""
+    if (out / REPORT).exists():
+        old = read_json(out / REPORT)
+        if old.get("key") == key and not overwrite:
+            log.info("%s: already merged with this configuration and these inputs", out)
+            return old
+        if old.get("merge") == same_merge:
+            log.info("%s: an input changed since it was merged: merging again", out)
+        elif not overwrite:
+            raise FusechatError(f"{out}: exists with another merge; use --overwrite")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise FusechatError(f"{out}: exists and is not a merge output; use --overwrite")
+    return None
+
+
+def _varm_report(report: dict, weights: dict, params: dict, png: Path | None) -> None:
+    """The VaRM weights: every tensor's, each target's mean, and the heat map's file."""
+    targets = list(next(iter(weights.values())))
+    report["varm"] = params
+    report["mean_weights"] = {
+        m: sum(w.get(m, 0.0) for w in weights.values()) / len(weights) for m in targets
+    }
+    report["weights"] = weights
+    report["heatmap"] = png.name if png is not None and heatmap(weights, png) else None
 
 
 def run(
@@ -334,45 +330,27 @@ def run(
 ) -> dict:
     """Check the inputs, merge with mergekit into ``out`` atomically, write the report (and,
     with ``plot``, the VaRM heat map; matplotlib costs about half a second)."""
+    import torch
     from mergekit.common import parse_kmb
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    raw = load_config(config)
-    cfg = parse_config(raw, str(config))
-    # the inputs' content, not only their names: a retrained target at the same path merges anew
-    refs = [m.model for m in cfg.models or []] + ([cfg.base_model] if cfg.base_model else [])
-    inputs = [str(p.path) for r in refs for p in (r.model, r.lora) if p is not None]
-    same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
-    key = fingerprint({"merge": same_merge, "inputs": {p: stat_fingerprint(p) for p in inputs}})
+    cfg = parse_config(raw := load_config(config), str(config))
+    same_merge, key = _merge_key(raw, cfg, random_seed)
     out = Path(out)
-    if (out / REPORT).exists():
-        old = read_json(out / REPORT)
-        if old.get("key") == key and not overwrite:
-            log.info("%s: already merged with this configuration and these inputs", out)
-            return old
-        if old.get("merge") == same_merge:
-            log.info("%s: an input changed since it was merged: merging again", out)
-        elif not overwrite:
-            raise FusechatError(f"{out}: exists with another merge; use --overwrite")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FusechatError(f"{out}: exists and is not a merge output; use --overwrite")
-    import torch
-
+    if (old := _done(out, key, same_merge, overwrite)) is not None:
+        return old
     # mergekit caches merged adapters by path, not content: a retrained adapter at the same path
     # would be served stale, so adapters are applied into a scratch folder per merge.
     scratch = tempfile.TemporaryDirectory(
         prefix=".lora-", dir=out.parent if out.parent.exists() else None
     )
     options = MergeOptions(
-        out_shard_size=parse_kmb(shard_size),
-        lora_merge_cache=scratch.name,
-        lora_merge_dtype=lora_merge_dtype,
+        out_shard_size=parse_kmb(shard_size), lora_merge_cache=scratch.name,
+        lora_merge_dtype=lora_merge_dtype, lazy_unpickle=True, quiet=False,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        lazy_unpickle=True,
-        quiet=False,
         random_seed=random_seed,  # DARE's random drops; the other methods ignore it
-    )
+    )  # fmt: skip
     warnings = check_inputs(cfg, options)
     models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)
     params = varm_parameters(cfg) if cfg.merge_method == "varm" else {}
@@ -389,25 +367,13 @@ def run(
             raise FusechatError(f"{config}: mergekit failed: {first_line(e)}") from None
         weights = varm.reset_report()
         report = {
-            "key": key,
-            "merge": same_merge,
-            "merge_method": cfg.merge_method,
-            "base_model": str(cfg.base_model) if cfg.base_model else None,
-            "models": models,
+            "key": key, "merge": same_merge, "merge_method": cfg.merge_method,
+            "base_model": str(cfg.base_model) if cfg.base_model else None, "models": models,
             "parameters": json.loads(json.dumps(raw.get("parameters") or {}, default=str)),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "warnings": warnings,
-        }
+            "seconds": round(time.perf_counter() - t0, 2), "warnings": warnings,
+        }  # fmt: skip
         if weights:
-            targets = list(next(iter(weights.values())))
-            report["varm"] = params
-            report["mean_weights"] = {
-                m: sum(w.get(m, 0.0) for w in weights.values()) / len(weights) for m in targets
-            }
-            report["weights"] = weights
-            report["heatmap"] = (
-                "varm_weights.png" if plot and heatmap(weights, tmp / "varm_weights.png") else None
-            )
+            _varm_report(report, weights, params, tmp / "varm_weights.png" if plot else None)
         write_json(tmp / REPORT, report)
     scratch.cleanup()
     log.info("merged %s into %s in %.1f s", cfg.merge_method, out, report["seconds"])

@@ -101,16 +101,25 @@ def reset_report() -> dict[str, dict[str, float]]:
     return out
 
 
+def layer_of(name: str) -> tuple[str, int, str] | None:
+    """A tensor of a decoder layer as (the layer's name, its index, the module within it):
+    ``model.layers.3.self_attn.q_proj.weight`` -> (``model.layers.3``, 3,
+    ``self_attn.q_proj``); None outside the layers (embeddings, final norm)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            module = ".".join(q for q in parts[i + 2 :] if q not in ("weight", "bias"))
+            return ".".join(parts[: i + 2]), int(parts[i + 1]), module
+    return None
+
+
 def group_key(name: str, granularity: str) -> str:
     """The tensors that share one weight: a decoder layer (``model.layers.3``; tensors outside
     layers, such as embeddings, form their own group each) or the whole model."""
     if granularity == "model":
         return "model"
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "blocks") and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 2])
-    return name
+    layer = layer_of(name)
+    return layer[0] if layer else name
 
 
 def set_group_stats(stats: dict[tuple[str, str], float]) -> None:

@@ -121,7 +121,10 @@ CASES = {
         CAPTURE + ["--tensor-parallel-size", "2"],
         "vllm setting",
     ),
-    "capture --tensor-parallel-size 0": (CAPTURE + ["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    "capture --tensor-parallel-size 0": (
+        CAPTURE + ["--tensor-parallel-size", "0"],
+        "--tensor-parallel-size",
+    ),
     "capture --config not a job": (["capture", "--config", "{d}/merge-zero.yaml"], "capture job"),
     "capture without --model": (["capture", "--data", "{data}"], "--model, --out required"),
     "capture --lookahead-min-prob 2": (

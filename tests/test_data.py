@@ -2,14 +2,8 @@ import json
 
 import pytest
 
-from fusechat.data import (
-    TEMPLATES,
-    encode,
-    load_conversations,
-    mask_from_offsets,
-    normalize_row,
-    render,
-)
+from fusechat.conversations import load_conversations, normalize_row
+from fusechat.data import TEMPLATES, encode, mask_from_offsets, render
 from fusechat.errors import FusechatError
 
 CONV = [

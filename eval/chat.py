@@ -21,18 +21,15 @@ def stop_token_ids(tok, model) -> list[int]:
 
 
 def load_chat_model(model_path: str):
-    """``(model, tokenizer, stop ids)``; bf16 spread over GPUs where there are any, else
-    float32 on CPU; the tokenizer pads on the left, as batched generation needs."""
-    from fusechat.data import load_model, load_tokenizer
+    """``(model, tokenizer, stop ids)``; spread over GPUs where there are any, in the ``auto``
+    dtype (``resolve_dtype``); the tokenizer pads on the left, as batched generation needs."""
+    from fusechat.data import load_model, load_tokenizer, resolve_dtype
 
     tok = load_tokenizer(model_path, "the model's tokenizer")
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    model = load_model(
-        model_path,
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map="auto" if cuda else None,
-    ).eval()
+    model = load_model(model_path, dtype=getattr(torch, resolve_dtype("auto")),
+                       device_map="auto" if cuda else None).eval()  # fmt: skip
     return model, tok, stop_token_ids(tok, model)

@@ -35,6 +35,7 @@ from fusechat.baselines import (
 from fusechat.configs import AlignConfig
 from fusechat.errors import FusechatError
 from fusechat.io import fingerprint, tokenizer_fingerprint
+from fusechat.losses import learned_next, next_ids
 from fusechat.sparse import map_topk
 from fusechat.tokens import token_bytes, token_texts
 
@@ -88,11 +89,6 @@ def check_same_corpus(pivot, source) -> None:
             )
 
 
-def learned_positions(prow) -> np.ndarray:
-    """Pivot positions whose next token is learned (the positions a target is needed at)."""
-    return np.append(prow["pos.labels_mask"][1:], False)
-
-
 def transfer_counts(prow, r: dict, gold_prob: np.ndarray | None = None) -> Counter:
     """The counts behind the transfer statistics of one row aligned by one method (``r``, a
     ``RowAligner`` result): learned pivot positions and those with a distribution; with
@@ -102,10 +98,10 @@ def transfer_counts(prow, r: dict, gold_prob: np.ndarray | None = None) -> Count
     positions (text) or the exactly aligned ones and their mapped mass (baselines)."""
     from fusechat.shards import unpack_ids
 
-    learned = learned_positions(prow)
+    learned = learned_next(prow["pos.labels_mask"])
     c = Counter({"learned": int(learned.sum()), "valid": int((learned & r["valid"]).sum())})
     if gold_prob is not None:
-        gold = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
+        gold = next_ids(unpack_ids(prow["pos.input_ids"]))
         top1 = np.take_along_axis(r["ids"], np.argmax(r["probs"], 1)[:, None], 1)[:, 0]
         conf = learned & (np.nan_to_num(gold_prob) >= CONFIDENT)
         c["confident"] = int(conf.sum())
@@ -206,7 +202,7 @@ class RowAligner:
                 unpack_ids(prow["pos.input_ids"]), prow["pos.byte_end"].astype(np.int64),
                 unpack_ids(srow["pos.input_ids"]), srow["pos.byte_end"].astype(np.int64),
                 s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
-                np.flatnonzero(learned_positions(prow)), self.vocab, self.k,
+                np.flatnonzero(learned_next(prow["pos.labels_mask"])), self.vocab, self.k,
                 unpack_ids(srow["pos.topk_next"]) if "pos.topk_next" in srow else None,
             )  # fmt: skip
         idx, exact = self.pairs(prow, srow)

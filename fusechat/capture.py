@@ -43,6 +43,7 @@ from fusechat.io import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from fusechat.losses import learned_next, next_ids
 from fusechat.ranks import Ranks, join
 from fusechat.scorers import HFScorer, VLLMScorer, plan_batches
 from fusechat.shards import ids_dtype, pack_ids, run_sharded, save_shard
@@ -79,8 +80,7 @@ def lookahead_requests(
     predicting a learned token, every top-K candidate other than the token that really
     follows (whose continuation is the row itself) with ``p >= min_prob``."""
     t, i = np.nonzero(learned[:, None] & (np.exp(top_logprobs.astype(np.float64)) >= min_prob))
-    gold = np.append(np.asarray(input_ids[1:], dtype=np.int64), -1)
-    keep = top_ids[t, i] != gold[t]
+    keep = top_ids[t, i] != next_ids(input_ids)[t]
     return list(zip(t[keep].tolist(), i[keep].tolist(), strict=True))
 
 
@@ -147,8 +147,7 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
         ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, cfg.k), np.int64)
         lps = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, cfg.k), np.float32)
         gold = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
-        mask = np.array(row.labels_mask, dtype=bool)
-        learned = np.append(mask[1:], False)  # position t predicts a learned token t+1
+        learned = learned_next(row.labels_mask)
         # fp16 turns below -65504 into -inf: clamp, a vanishing probability stays finite
         # (a NaN from the model itself is refused when the shard is written)
         lps16 = np.maximum(lps, -60000.0).astype(np.float16)
@@ -160,7 +159,7 @@ def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) ->
             {
                 **extra,
                 "pos.input_ids": pack_ids(np.array(row.input_ids, np.int64), dtype),
-                "pos.labels_mask": mask,
+                "pos.labels_mask": np.array(row.labels_mask, dtype=bool),
                 "pos.byte_end": row.byte_end.astype(np.int32),
                 "pos.topk_ids": pack_ids(ids, dtype),
                 "pos.topk_logprobs": lps16,

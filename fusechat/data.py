@@ -173,6 +173,16 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
         raise FusechatError(f"{path}: cannot load {what} ({first_line(e)})") from None
 
 
+def resolve_dtype(name: str) -> str:
+    """The one ``auto`` rule (capture, training, serving): bfloat16 on a GPU that supports it,
+    else float32 (CPUs; older GPUs, where float16 would risk overflow in 7B activations)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_model(path: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, failing with one line: a
     missing folder, a truncated or damaged weights file, a config transformers cannot read."""

@@ -160,6 +160,7 @@ def _fuse_setup(job: _FuseJob) -> tuple:
 def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str | None]:
     """Fuse shard ``i``, write it unless a previous run did; (rows kept, rows dropped, sum of
     the rows' model weights) and the checksum of what was written."""
+    from fusechat.losses import next_ids
     from fusechat.shards import pack_ids, save_shard, unpack_ids
 
     piv, srcs, job = state
@@ -180,7 +181,7 @@ def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str 
         valid = [np.ones(len(lp), bool)] + [s["pos.valid"] for s in srows]
         gold = None
         if job.cfg.unaligned == "gold":
-            nxt = np.append(unpack_ids(prow["pos.input_ids"])[1:], -1)
+            nxt = next_ids(unpack_ids(prow["pos.input_ids"]))
             gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
         ids, probs = fuse(dists, valid, ces, job.cfg.method, gold)
         w = sequence_weights(ces, job.cfg.method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,18 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def predicts_label(labels_mask: torch.Tensor) -> torch.Tensor:
     """Positions whose *next* token is learned: ``pred[b, t] = labels_mask[b, t+1]``."""
     return F.pad(labels_mask[:, 1:], (0, 1), value=False)
+
+
+def next_ids(ids: np.ndarray) -> np.ndarray:
+    """The token each position predicts, for stored rows: ``nxt[t] = ids[t+1]``, -1 at the
+    end (int64)."""
+    return np.append(np.asarray(ids, dtype=np.int64)[1:], -1)
+
+
+def learned_next(labels_mask: np.ndarray) -> np.ndarray:
+    """``predicts_label`` for one stored row: positions whose next token is learned (the
+    positions a fused target is needed at)."""
+    return np.append(np.asarray(labels_mask, dtype=bool)[1:], False)
 
 
 class _SparseSoftCE(torch.autograd.Function):

@@ -43,11 +43,10 @@ class HFScorer:
     (one process), or each data-parallel rank holds its own copy on its own GPU."""
 
     def __init__(self, path: str, dtype: str, device: int | None = None):
-        from fusechat.data import load_model
+        from fusechat.data import load_model, resolve_dtype
 
         cuda = torch.cuda.is_available()
-        if dtype == "auto":
-            dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+        dtype = resolve_dtype(dtype)
         where = ("auto" if device is None else {"": device}) if cuda else None
         self.model = load_model(path, dtype=getattr(torch, dtype), device_map=where)
         self.model.eval()
@@ -158,8 +157,10 @@ class VLLMScorer:
             raise FusechatError(
                 "backend vllm: vllm is not installed (pip install 'fusechat[vllm]')"
             ) from None
-        if dtype == "auto" and not torch.cuda.is_available():
-            dtype = "float32"  # CPU vLLM defaults to bf16, which moves log-probs by ~3e-3
+        from fusechat.data import resolve_dtype
+
+        # vLLM's own auto is bf16 on CPUs too, which moves log-probs by ~3e-3
+        dtype = resolve_dtype(dtype)
         self.llm = LLM(
             model=path,
             dtype=dtype,

@@ -181,9 +181,11 @@ def plot_losses(log_path: Path, png: Path) -> None:
 
 
 def _precision(name: str) -> dict:
-    cuda = torch.cuda.is_available()
+    """TrainingArguments' mixed-precision flags; ``auto`` follows ``resolve_dtype``."""
+    from fusechat.data import resolve_dtype
+
     if name == "auto":
-        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else ("fp16" if cuda else "fp32")
+        name = {"bfloat16": "bf16", "float32": "fp32"}[resolve_dtype("auto")]
     return {"bf16": name == "bf16", "fp16": name == "fp16"}
 
 

@@ -63,3 +63,52 @@ def smollm2() -> Path:
         return build(CACHE / "smollm2")
     except FusechatError as e:
         pytest.skip(str(e))
+
+
+STAGE_ROWS = 40  # rows of the held-out corpus in the ``stages`` fixture
+
+
+def capture_config(world: Path, model: str, **kw):
+    """A small capture of a toy model (the openchat template, 128 tokens, 16 rows a shard)."""
+    from fusechat.configs import CaptureConfig
+
+    base = dict(template="openchat", max_length=128, shard_rows=16, batch_tokens=2048)
+    return CaptureConfig(model=str(world / model), **{**base, **kw})
+
+
+def stage_rows(folder: Path, stage: str) -> list[dict]:
+    """Every row of a finished stage folder."""
+    from fusechat.shards import StageReader
+
+    return [r for _, rows in StageReader(folder, stage).shards() for r in rows]
+
+
+def sparse_dict(ids, probs) -> dict[int, float]:
+    """A sparse distribution as {id: mass}, padding dropped and repeated ids summed."""
+    out: dict[int, float] = {}
+    for i, x in zip(ids.tolist(), probs.tolist(), strict=True):
+        if i >= 0 and x > 0:
+            out[i] = out.get(i, 0.0) + x
+    return out
+
+
+@pytest.fixture(scope="session")
+def stages(toy_world, tmp_path_factory):
+    """Pivot and Mixtral captures of the held-out corpus, aligned and fused: the folders the
+    capture, align and fuse tests read."""
+    from fusechat.align import align
+    from fusechat.capture import capture
+    from fusechat.configs import AlignConfig
+    from fusechat.fuse import fuse_stage
+
+    d = tmp_path_factory.mktemp("stages")
+    data = toy_world / "corpus" / "heldout.jsonl"
+    cfg = capture_config
+    capture(cfg(toy_world, "openchat-mini"), data, d / "cap-pivot", max_rows=STAGE_ROWS)
+    capture(cfg(toy_world, "nh2-mixtral-mini"), data, d / "cap-mixtral", max_rows=STAGE_ROWS)
+    capture(cfg(toy_world, "nh2-mixtral-mini", lookahead=3), data, d / "cap-mixtral-la",
+            max_rows=STAGE_ROWS)  # fmt: skip
+    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral")
+    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", AlignConfig(method="exact"))
+    fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
+    return d

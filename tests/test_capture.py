@@ -12,41 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import STAGE_ROWS, capture_config, stage_rows
 
 from fusechat.align import align
 from fusechat.capture import capture, lookahead_requests, segments, torchrun_command
 from fusechat.cli import main
-from fusechat.configs import AlignConfig, CaptureConfig, CaptureJob, DataSpec, FuseConfig
-from fusechat.fuse import fuse_stage, sequence_ce
+from fusechat.configs import CaptureJob, DataSpec
+from fusechat.fuse import fuse_stage
 from fusechat.io import read_manifest
 from fusechat.scorers import plan_batches
 from fusechat.shards import StageReader, save_shard, unpack_ids
-
-ROWS = 40
-
-
-def _cfg(world: Path, model: str, **kw) -> CaptureConfig:
-    base = dict(template="openchat", max_length=128, shard_rows=16, batch_tokens=2048)
-    return CaptureConfig(model=str(world / model), **{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def stages(toy_world, tmp_path_factory):
-    """Pivot and Mixtral captures of the held-out corpus, aligned and fused."""
-    d = tmp_path_factory.mktemp("stages")
-    data = toy_world / "corpus" / "heldout.jsonl"
-    capture(_cfg(toy_world, "openchat-mini"), data, d / "cap-pivot", max_rows=ROWS)
-    capture(_cfg(toy_world, "nh2-mixtral-mini"), data, d / "cap-mixtral", max_rows=ROWS)
-    capture(_cfg(toy_world, "nh2-mixtral-mini", lookahead=3), data, d / "cap-mixtral-la",
-            max_rows=ROWS)  # fmt: skip
-    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral")
-    align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", AlignConfig(method="exact"))
-    fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
-    return d
-
-
-def _rows(folder: Path, stage: str) -> list[dict]:
-    return [r for _, rows in StageReader(folder, stage).shards() for r in rows]
 
 
 def test_plan_batches_and_segments():
@@ -64,8 +39,10 @@ def test_capture_matches_a_direct_forward_pass(stages, toy_world):
 
     from fusechat.losses import predicts_label, token_nll
 
-    rows = _rows(stages / "cap-pivot", "capture")
-    assert len(rows) == ROWS and [int(r["row.index"]) for r in rows] == list(range(ROWS))
+    rows = stage_rows(stages / "cap-pivot", "capture")
+    assert len(rows) == STAGE_ROWS and [int(r["row.index"]) for r in rows] == list(
+        range(STAGE_ROWS)
+    )
     model = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini").eval()
     for r in rows[:3]:
         ids = torch.tensor(unpack_ids(r["pos.input_ids"]))[None]
@@ -89,8 +66,8 @@ def test_lookahead_stores_each_alternatives_greedy_continuation(stages, toy_worl
     from transformers import AutoModelForCausalLM
 
     plain, la = (
-        _rows(stages / "cap-mixtral", "capture"),
-        _rows(stages / "cap-mixtral-la", "capture"),
+        stage_rows(stages / "cap-mixtral", "capture"),
+        stage_rows(stages / "cap-mixtral-la", "capture"),
     )
     model = AutoModelForCausalLM.from_pretrained(toy_world / "nh2-mixtral-mini").eval()
     checked, same = 0, 0
@@ -148,15 +125,17 @@ def test_candidate_continuations_equal_plain_greedy_decoding(tmp_path, sliding_w
 
 def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_path):
     data = toy_world / "corpus" / "heldout.jsonl"
-    full = capture(_cfg(toy_world, "openchat-mini", shard_rows=8), data, tmp_path / "f", max_rows=8)
+    full = capture(
+        capture_config(toy_world, "openchat-mini", shard_rows=8), data, tmp_path / "f", max_rows=8
+    )
     split = capture(
-        _cfg(toy_world, "openchat-mini", max_length=12, overflow="split", shard_rows=8),
+        capture_config(toy_world, "openchat-mini", max_length=12, overflow="split", shard_rows=8),
         data,
         tmp_path / "s",
         max_rows=8,
     )
     trunc = capture(
-        _cfg(toy_world, "openchat-mini", max_length=12, shard_rows=8),
+        capture_config(toy_world, "openchat-mini", max_length=12, shard_rows=8),
         data,
         tmp_path / "t",
         max_rows=8,
@@ -164,7 +143,7 @@ def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_pa
     assert split["stats"]["split"] == 8 and split["stats"]["truncated"] == 0
     assert trunc["stats"]["truncated"] == 8 and trunc["stats"]["positions"] == 8 * 12
     assert split["stats"]["positions"] == full["stats"]["positions"]
-    f, s = _rows(tmp_path / "f", "capture"), _rows(tmp_path / "s", "capture")
+    f, s = stage_rows(tmp_path / "f", "capture"), stage_rows(tmp_path / "s", "capture")
     for a, b in zip(f, s, strict=True):
         assert np.array_equal(a["pos.input_ids"], b["pos.input_ids"])
         # the first window sees the same context as the full pass
@@ -181,7 +160,7 @@ def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     data = toy_world / "corpus" / "heldout.jsonl"
     opts = dict(max_length=128, shard_rows=8, batch_tokens=256)
     ref = tmp_path / "ref"
-    capture(_cfg(toy_world, "nh2-mixtral-mini", **opts), data, ref, max_rows=96)
+    capture(capture_config(toy_world, "nh2-mixtral-mini", **opts), data, ref, max_rows=96)
     out = tmp_path / "cap"
     cmd = [sys.executable, "-m", "fusechat.cli", "capture", "--template", "openchat"]
     cmd += ["--model", str(toy_world / "nh2-mixtral-mini"), "--data", str(data)]
@@ -214,7 +193,7 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
     import signal
 
     data = toy_world / "corpus" / "heldout.jsonl"
-    cfg = _cfg(toy_world, "nh2-mixtral-mini", shard_rows=8, batch_tokens=512, lookahead=2)
+    cfg = capture_config(toy_world, "nh2-mixtral-mini", shard_rows=8, batch_tokens=512, lookahead=2)
     ref = tmp_path / "ref"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs: CPU float reductions follow the thread count
@@ -248,93 +227,6 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
     for n in want["checksums"]:
         assert (out / n).read_bytes() == (ref / n).read_bytes(), n
     StageReader(out, "capture").verify()
-
-
-def test_self_alignment_is_the_identity(stages, tmp_path):
-    m = align(
-        stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self", AlignConfig(method="exact")
-    )
-    assert m["stats"]["coverage"] == 1.0 and m["stats"]["mapped_mass"] == pytest.approx(1.0)
-    m = align(stages / "cap-pivot", stages / "cap-pivot", tmp_path / "self-text")
-    assert m["stats"]["coverage"] == 1.0 and m["stats"]["agreement"] == 1.0
-    piv = _rows(stages / "cap-pivot", "capture")
-    for method in ("self", "self-text"):
-        for p, a in zip(piv, _rows(tmp_path / method, "align"), strict=True):
-            learned = np.append(p["pos.labels_mask"][1:], False)
-            assert a["pos.valid"][learned].all()
-            ids, top = unpack_ids(a["pos.ids"]), unpack_ids(p["pos.topk_ids"])
-            q = np.exp(p["pos.topk_logprobs"].astype(np.float64))
-            for t in np.flatnonzero(learned):  # the pivot's own distribution, id by id
-                want = _as_dict(top[t], q[t])
-                if method == "self-text":  # the gold token's exact probability is added, the
-                    # K most probable kept
-                    want[int(p["pos.input_ids"][t + 1])] = float(np.exp(p["pos.gold_logprob"][t]))
-                    want = dict(sorted(want.items(), key=lambda kv: -kv[1])[: ids.shape[1]])
-                total = sum(want.values())
-                got = _as_dict(ids[t], a["pos.probs"][t].astype(np.float64))
-                assert got.keys() == want.keys()
-                np.testing.assert_allclose(
-                    [got[k] for k in want], [v / total for v in want.values()], atol=2e-3
-                )
-
-
-def test_alignment_across_tokenizers(stages):
-    m = json.loads((stages / "al-mixtral-exact" / "manifest.json").read_text())
-    assert 0.5 < m["stats"]["coverage"] <= m["stats"]["aligned"] <= 1.0
-    assert 0.0 < m["stats"]["mapped_mass"] <= 1.0
-    text = json.loads((stages / "al-mixtral" / "manifest.json").read_text())["stats"]
-    # the text method: a distribution at (almost) every learned position, agreeing with gold
-    assert text["coverage"] >= 0.98 > m["stats"]["coverage"]
-    assert text["agreement"] >= 0.98
-    piv = _rows(stages / "cap-pivot", "capture")
-    src = _rows(stages / "cap-mixtral", "capture")
-    for p, s, a in zip(piv, src, _rows(stages / "al-mixtral-exact", "align"), strict=True):
-        # a valid pivot position has a source token ending at the same byte
-        ends = set(s["pos.byte_end"].tolist())
-        assert all(int(e) in ends for e in p["pos.byte_end"][a["pos.valid"]])
-        probs = a["pos.probs"].astype(np.float64)
-        np.testing.assert_allclose(probs[a["pos.valid"]].sum(1), 1, atol=5e-3)
-        assert np.all(probs[~a["pos.valid"]] == 0)
-
-
-def test_fused_targets(stages):
-    piv = _rows(stages / "cap-pivot", "capture")
-    al = _rows(stages / "al-mixtral", "align")
-    fused = _rows(stages / "fused", "fuse")
-    assert len(fused) == ROWS
-    for p, a, f in zip(piv, al, fused, strict=True):
-        assert np.array_equal(f["pos.input_ids"], p["pos.input_ids"])
-        probs = f["pos.target_probs"].astype(np.float64)
-        np.testing.assert_allclose(probs.sum(1), 1, atol=5e-3)
-        # sparse: K per model and the gold token, never the vocabulary
-        assert f["pos.target_ids"].shape[1] == 21
-        src_wins = sequence_ce(a, "token") < sequence_ce(p, "token")
-        assert f["row.weights"].tolist() == ([0.0, 1.0] if src_wins else [1.0, 0.0])
-        ids = unpack_ids(f["pos.target_ids"])
-        assert all(len(set(r[r >= 0])) == len(r[r >= 0]) for r in ids)  # one entry per id
-        # where the source won and is aligned, its distribution is the target; where it won
-        # and has none, the gold token (unaligned: gold); where the pivot won, the pivot's
-        a_ids, p_ids = unpack_ids(a["pos.ids"]), unpack_ids(p["pos.topk_ids"])
-        gold = np.append(unpack_ids(p["pos.input_ids"])[1:], -1)
-        for t in range(0, len(ids) - 1, 3):
-            got = _as_dict(ids[t], probs[t])
-            if src_wins and a["pos.valid"][t]:
-                want = _as_dict(a_ids[t], a["pos.probs"][t].astype(np.float64))
-            elif src_wins:
-                want = {int(gold[t]): 1.0}
-            else:
-                q = np.exp(p["pos.topk_logprobs"][t].astype(np.float64))
-                want = _as_dict(p_ids[t], q / q.sum())
-            assert got.keys() == want.keys()
-            np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=2e-3)
-
-
-def _as_dict(ids: np.ndarray, probs: np.ndarray) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for i, x in zip(ids.tolist(), probs.tolist(), strict=True):
-        if i >= 0 and x > 0:
-            out[i] = out.get(i, 0.0) + x
-    return out
 
 
 def test_nan_is_refused_when_written_and_damage_is_caught_when_read(stages, tmp_path):
@@ -415,7 +307,7 @@ def test_bad_inputs_give_one_line(stages, toy_world, tmp_path, capsys):
     assert "shard-00001.safetensors: shard missing" in err
     # captures of different corpora
     other = tmp_path / "other"
-    capture(_cfg(toy_world, "nh2-mixtral-mini"), data, other, max_rows=ROWS - 1)
+    capture(capture_config(toy_world, "nh2-mixtral-mini"), data, other, max_rows=STAGE_ROWS - 1)
     argv = ["align", "--pivot", str(stages / "cap-pivot"), "--source", str(other)]
     assert "different corpora" in _err(capsys, [*argv, "--out", str(tmp_path / "a3")])
     # an unfinished stage is not taken for a finished one
@@ -423,33 +315,9 @@ def test_bad_inputs_give_one_line(stages, toy_world, tmp_path, capsys):
     argv = ["align", "--pivot", str(stages / "cap-pivot"), "--source", str(broken)]
     assert "incomplete" in _err(capsys, [*argv, "--out", str(tmp_path / "a4")])
     # rerunning into a folder made with other settings
-    argv = ["--data", str(data), "--out", str(stages / "cap-pivot"), "--max-rows", str(ROWS)]
+    argv = ["--data", str(data), "--out", str(stages / "cap-pivot"), "--max-rows", str(STAGE_ROWS)]
     err = _err(capsys, [*base, *argv, "--k", "5", "--max-length", "128", "--shard-rows", "16"])
     assert "other settings (k)" in err
-
-
-@pytest.mark.parametrize("start", ["fork", "spawn"])
-def test_align_and_fuse_with_two_workers_write_the_same_bytes(stages, tmp_path, start, monkeypatch):
-    """Shards spread over two processes, forked (the state inherited) or spawned (each worker
-    builds its own; platforms without fork): every shard and the statistics equal one
-    process's (the stats method's map is built once and shipped to the workers)."""
-    import multiprocessing
-
-    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: [start])
-    for method in ("text", "stats") if start == "fork" else ("stats",):
-        one, two = tmp_path / f"one-{method}", tmp_path / f"two-{method}"
-        a = align(stages / "cap-pivot", stages / "cap-mixtral", one, AlignConfig(method=method))
-        b = align(
-            stages / "cap-pivot", stages / "cap-mixtral", two, AlignConfig(method=method, workers=2)
-        )
-        assert a["stats"] == b["stats"] and a["shards"] > 1
-        for s in sorted(one.glob("shard-*")):
-            assert s.read_bytes() == (two / s.name).read_bytes(), (method, s.name)
-    f1 = fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f1")
-    f2 = fuse_stage(
-        stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", FuseConfig(workers=2)
-    )
-    assert f1["stats"] == f2["stats"] and f1["checksums"] == f2["checksums"]
 
 
 def test_dry_run_bytes_per_position_match_the_shards(stages):

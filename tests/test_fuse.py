@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import STAGE_ROWS, sparse_dict, stage_rows
 
 from fusechat.fuse import fuse, sequence_ce, sequence_weights
+from fusechat.shards import unpack_ids
 from fusechat.sparse import combine_duplicates, map_topk, top_k
 
 
@@ -131,3 +133,35 @@ def test_fuse_keeps_token_zero_and_the_pivot_where_the_fallback_is_empty():
     ids, p = fuse([pivot, source], valid, [2.0, 1.0], "minCE", fallback=empty_last)
     assert _dense(ids, p) == [{0: 1.0}, {0: 0.5, 4: 0.5}]
     assert sequence_ce({"row.nll_sum": 3.0, "row.n_tokens": 1, "row.n_chars": 3}, "token") == 3.0
+
+
+def test_fused_targets(stages):
+    piv = stage_rows(stages / "cap-pivot", "capture")
+    al = stage_rows(stages / "al-mixtral", "align")
+    fused = stage_rows(stages / "fused", "fuse")
+    assert len(fused) == STAGE_ROWS
+    for p, a, f in zip(piv, al, fused, strict=True):
+        assert np.array_equal(f["pos.input_ids"], p["pos.input_ids"])
+        probs = f["pos.target_probs"].astype(np.float64)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=5e-3)
+        # sparse: K per model and the gold token, never the vocabulary
+        assert f["pos.target_ids"].shape[1] == 21
+        src_wins = sequence_ce(a, "token") < sequence_ce(p, "token")
+        assert f["row.weights"].tolist() == ([0.0, 1.0] if src_wins else [1.0, 0.0])
+        ids = unpack_ids(f["pos.target_ids"])
+        assert all(len(set(r[r >= 0])) == len(r[r >= 0]) for r in ids)  # one entry per id
+        # where the source won and is aligned, its distribution is the target; where it won
+        # and has none, the gold token (unaligned: gold); where the pivot won, the pivot's
+        a_ids, p_ids = unpack_ids(a["pos.ids"]), unpack_ids(p["pos.topk_ids"])
+        gold = np.append(unpack_ids(p["pos.input_ids"])[1:], -1)
+        for t in range(0, len(ids) - 1, 3):
+            got = sparse_dict(ids[t], probs[t])
+            if src_wins and a["pos.valid"][t]:
+                want = sparse_dict(a_ids[t], a["pos.probs"][t].astype(np.float64))
+            elif src_wins:
+                want = {int(gold[t]): 1.0}
+            else:
+                q = np.exp(p["pos.topk_logprobs"][t].astype(np.float64))
+                want = sparse_dict(p_ids[t], q / q.sum())
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=2e-3)

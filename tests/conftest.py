@@ -65,6 +65,12 @@ def smollm2() -> Path:
         pytest.skip(str(e))
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # mutation testing runs the unit tests without them (pyproject)
+        if "stages" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stages)
+
+
 STAGE_ROWS = 40  # rows of the held-out corpus in the ``stages`` fixture
 
 

@@ -131,3 +131,16 @@ def test_gradient_scales_with_the_upstream_gradient():
     b = logits.clone().requires_grad_()
     (3.0 * fusion_losses(b, ids, mask, tid, p, lam=0.4)[0]).backward()
     torch.testing.assert_close(b.grad, 3.0 * a.grad)
+
+
+def test_next_token_shift_of_stored_rows():
+    """Position t predicts token t+1: the stored-row shift matches the tensor one."""
+    import numpy as np
+
+    from fusechat.losses import learned_next, next_ids
+
+    assert next_ids(np.array([5, 6, 7])).tolist() == [6, 7, -1]
+    assert next_ids(np.array([5])).tolist() == [-1]
+    mask = np.array([False, True, True, False, True])
+    assert learned_next(mask).tolist() == [True, True, False, True, False]
+    assert learned_next(mask).tolist() == predicts_label(torch.tensor(mask)[None])[0].tolist()

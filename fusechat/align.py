@@ -137,14 +137,15 @@ class RowAligner:
     """One source's captured rows onto the pivot's, by one method: what the ``align`` stage
     and ``bench/transfer.py`` share. ``stats`` needs its map (``set_stats``) before use."""
 
-    def __init__(self, method: str, sequence: str, piv_tok, src_tok, k: int):
+    def __init__(self, method: str, sequence: str, piv_tok, src_tok, k: int,
+                 inside: str = "conditional"):  # fmt: skip
         if method not in METHODS:
             raise FusechatError(f"unknown alignment method {method!r} ({', '.join(METHODS)})")
         if sequence not in SEQUENCE_METHODS:
             raise FusechatError(f"unknown sequence alignment {sequence!r} (offsets or dtw)")
         if method == "text" and sequence != "offsets":
             raise FusechatError("the text method aligns by byte offsets (sequence: offsets)")
-        self.method, self.sequence, self.k = method, sequence, k
+        self.method, self.sequence, self.k, self.inside = method, sequence, k, inside
         self.piv_tok, self.src_tok = piv_tok, src_tok
         self.vmap: np.ndarray | None = None
         if method == "text":
@@ -204,6 +205,7 @@ class RowAligner:
                 s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
                 np.flatnonzero(learned_next(prow["pos.labels_mask"])), self.vocab, self.k,
                 unpack_ids(srow["pos.topk_next"]) if "pos.topk_next" in srow else None,
+                self.inside,
             )  # fmt: skip
         idx, exact = self.pairs(prow, srow)
         j = np.clip(idx, 0, None)
@@ -239,7 +241,8 @@ def _align_setup(job: _AlignJob) -> tuple:
     piv, src = StageReader(job.pivot_dir, "capture"), StageReader(job.source_dir, "capture")
     piv_tok = _load_capture_tokenizer(piv, job.cfg.pivot_tokenizer, "pivot")
     src_tok = _load_capture_tokenizer(src, job.cfg.source_tokenizer, "source")
-    aligner = RowAligner(job.cfg.method, job.cfg.sequence, piv_tok, src_tok, src.key["k"])
+    aligner = RowAligner(job.cfg.method, job.cfg.sequence, piv_tok, src_tok, src.key["k"],
+                         job.cfg.inside)  # fmt: skip
     if job.vmap is not None:
         aligner.vmap = job.vmap
     return piv, src, aligner, ids_dtype(max(piv_tok.get_vocab().values()) + 1), job
@@ -300,7 +303,7 @@ def align(
     src.check_complete()
     key = {"stage": "align", "version": VERSION, "pivot_capture": fingerprint(piv.key),
            "source_capture": fingerprint(src.key), "method": cfg.method,
-           "sequence": cfg.sequence, "k": src.key["k"], "shard_rows": piv.key["shard_rows"],
+           "sequence": cfg.sequence, "inside": cfg.inside, "k": src.key["k"], "shard_rows": piv.key["shard_rows"],
            "rows": piv.key["rows"]}  # fmt: skip
 
     def start(done: frozenset[int]) -> tuple:

@@ -146,6 +146,11 @@ class AlignConfig(Config):
     sequence: Literal["offsets", "dtw"] = Field(
         "offsets", description="the baselines' position pairing; text needs offsets"
     )
+    inside: Literal["conditional", "gold"] = Field(
+        "conditional",
+        description="text: where the pivot position is inside a source token, the source's "
+        "candidates that extend the text read, or the gold path alone",
+    )
     pivot_tokenizer: str | None = Field(
         None, description="tokenizer path (default: the captured model's)"
     )

@@ -187,7 +187,7 @@ def _fill_fast(out: dict, pos, g, gold, ids, top_p, gold_p, cand_pid, k: int) ->
 
 
 def _prefilter(out: dict, positions, walk, at: tuple, s_ids, s_ends, top_ids, top_p, gold_p,
-               full_len, width_ok, vocab: SourceVocab) -> tuple:  # fmt: skip
+               full_len, width_ok, vocab: SourceVocab, alternatives_inside: bool) -> tuple:  # fmt: skip
     """Before the scalar walk: inside a source token, only candidates longer than the text
     read and starting with its first byte can continue it (filtered in numpy); positions left
     with no alternative whose gold token covers the pivot's get their answer here (all mass on
@@ -199,7 +199,7 @@ def _prefilter(out: dict, positions, walk, at: tuple, s_ids, s_ends, top_ids, to
     inside = (s_ends[wj] < c[walk])[:, None]
     lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
     long = full_len[wj] > (c[walk] - s_ends[wj])[:, None]
-    first = np.where(~inside | (lead & long), cand, -1)
+    first = np.where(~inside | (lead & long & alternatives_inside), cand, -1)
     nxt = s_ids[wj + 1]
     alone = ((first < 0) | (first == nxt[:, None]) | (top_p[wj] <= 0)).all(1)
     covers = width_ok[walk] & (s_ends[wj + 1] >= c_next[walk]) & (gold_p[wj] > 0)
@@ -257,9 +257,13 @@ def align_text(
     vocab: SourceVocab,
     k: int,
     top_next: np.ndarray | None = None,
+    inside: str = "conditional",
 ) -> dict[str, np.ndarray]:
     """The source's distribution over pivot tokens at each of ``positions`` (pivot positions
-    whose next token is learned), by the three steps in the module docstring.
+    whose next token is learned), by the three steps in the module docstring. ``inside``:
+    where the pivot position falls inside a source token, the source's candidates that extend
+    the text read (``conditional``, step 1) or the gold path alone (``gold``: the corpus's own
+    spelling of the word the source chose, with its chunk likelihood).
 
     Inputs: the pivot's ids and byte ends; the source's ids, byte ends, top-K (ids and
     log-probabilities, -1 = padding) and the log-probability of its gold next token at each
@@ -297,7 +301,7 @@ def align_text(
     if not len(walk):
         return out
     walk, first = _prefilter(out, positions, walk, (j, c, c_next, g), s_ids, s_ends, top_ids,
-                             top_p, gold_p, full_len, width_ok, vocab)  # fmt: skip
+                             top_p, gold_p, full_len, width_ok, vocab, inside == "conditional")  # fmt: skip
     if len(walk):
         row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
         _fill_walked(out, positions[walk], (j[walk], c[walk], c_next[walk], g[walk]), row,

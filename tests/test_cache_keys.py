@@ -70,6 +70,7 @@ CHANGES = {
     "capture.lookahead_min_prob": ("0.1", ["capture.lookahead=2"]),
     "align.method": ("exact", []),
     "align.sequence": ("dtw", ["align.method=exact"]),
+    "align.inside": ("gold", []),
     "align.pivot_tokenizer": ("PIVOT_COPY", []),
     "align.source_tokenizer": ("SOURCE_COPY", []),
     "fuse.method": ("avgCE", []),

@@ -44,6 +44,11 @@ def test_pivot_position_inside_a_source_token():
     assert _dense(out, 1) == {2: 0.6667, 4: 0.3333}
     assert out["gold_prob"][1] == pytest.approx(2 / 3, abs=1e-3)
     assert out["valid"][:3].all() and not out["valid"][3]  # the last position predicts nothing
+    # inside: gold keeps the gold path alone there, and changes nothing at the boundary
+    gold_only = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4,
+                           inside="gold")  # fmt: skip
+    assert _dense(gold_only, 1) == {2: 1.0} and gold_only["gold_only"][1]
+    assert _dense(gold_only, 0) == _dense(out, 0) and _dense(gold_only, 2) == _dense(out, 2)
 
 
 def test_source_token_shorter_than_the_pivot_token():

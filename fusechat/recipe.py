@@ -188,7 +188,8 @@ class Recipe(_Section):
         lines.append(
             f"  capture top-{c.k}, max length {c.max_length} ({c.overflow}), backend {c.backend}"
         )
-        lines.append(f"  align  {a.method}" + (f" ({a.sequence})" if a.method != "text" else ""))
+        how = f"inside source tokens: {a.inside}" if a.method == "text" else a.sequence
+        lines.append(f"  align  {a.method} ({how})")
         lines.append(f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source")
         t = self.train
         lines.append(

@@ -99,6 +99,7 @@ def test_group_keys():
         12,
         "self_attn.q_proj",
     )
+    assert varm.layer_of("model.layers.0.self_attn.q_proj.bias")[2] == "self_attn.q_proj"
     assert varm.layer_of("model.norm.weight") is None
 
 

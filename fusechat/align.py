@@ -138,7 +138,7 @@ class RowAligner:
     and ``bench/transfer.py`` share. ``stats`` needs its map (``set_stats``) before use."""
 
     def __init__(self, method: str, sequence: str, piv_tok, src_tok, k: int,
-                 inside: str = "conditional"):  # fmt: skip
+                 inside: str = "conditional", branches: int = 0):  # fmt: skip
         if method not in METHODS:
             raise FusechatError(f"unknown alignment method {method!r} ({', '.join(METHODS)})")
         if sequence not in SEQUENCE_METHODS:
@@ -146,6 +146,7 @@ class RowAligner:
         if method == "text" and sequence != "offsets":
             raise FusechatError("the text method aligns by byte offsets (sequence: offsets)")
         self.method, self.sequence, self.k, self.inside = method, sequence, k, inside
+        self.branches = branches
         self.piv_tok, self.src_tok = piv_tok, src_tok
         self.vmap: np.ndarray | None = None
         if method == "text":
@@ -205,7 +206,7 @@ class RowAligner:
                 s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
                 np.flatnonzero(learned_next(prow["pos.labels_mask"])), self.vocab, self.k,
                 unpack_ids(srow["pos.topk_next"]) if "pos.topk_next" in srow else None,
-                self.inside,
+                self.inside, self.branches,
             )  # fmt: skip
         idx, exact = self.pairs(prow, srow)
         j = np.clip(idx, 0, None)
@@ -242,7 +243,7 @@ def _align_setup(job: _AlignJob) -> tuple:
     piv_tok = _load_capture_tokenizer(piv, job.cfg.pivot_tokenizer, "pivot")
     src_tok = _load_capture_tokenizer(src, job.cfg.source_tokenizer, "source")
     aligner = RowAligner(job.cfg.method, job.cfg.sequence, piv_tok, src_tok, src.key["k"],
-                         job.cfg.inside)  # fmt: skip
+                         job.cfg.inside, job.cfg.branches)  # fmt: skip
     if job.vmap is not None:
         aligner.vmap = job.vmap
     return piv, src, aligner, ids_dtype(max(piv_tok.get_vocab().values()) + 1), job
@@ -263,6 +264,11 @@ def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
         tally.update(transfer_counts(prow, r, r.get("gold_prob")))
         rows.append(
             {
+                **(
+                    {"pos.branch_ids": pack_ids(r["branch_ids"], dtype)}
+                    if "branch_ids" in r
+                    else {}
+                ),  # fmt: skip
                 "pos.ids": pack_ids(r["ids"], dtype),
                 "pos.probs": r["probs"].astype(np.float16),
                 "pos.valid": r["valid"],
@@ -303,7 +309,7 @@ def align(
     src.check_complete()
     key = {"stage": "align", "version": VERSION, "pivot_capture": fingerprint(piv.key),
            "source_capture": fingerprint(src.key), "method": cfg.method,
-           "sequence": cfg.sequence, "inside": cfg.inside, "k": src.key["k"], "shard_rows": piv.key["shard_rows"],
+           "sequence": cfg.sequence, "inside": cfg.inside, "branches": cfg.branches, "k": src.key["k"], "shard_rows": piv.key["shard_rows"],
            "rows": piv.key["rows"]}  # fmt: skip
 
     def start(done: frozenset[int]) -> tuple:

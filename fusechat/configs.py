@@ -151,6 +151,8 @@ class AlignConfig(Config):
         description="text: where the pivot position is inside a source token, the source's "
         "candidates that extend the text read, or the gold path alone",
     )
+    branches: NonNegativeInt = Field(0, description="text, lookahead captures: pivot tokens "
+                                     "kept of each alternative's continuation, trained on (0: none)")  # fmt: skip
     pivot_tokenizer: str | None = Field(
         None, description="tokenizer path (default: the captured model's)"
     )

@@ -150,6 +150,20 @@ class _FuseJob:
     done: frozenset[int]
 
 
+def _branches(srows: list[dict], weights: np.ndarray) -> np.ndarray:
+    """The continuations of the source the row's target follows (weight at least one half;
+    MinCE: the chosen one), none otherwise: what that source would write after each of its
+    alternatives."""
+    from fusechat.shards import unpack_ids
+
+    best = int(np.argmax(weights[1:]))
+    br = unpack_ids(srows[best]["pos.branch_ids"]) if "pos.branch_ids" in srows[best] else None
+    shape = next(unpack_ids(r["pos.branch_ids"]).shape for r in srows if "pos.branch_ids" in r)
+    if br is None or weights[1 + best] < 0.5:
+        return np.full(shape, -1, dtype=np.int64)
+    return br
+
+
 def _fuse_setup(job: _FuseJob) -> tuple:
     from fusechat.shards import StageReader
 
@@ -186,8 +200,12 @@ def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str 
         ids, probs = fuse(dists, valid, ces, job.cfg.method, gold)
         w = sequence_weights(ces, job.cfg.method)
         weight_sum += w
+        extra = {}
+        if any("pos.branch_ids" in r for r in srows):
+            extra["pos.branch_ids"] = pack_ids(_branches(srows, w), prow["pos.topk_ids"].dtype)
         rows.append(
             {
+                **extra,
                 "pos.input_ids": prow["pos.input_ids"],
                 "pos.labels_mask": prow["pos.labels_mask"],
                 "pos.target_ids": pack_ids(ids, prow["pos.topk_ids"].dtype),

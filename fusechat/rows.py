@@ -29,9 +29,11 @@ class ShardRows(torch.utils.data.Dataset):
         self.with_targets = with_targets
         self.max_length = max_length
         self.index: list[tuple[int, int, int]] = []  # (shard, start, end)
+        self.branches = False  # fused rows carry the sources' continuations (align.branches)
         for s in range(self.reader.n_shards):
             with safe_open(self.reader.folder / shard_name(s), framework="np") as f:
                 splits = f.get_tensor("row.splits")
+                self.branches |= with_targets and "pos.branch_ids" in f.keys()
             self.index += [
                 (s, int(a), int(b)) for a, b in zip(splits[:-1], splits[1:], strict=True)
             ]
@@ -58,10 +60,66 @@ class ShardRows(torch.utils.data.Dataset):
         if self.with_targets:
             row["target_ids"] = unpack_ids(self._slice(s, "pos.target_ids", a, b))
             row["target_probs"] = self._slice(s, "pos.target_probs", a, b).astype(np.float32)
+        if self.branches:
+            row = with_branches(row, unpack_ids(self._slice(s, "pos.branch_ids", a, b)),
+                                self.max_length)  # fmt: skip
         return row
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "_handles": {}}
+
+
+def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
+    """The row followed by the source's own continuations of its alternatives (``branch_ids``
+    (T, K, L), -1 padding), as one token tree: a branch at position t continues the row's
+    prefix up to t, at positions t + 1, t + 2, ... (``position_ids``), and sees only that
+    prefix and itself (``anchor``: t; ``segment``: its number, -1 for the row). Learned are a
+    branch's tokens after its first, whose probability the fused target at t already teaches;
+    their target is the token itself (one-hot). Branches that would pass ``max_length`` are
+    left out."""
+    n = len(row["input_ids"])
+    ids, pos, seg, anchor = [row["input_ids"]], [np.arange(n)], [np.full(n, -1)], [np.full(n, -1)]
+    labels, tgt, prob = [row["labels_mask"]], [row["target_ids"]], [row["target_probs"]]
+    k, total = row["target_ids"].shape[1], n
+    for b, (t, slot) in enumerate(zip(*np.nonzero(branch_ids[: n - 1, :, 0] >= 0), strict=True)):
+        br = branch_ids[t, slot][branch_ids[t, slot] >= 0]
+        if total + len(br) > max_length:
+            break
+        total += len(br)
+        ids.append(br)
+        pos.append(t + 1 + np.arange(len(br)))
+        seg.append(np.full(len(br), b))
+        anchor.append(np.full(len(br), t))
+        labels.append(np.arange(len(br)) > 0)
+        target = np.full((len(br), k), -1, dtype=np.int64)
+        target[:-1, 0] = br[1:]  # each branch token predicts the next one of its branch
+        # one-hot: the loss renormalises each target, so every branch token counts fully (a
+        # per-token weight, the alternative's probability, would need one in the loss)
+        p = np.zeros((len(br), k), dtype=np.float32)
+        p[:-1, 0] = 1.0
+        tgt.append(target)
+        prob.append(p)
+    if len(ids) == 1:
+        return row
+    cat = np.concatenate
+    return {"input_ids": cat(ids), "labels_mask": cat(labels), "target_ids": cat(tgt),
+            "target_probs": cat(prob), "position_ids": cat(pos), "segment": cat(seg),
+            "anchor": cat(anchor)}  # fmt: skip
+
+
+def tree_mask(segment: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean attention of a batch of token trees: a row token sees the row's
+    tokens up to itself, a branch token the row's up to its anchor and its branch's up to
+    itself; padding (at and after ``length``) sees only itself."""
+    L = segment.shape[1]
+    q, kk = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    upto = torch.where(seg_q < 0, q, anchor[:, :, None])  # the last row token a query sees
+    see = ((seg_k < 0) & (kk <= upto)) | ((seg_k == seg_q) & (seg_q >= 0) & (kk <= q))
+    pad = torch.arange(L)[None, :] >= length[:, None]
+    see &= ~pad[:, None, :]
+    see |= pad[:, :, None] & (q == kk)[None]
+    return see[:, None]
 
 
 def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -84,6 +142,20 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         if "target_ids" in out:
             out["target_ids"][i, :t] = torch.from_numpy(r["target_ids"])
             out["target_probs"][i, :t] = torch.from_numpy(r["target_probs"])
+    if any("segment" in r for r in rows):  # token trees: positions and a 4D mask
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
+        seg = torch.full((len(rows), n), -1, dtype=torch.long)
+        anchor = torch.full((len(rows), n), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            t = len(r["input_ids"])
+            pos[i, :t] = torch.from_numpy(r["position_ids"]) if "segment" in r else torch.arange(t)
+            if "segment" in r:
+                seg[i, :t], anchor[i, :t] = (
+                    torch.from_numpy(r["segment"]),
+                    torch.from_numpy(r["anchor"]),
+                )
+        out["position_ids"] = pos
+        out["attention_mask"] = tree_mask(seg, anchor, out["attention_mask"].sum(1))
     return out
 
 

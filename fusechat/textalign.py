@@ -172,6 +172,23 @@ def _candidate_tables(top_ids: np.ndarray, conts: dict, vocab: SourceVocab) -> t
     return full_len, cand_pid
 
 
+BRANCH_MIN_PROB = 0.1  # alternatives below this get no branch: a training row each costs
+
+
+def _fill_branches(branch_ids: np.ndarray, pos, f_j, top_ids, top_p, conts: dict, vocab) -> None:
+    """Each alternative's own text as the pivot writes it: its bytes and its captured
+    continuation, tokenized by the pivot, the last (possibly cut) token left out."""
+    at = {int(jj): int(t) for t, jj in zip(pos.tolist(), f_j.tolist(), strict=True)}
+    width = branch_ids.shape[2]
+    for (jj, i), ext in conts.items():
+        t = at.get(jj)
+        if t is None or top_ids[jj, i] < 0 or top_p[jj, i] < BRANCH_MIN_PROB:
+            continue
+        toks = vocab.first.tokens(vocab.bytes[top_ids[jj, i]] + ext)[:-1][:width]
+        if len(toks) > 1:  # a first token alone: the distribution already teaches it
+            branch_ids[t, i, : len(toks)] = toks
+
+
 def _fill_fast(out: dict, pos, g, gold, ids, top_p, gold_p, cand_pid, k: int) -> None:
     """Positions where the source stands at the same boundary and its gold token covers the
     pivot's: its top-K, each candidate mapped whole, the gold by its own probability."""
@@ -258,25 +275,20 @@ def align_text(
     k: int,
     top_next: np.ndarray | None = None,
     inside: str = "conditional",
+    branch_len: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The source's distribution over pivot tokens at each of ``positions`` (pivot positions
-    whose next token is learned), by the three steps in the module docstring. ``inside``:
-    where the pivot position falls inside a source token, the source's candidates that extend
-    the text read (``conditional``, step 1) or the gold path alone (``gold``: the corpus's own
-    spelling of the word the source chose, with its chunk likelihood).
-
-    Inputs: the pivot's ids and byte ends; the source's ids, byte ends, top-K (ids and
-    log-probabilities, -1 = padding) and the log-probability of its gold next token at each
-    position (known also where the gold token is outside the top-K); ``vocab``, the source
-    vocabulary seen from the pivot; ``top_next`` (T, K, L), the source's greedy continuation
-    of each candidate where captured (-1 elsewhere; None: none captured). Returns ``ids`` (T, k; -1 padding), ``probs`` (T, k; rows
-    sum to 1 where valid), ``valid`` (T,), ``gold_prob`` (T; the source's probability of the
-    pivot's gold next-token text, NaN where not computed), ``placed`` (T; mass placed over the
-    context-consistent mass) and ``gold_only`` (T; no alternative to the gold path was
-    consistent with the text read, so the distribution is one-hot by construction).
-    """
+    """The source's distribution over pivot tokens at each learned pivot position (module
+    docstring), from the pivot's ids and byte ends, the source's ids, byte ends, top-K (-1 =
+    padding), gold log-probabilities and captured continuations (``top_next`` (T, K, L)).
+    ``inside`` (a pivot position inside a source token): candidates that extend the text
+    read (``conditional``) or the gold path alone (``gold``). Returns ``ids``, ``probs``
+    (T, k), ``valid``, ``gold_prob`` (NaN where not computed), ``placed`` (mass placed over
+    the consistent mass), ``gold_only`` (one-hot by construction) and, with ``branch_len``,
+    ``branch_ids`` (T, K, branch_len; ``_fill_branches``)."""
     n = len(p_ids)
     out = _no_distributions(n, k)
+    if branch_len:
+        out["branch_ids"] = np.full((n, top_ids.shape[1], branch_len), -1, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
     positions = positions[positions + 1 < n]
     m = len(s_ids)
@@ -294,6 +306,8 @@ def align_text(
     # the fast path: the source is at the same boundary and its gold token covers g
     fast = has_next & (s_ends[jc] == c) & width_ok & (s_ends[jn] >= c_next)
     f_j = j[fast]
+    if branch_len:
+        _fill_branches(out["branch_ids"], positions[fast], f_j, top_ids, top_p, conts, vocab)
     _fill_fast(out, positions[fast], g[fast], s_ids[jn[fast]], top_ids[f_j], top_p[f_j],
                gold_p[f_j], cand_pid[f_j], k)  # fmt: skip
     # the rest walk the gold path, in scalar code over Python lists

@@ -189,6 +189,25 @@ class FirstToken:
                 return ids[0]
         return self.longest_prefix(w)
 
+    def tokens(self, w: bytes) -> list[int]:
+        """The pivot's whole tokenization of the continuation ``w``: its tokens as long as they
+        spell a prefix of ``w`` (a partial UTF-8 character at the end is left out)."""
+        if self.backend is None:
+            out, at = [], 0
+            while at < len(w) and (i := self.longest_prefix(w[at:])) >= 0:
+                out.append(i)
+                at += len(self.bytes[i])
+            return out
+        text = w.decode("utf-8", errors="ignore")
+        out, at = [], 0
+        for i in self.backend.encode(text, add_special_tokens=False).ids:
+            b = self.bytes[i] if 0 <= i < len(self.bytes) and i != self.unk else b""
+            if not b or not w.startswith(b, at):
+                break
+            out.append(i)
+            at += len(b)
+        return out
+
     def table(self, source_bytes: Sequence[bytes]) -> np.ndarray:
         """``pi`` of every source token's whole text, by source id."""
         return np.array([self(b) for b in source_bytes], dtype=np.int64)

@@ -30,7 +30,8 @@ from fusechat.rows import ShardRows, check_targets, collate_rows
 from fusechat.shards import STAGE
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: the loss normalised over the whole effective batch (num_items_in_batch)
+VERSION = 3  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
+# 3: fused rows with align.branches train as token trees
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -88,7 +89,7 @@ def _trainer_class():
             return n
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            out = model(**_model_inputs(model, inputs))
             with_targets = self.lam < 1.0 and "target_ids" in inputs
             loss, clm, fus = fusion_losses(
                 out.logits,
@@ -117,6 +118,19 @@ def _trainer_class():
             super().log(logs, start_time)
 
     return FusionTrainer
+
+
+def _model_inputs(model, inputs: dict) -> dict:
+    """What the model reads of a batch; token trees (``align.branches``) bring a 4D boolean
+    mask, given as an additive one, and their positions."""
+    mask = inputs["attention_mask"]
+    if mask.dim() != 4:
+        return {"input_ids": inputs["input_ids"], "attention_mask": mask}
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    additive = additive.masked_fill(~mask, torch.finfo(dtype).min)
+    return {"input_ids": inputs["input_ids"], "attention_mask": additive,
+            "position_ids": inputs["position_ids"]}  # fmt: skip
 
 
 def _jsonl_callback(path: Path):

@@ -71,6 +71,7 @@ CHANGES = {
     "align.method": ("exact", []),
     "align.sequence": ("dtw", ["align.method=exact"]),
     "align.inside": ("gold", []),
+    "align.branches": ("8", []),
     "align.pivot_tokenizer": ("PIVOT_COPY", []),
     "align.source_tokenizer": ("SOURCE_COPY", []),
     "fuse.method": ("avgCE", []),

@@ -51,6 +51,26 @@ def test_pivot_position_inside_a_source_token():
     assert _dense(gold_only, 0) == _dense(out, 0) and _dense(gold_only, 2) == _dense(out, 2)
 
 
+def test_branches_spell_each_alternative_as_the_pivot_would():
+    # "The Gugi is": at "The" the source's alternative Gugo (0.3) goes on with " is"
+    pivot = ["The", " Gug", "i", " is", "o", " Bo", " i", "s"]
+    source = ["The", " Gugi", " is", " Gugo", " Bob", " Gob"]
+    v = _vocab(pivot, source)
+    p_ids, p_ends = np.array([0, 1, 2, 3]), np.array([3, 7, 8, 11])
+    s_ids, s_ends = np.array([0, 1, 2]), np.array([3, 8, 11])
+    ids, lp = _top([{1: 0.6, 3: 0.3, 4: 0.05}, {2: 1.0}, {}])
+    nxt = np.full((3, 3, 2), -1)
+    nxt[0, 1] = [2, 2]  # Gugo, then " is is": the pivot writes ▁Gug o ▁is ▁is, the last
+    # (possibly cut) token dropped
+    nxt[0, 2] = [2, 2]  # Bob is below 0.1: no branch
+    gold = np.log(np.array([0.6, 1.0, 1.0]))
+    out = align_text(p_ids, p_ends, s_ids, s_ends, ids, lp, gold, np.arange(4), v, 4, nxt,
+                     branch_len=6)  # fmt: skip
+    assert out["branch_ids"][0, 1].tolist() == [1, 4, 3, -1, -1, -1]
+    assert (out["branch_ids"][0, [0, 2]] == -1).all() and (out["branch_ids"][1:] == -1).all()
+    assert v.first.tokens(b" Gugo is") == [1, 4, 3]
+
+
 def test_source_token_shorter_than_the_pivot_token():
     # "is violet.": pivot is | ▁viole | t | . ; source is | Ġv | iolet | .
     pivot = ["is", " viole", "t", ".", " b", " very"]

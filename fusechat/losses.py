@@ -76,6 +76,7 @@ def fusion_losses(
     temperature: float = 1.0,
     kind: str = "ce",
     n_items: torch.Tensor | int | None = None,
+    position_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``loss = lam * CLM + (1 - lam) * fusion`` over the positions that predict a learned token.
 
@@ -90,13 +91,16 @@ def fusion_losses(
     (every micro-batch of a gradient accumulation, every process), so accumulated micro-batches
     add up to one big batch's mean, as transformers' ``num_items_in_batch``; by default this
     batch's own count. Returns ``(loss, clm, fusion)``; the last two are detached means over
-    this batch, for logging (fusion is 0 without targets).
+    this batch, for logging (fusion is 0 without targets). ``position_weight`` (B, T) scales
+    each position's terms (a continuation of a source's alternative by that alternative's
+    probability: the expected loss over the source's continuations); the counts stay counts.
     """
     pred = predicts_label(labels_mask)
     local = pred.sum().clamp(min=1)
-    w = pred.float() / local  # this batch's mean: the logged parts
+    scaled = pred.float() if position_weight is None else pred.float() * position_weight
+    w = scaled / local  # this batch's mean: the logged parts
     # the loss's weights: this batch's share of the effective batch's learned tokens
-    w_loss = w if n_items is None else pred.float() / torch.as_tensor(n_items).clamp(min=1)
+    w_loss = w if n_items is None else scaled / torch.as_tensor(n_items).clamp(min=1)
     nxt = F.pad(input_ids[:, 1:], (0, 1))[..., None]
     if target_ids is None or lam >= 1.0:
         idx, q = nxt, torch.ones(nxt.shape, device=logits.device)

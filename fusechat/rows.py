@@ -75,10 +75,11 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
     prefix up to t, at positions t + 1, t + 2, ... (``position_ids``), and sees only that
     prefix and itself (``anchor``: t; ``segment``: its number, -1 for the row). Learned are a
     branch's tokens after its first, whose probability the fused target at t already teaches;
-    their target is the token itself (one-hot). Branches that would pass ``max_length`` are
+    their target is the token itself, their ``position_weight`` that probability. Branches that would pass ``max_length`` are
     left out."""
     n = len(row["input_ids"])
     ids, pos, seg, anchor = [row["input_ids"]], [np.arange(n)], [np.full(n, -1)], [np.full(n, -1)]
+    weight = [np.ones(n, dtype=np.float32)]
     labels, tgt, prob = [row["labels_mask"]], [row["target_ids"]], [row["target_probs"]]
     k, total = row["target_ids"].shape[1], n
     for b, (t, slot) in enumerate(zip(*np.nonzero(branch_ids[: n - 1, :, 0] >= 0), strict=True)):
@@ -93,10 +94,12 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
         labels.append(np.arange(len(br)) > 0)
         target = np.full((len(br), k), -1, dtype=np.int64)
         target[:-1, 0] = br[1:]  # each branch token predicts the next one of its branch
-        # one-hot: the loss renormalises each target, so every branch token counts fully (a
-        # per-token weight, the alternative's probability, would need one in the loss)
         p = np.zeros((len(br), k), dtype=np.float32)
         p[:-1, 0] = 1.0
+        # each branch position weighs by its alternative's probability in the fused target at
+        # t: the expected loss over the source's continuations, not one full row per branch
+        weight.append(np.full(len(br), row["target_probs"][t][row["target_ids"][t] == br[0]].sum(),
+                              dtype=np.float32))  # fmt: skip
         tgt.append(target)
         prob.append(p)
     if len(ids) == 1:
@@ -104,7 +107,7 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
     cat = np.concatenate
     return {"input_ids": cat(ids), "labels_mask": cat(labels), "target_ids": cat(tgt),
             "target_probs": cat(prob), "position_ids": cat(pos), "segment": cat(seg),
-            "anchor": cat(anchor)}  # fmt: skip
+            "anchor": cat(anchor), "position_weight": cat(weight)}  # fmt: skip
 
 
 def tree_mask(segment: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,11 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
                     torch.from_numpy(r["anchor"]),
                 )
         out["position_ids"] = pos
+        out["position_weight"] = torch.ones((len(rows), n))
+        for i, r in enumerate(rows):
+            if "segment" in r:
+                out["position_weight"][i, : len(r["input_ids"])] = torch.from_numpy(
+                    r["position_weight"])  # fmt: skip
         out["attention_mask"] = tree_mask(seg, anchor, out["attention_mask"].sum(1))
     return out
 

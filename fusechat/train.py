@@ -30,8 +30,8 @@ from fusechat.rows import ShardRows, check_targets, collate_rows
 from fusechat.shards import STAGE
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
-# 3: fused rows with align.branches train as token trees
+VERSION = 4  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
+# 3: fused rows with align.branches train as token trees; 4: their tokens weighed
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -101,6 +101,7 @@ def _trainer_class():
                 temperature=self.temperature,
                 kind=self.fusion_loss,
                 n_items=num_items_in_batch,
+                position_weight=inputs.get("position_weight"),
             )
             if num_items_in_batch is not None and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients

@@ -144,3 +144,19 @@ def test_next_token_shift_of_stored_rows():
     mask = np.array([False, True, True, False, True])
     assert learned_next(mask).tolist() == [True, True, False, True, False]
     assert learned_next(mask).tolist() == predicts_label(torch.tensor(mask)[None])[0].tolist()
+
+
+def test_position_weight_scales_each_positions_terms():
+    """A position weighed w contributes w times its terms; the count of positions stays."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 7)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mask = torch.tensor([[False, True, True, True]])
+    tid = torch.tensor([[[2, 5], [3, 6], [4, 0], [-1, -1]]])
+    tp = torch.tensor([[[0.7, 0.3], [0.5, 0.5], [1.0, 0.0], [0.0, 0.0]]])
+    weight = torch.tensor([[1.0, 0.25, 1.0, 1.0]])
+    loss, clm, fus = fusion_losses(logits, ids, mask, tid, tp, lam=0.5, position_weight=weight)
+    per = [fusion_losses(logits, ids, torch.tensor([[t == p for t in range(4)]]), tid, tp,
+                         lam=0.5)[0] for p in (1, 2, 3)]  # fmt: skip
+    want = (per[0] * 1.0 + per[1] * 0.25 + per[2] * 1.0) / 3  # positions 0, 1, 2 predict them
+    torch.testing.assert_close(loss, want)

@@ -9,7 +9,10 @@ from fusechat.rows import collate_rows, tree_mask, with_branches
 
 
 def _row(n: int) -> dict:
+    """A row whose fused target at 1 gives 20 probability 0.25, at 2 gives 30 0.5."""
     ids, probs = np.full((n, 2), -1), np.zeros((n, 2), np.float32)
+    ids[1], probs[1] = [12, 20], [0.75, 0.25]
+    ids[2], probs[2] = [30, 13], [0.5, 0.5]
     return {"input_ids": np.arange(10, 10 + n), "labels_mask": np.ones(n, bool),
             "target_ids": ids, "target_probs": probs}  # fmt: skip
 
@@ -26,6 +29,8 @@ def test_branches_continue_their_prefix_and_teach_their_own_tokens():
     assert r["labels_mask"].tolist()[4:] == [False, True, True, False, True]
     assert r["target_ids"][4:, 0].tolist() == [21, 22, -1, 31, -1]
     assert r["target_probs"][4:, 0].tolist() == [1, 1, 0, 1, 0]
+    # each weighs by its alternative's probability in the fused target where it branches off
+    assert r["position_weight"].tolist() == [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.5, 0.5]
     # too long for max_length: left out, the row unchanged
     assert with_branches(_row(4), branches, 5)["input_ids"].tolist() == [10, 11, 12, 13]
 
@@ -34,6 +39,8 @@ def test_tree_mask_sees_the_prefix_and_the_own_branch_only():
     r = with_branches(_row(4), _branches_at(1, [20, 21]), 64)
     mask = collate_rows([r, _row(3)])["attention_mask"]
     assert mask.shape == (2, 1, 6, 6)
+    weights = collate_rows([r, _row(3)])["position_weight"]
+    assert weights[0].tolist() == [1, 1, 1, 1, 0.25, 0.25] and weights[1].tolist() == [1] * 6
     m = mask[0, 0].int().tolist()
     assert m[3] == [1, 1, 1, 1, 0, 0]  # a row token: the row up to itself
     assert m[5] == [1, 1, 0, 0, 1, 1]  # a branch token: the prefix up to 1, its branch

@@ -157,11 +157,10 @@ def _branches(srows: list[dict], weights: np.ndarray) -> np.ndarray:
     from fusechat.shards import unpack_ids
 
     best = int(np.argmax(weights[1:]))
-    br = unpack_ids(srows[best]["pos.branch_ids"]) if "pos.branch_ids" in srows[best] else None
-    shape = next(unpack_ids(r["pos.branch_ids"]).shape for r in srows if "pos.branch_ids" in r)
-    if br is None or weights[1 + best] < 0.5:
-        return np.full(shape, -1, dtype=np.int64)
-    return br
+    if weights[1 + best] >= 0.5 and "pos.branch_ids" in srows[best]:
+        return unpack_ids(srows[best]["pos.branch_ids"])
+    shape = next(r["pos.branch_ids"].shape for r in srows if "pos.branch_ids" in r)
+    return np.full(shape, -1, dtype=np.int64)
 
 
 def _fuse_setup(job: _FuseJob) -> tuple:

@@ -145,24 +145,19 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         if "target_ids" in out:
             out["target_ids"][i, :t] = torch.from_numpy(r["target_ids"])
             out["target_probs"][i, :t] = torch.from_numpy(r["target_probs"])
-    if any("segment" in r for r in rows):  # token trees: positions and a 4D mask
-        pos = torch.zeros((len(rows), n), dtype=torch.long)
+    if any("segment" in r for r in rows):  # token trees: positions, weights and a 4D mask
+        pos = torch.arange(n).repeat(len(rows), 1)
         seg = torch.full((len(rows), n), -1, dtype=torch.long)
         anchor = torch.full((len(rows), n), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            t = len(r["input_ids"])
-            pos[i, :t] = torch.from_numpy(r["position_ids"]) if "segment" in r else torch.arange(t)
-            if "segment" in r:
-                seg[i, :t], anchor[i, :t] = (
-                    torch.from_numpy(r["segment"]),
-                    torch.from_numpy(r["anchor"]),
-                )
-        out["position_ids"] = pos
-        out["position_weight"] = torch.ones((len(rows), n))
+        weight = torch.ones((len(rows), n))
         for i, r in enumerate(rows):
             if "segment" in r:
-                out["position_weight"][i, : len(r["input_ids"])] = torch.from_numpy(
-                    r["position_weight"])  # fmt: skip
+                t = len(r["input_ids"])
+                pos[i, :t] = torch.from_numpy(r["position_ids"])
+                seg[i, :t] = torch.from_numpy(r["segment"])
+                anchor[i, :t] = torch.from_numpy(r["anchor"])
+                weight[i, :t] = torch.from_numpy(r["position_weight"])
+        out["position_ids"], out["position_weight"] = pos, weight
         out["attention_mask"] = tree_mask(seg, anchor, out["attention_mask"].sum(1))
     return out
 

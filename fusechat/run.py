@@ -137,8 +137,7 @@ def _evals(recipe: Recipe, root: Path, ids: dict, produced: list[tuple[Step, str
               for m in recipe.models.all]  # fmt: skip
     models += [(st.name, str(st.out), st, role) for st, role in produced]
     return [
-        Step("eval", name, EvalStep(eval=e, model=path, model_id=ids.get(name) if not producer
-                                    else None, questions_id=qid),
+        Step("eval", name, EvalStep(eval=e, model=path, model_id=ids.get(name), questions_id=qid),
              (producer,) if producer else (), root, role)
         for name, path, producer, role in models
     ]  # fmt: skip

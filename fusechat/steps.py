@@ -119,7 +119,7 @@ class Step:
         return {"stage": self.stage, "version": stage_version(self.stage),
                 **self.settings.key(), "inputs": [s.fp for s in self.inputs]}  # fmt: skip
 
-    @property
+    @cached_property
     def fp(self) -> str:
         return fingerprint(self.key)
 

@@ -248,8 +248,8 @@ def train(
     if out.exists() and not overwrite:
         raise FusechatError(f"{out}: exists with another training run; use --overwrite")
     tokenizer, model = _load(model_path, rows, corpus_fingerprint, cfg.lora)
-    ckpt = _checkpoint_folder(out, key, overwrite)
     ranks = Ranks.from_env()
+    ckpt = _checkpoint_folder(out, key, overwrite, ranks.rank)
     trainer = _trainer(cfg, model, tokenizer, rows, ckpt, ranks.world)
     t0 = time.perf_counter()
     last = last_complete_checkpoint(ckpt) if trainer.is_world_process_zero() else None
@@ -293,7 +293,7 @@ def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraCon
     return tokenizer, model
 
 
-def _checkpoint_folder(out: Path, key: dict, overwrite: bool) -> Path:
+def _checkpoint_folder(out: Path, key: dict, overwrite: bool, rank: int) -> Path:
     """``OUT.ckpt``, holding checkpoints of this configuration only."""
     ckpt = out.with_name(out.name + ".ckpt")
     if (ckpt / STAGE).exists() and read_json(ckpt / STAGE) != key:
@@ -301,7 +301,7 @@ def _checkpoint_folder(out: Path, key: dict, overwrite: bool) -> Path:
             raise FusechatError(f"{ckpt}: checkpoints of another configuration; use --overwrite")
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
-    if Ranks.from_env().rank == 0:  # one writer under a launcher
+    if rank == 0:  # one writer under a launcher
         write_json(ckpt / STAGE, key)
     return ckpt
 

@@ -165,3 +165,33 @@ def test_fused_targets(stages):
                 want = sparse_dict(p_ids[t], q / q.sum())
             assert got.keys() == want.keys()
             np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=2e-3)
+
+
+def test_branches_travel_from_alignment_to_training_rows(stages, tmp_path):
+    """align.branches: a row whose target follows the source carries the source's
+    continuations of its alternatives; a training row appends them as a token tree whose
+    branches start with a token the fused target at their anchor gives probability to."""
+    from fusechat.align import align
+    from fusechat.configs import AlignConfig
+    from fusechat.fuse import fuse_stage
+    from fusechat.rows import ShardRows
+
+    al, fused = tmp_path / "al", tmp_path / "fused"
+    align(stages / "cap-pivot", stages / "cap-mixtral-la", al, AlignConfig(branches=6))
+    fuse_stage(stages / "cap-pivot", [al], fused)
+    rows = stage_rows(fused, "fuse")
+    source_won = [r for r in rows if r["row.weights"][1] >= 0.5]
+    assert source_won and any((unpack_ids(r["pos.branch_ids"]) >= 0).any() for r in source_won)
+    assert all((unpack_ids(r["pos.branch_ids"]) < 0).all() for r in rows
+               if r["row.weights"][1] < 0.5)  # fmt: skip
+    data = ShardRows(fused, 256, with_targets=True)
+    trees = [data[i] for i in range(len(data)) if "segment" in data[i]]
+    assert trees
+    for r in trees[:5]:
+        starts = np.flatnonzero(np.diff(r["segment"], prepend=-1) != 0)  # where branches start
+        assert len(starts) and (r["segment"][starts] >= 0).all()
+        for s in starts:
+            t = r["anchor"][s]
+            assert r["position_ids"][s] == t + 1
+            assert r["input_ids"][s] in r["target_ids"][t][r["target_probs"][t] > 0]
+            assert r["position_weight"][s] > 0

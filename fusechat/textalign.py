@@ -29,33 +29,86 @@ position t has read the text up to ``c = c_t``; its gold next token ``g`` spans 
    some), keep the ``k`` largest entries. A position is valid when any mass was placed.
 
 Positions where both tokenizations share the next token's boundaries (most of them) need no
-walk: their candidates map through a per-vocabulary table of ``pi`` (vectorised). The rest
-walk the source's gold path in Python, a few steps each.
+walk: their candidates map through a per-vocabulary table of ``pi``. The rest walk the
+source's gold path, all walks and steps at once in numpy, ``pi`` after a context memoised by
+(context, candidate) across rows (``PairMemo``). Tests hold a plain scalar reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fusechat.sparse import top_k
 from fusechat.tokens import FirstToken
 
+INCONSISTENT = -2  # a candidate that cannot continue the text read (inside a source token)
+
+
+class PairMemo:
+    """``pi`` of a candidate read after a context, memoised across rows: a context is the text
+    read inside a source token (``R``) or the text emitted past ``c``; a candidate is a source
+    token, or (id ``vocab_size`` + n) a token followed by its captured continuation. Both are
+    interned to ints, so a row's lookups are one array of int64 keys."""
+
+    def __init__(self) -> None:
+        self.contexts: dict[tuple[bool, bytes], int] = {}
+        self.context_list: list[tuple[bool, bytes]] = []
+        self.texts: dict[bytes, int] = {}
+        self.text_list: list[bytes] = []
+        self.pid: dict[int, int] = {}
+
+    def context(self, inside: bool, text: bytes) -> int:
+        key = (inside, text)
+        got = self.contexts.get(key)
+        if got is None:
+            got = self.contexts[key] = len(self.context_list)
+            self.context_list.append(key)
+        return got
+
+    def text(self, t: bytes) -> int:
+        got = self.texts.get(t)
+        if got is None:
+            got = self.texts[t] = len(self.text_list)
+            self.text_list.append(t)
+        return got
+
+    def lookup(self, ctx: np.ndarray, cand: np.ndarray, vocab: SourceVocab) -> np.ndarray:
+        """``pi`` of each (context, candidate): after ``R``, of the candidate's text past
+        ``R`` (``INCONSISTENT`` unless it extends ``R``); after emitted text, of the emitted
+        text followed by the candidate's."""
+        keys = (ctx.astype(np.int64) << 32) | cand
+        got = list(map(self.pid.get, keys.tolist()))
+        for n, key in enumerate(keys.tolist()):
+            if got[n] is None:
+                inside, r = self.context_list[key >> 32]
+                c = key & 0xFFFFFFFF
+                tv = (
+                    vocab.bytes[c] if c < len(vocab.bytes) else self.text_list[c - len(vocab.bytes)]
+                )
+                if not inside:
+                    got[n] = vocab.first(r + tv)
+                elif len(tv) <= len(r) or not tv.startswith(r):
+                    got[n] = INCONSISTENT
+                else:
+                    got[n] = vocab.first(tv[len(r) :])
+                self.pid[key] = got[n]
+        return np.array(got, dtype=np.int64)
+
 
 @dataclass
 class SourceVocab:
-    """A source vocabulary seen from the pivot: each token's bytes, byte length and first byte
-    (-1 if empty), ``pi`` of each whole token (``table``, and as a list for the scalar walk)
-    and ``pi`` itself (``first``, for partial continuations)."""
+    """A source vocabulary seen from the pivot: each token's bytes and byte length, ``pi`` of
+    each whole token (``table``), ``pi`` itself (``first``, for
+    partial continuations) and ``pi`` of candidates read after a context (``pairs``)."""
 
     bytes: list[bytes]
     lengths: np.ndarray
-    first_byte: np.ndarray
     table: np.ndarray
-    table_list: list[int]
     first: FirstToken
+    pairs: PairMemo = field(default_factory=PairMemo)
 
     @classmethod
     def build(
@@ -67,9 +120,7 @@ class SourceVocab:
         return cls(
             sb,
             np.array([len(b) for b in sb], dtype=np.int64),
-            np.array([b[0] if b else -1 for b in sb], dtype=np.int64),
             table,
-            table.tolist(),
             first,
         )
 
@@ -86,90 +137,17 @@ def continuations(top_next: np.ndarray | None, vocab: SourceVocab) -> dict[tuple
     }
 
 
-def _read_inside(j: int, c: int, s_ids: list, s_ends: list, sb: list) -> bytes | None:
-    """The part of source token j+1 read before byte ``c`` (empty at a token boundary); None
-    where it cannot be known (no next token, or a token whose text and span disagree, as a
-    zero-width special's)."""
-    a = s_ends[j]
-    if a >= c:
-        return b""
-    if j + 1 >= len(s_ids) or s_ends[j + 1] - a != len(sb[s_ids[j + 1]]):
-        return None
-    return sb[s_ids[j + 1]][: c - a]
-
-
-def _walk(
-    j: int,
-    c: int,
-    c_next: int,
-    g: int,
-    row: tuple[list, list, list, list, list],
-    vocab: SourceVocab,
-    first_ids: list[int],
-    conts: dict[tuple[int, int], bytes],
-) -> tuple[dict[int, float], float, float]:
-    """Steps 1-2 at one position, scalar code over the source ``row`` as lists (``conts``: a
-    candidate's continuation by (position, slot); ``first_ids``: after ``_prefilter``). Returns
-    pivot id -> mass, ``P(text[c:c'] | text[:c])`` on the gold path, the consistent mass."""
-    s_ids, s_ends, top_ids, top_p, gold_p = row
-    masses: dict[int, float] = {}
-    sb, table, first, memo = vocab.bytes, vocab.table_list, vocab.first, vocab.first.memo
-    r = _read_inside(j, c, s_ids, s_ends, sb)
-    if r is None:
-        return masses, 0.0, 0.0
-    emitted = b""  # text[c:a_j] once the walk has passed c
-    carry, consistent, first_step = 1.0, 0.0, True
-    conditioned = bool(r)  # P(text[c:c'] | text[:c]) divides by P(R) when R is not empty
-    while True:
-        nxt = s_ids[j + 1] if j + 1 < len(s_ids) else -1
-        gold_mass = gold_p[j] if nxt >= 0 else 0.0
-        if first_step:
-            consistent += gold_mass
-        cands = first_ids if first_step else top_ids[j]
-        for i, (v, p) in enumerate(zip(cands, top_p[j], strict=True)):
-            if v < 0 or p <= 0.0 or v == nxt:
-                continue  # padding, or the gold token (its probability is gold_p)
-            ext = conts.get((j, i)) if conts else None
-            tv = sb[v] if ext is None else sb[v] + ext
-            if r:
-                if len(tv) <= len(r) or not tv.startswith(r):
-                    continue  # impossible after the text read, or its continuation unknown
-                w = tv[len(r) :]
-            elif emitted:
-                w = emitted + tv
-            else:
-                w = None if ext is None else tv
-            pid = table[v] if w is None else memo.get(w)
-            if pid is None:
-                pid = first(w)
-            if first_step:
-                consistent += p
-            if pid >= 0:
-                masses[pid] = masses.get(pid, 0.0) + carry * p
-        if nxt < 0 or gold_mass <= 0.0:
-            return masses, 0.0, consistent
-        end = s_ends[j + 1]
-        carry *= gold_mass
-        if end >= c_next:
-            masses[g] = masses.get(g, 0.0) + carry
-            return masses, carry / (consistent if conditioned else 1.0), consistent
-        if end - s_ends[j] != len(sb[nxt]):
-            return masses, 0.0, consistent
-        emitted = (emitted + sb[nxt])[len(r) :] if r else emitted + sb[nxt]
-        r, first_step = b"", False
-        j += 1
-
-
 def _candidate_tables(top_ids: np.ndarray, conts: dict, vocab: SourceVocab) -> tuple:
-    """Each candidate's text length and pi of its whole text, with its continuation where
-    one was captured."""
-    full_len = vocab.lengths[np.clip(top_ids, 0, None)]
+    """Each candidate's pi of its whole text and its ``PairMemo`` key, with its continuation
+    where one was captured."""
     cand_pid = vocab.table[np.clip(top_ids, 0, None)]
+    key = top_ids.copy()
     for (jj, i), ext in conts.items():
-        full_len[jj, i] += len(ext)
         if top_ids[jj, i] >= 0:
-            cand_pid[jj, i] = vocab.first(vocab.bytes[top_ids[jj, i]] + ext)
-    return full_len, cand_pid
+            text = vocab.bytes[top_ids[jj, i]] + ext
+            cand_pid[jj, i] = vocab.first(text)
+            key[jj, i] = len(vocab.bytes) + vocab.pairs.text(text)
+    return cand_pid, key
 
 
 BRANCH_MIN_PROB = 0.1  # alternatives below this get no branch: a training row each costs
@@ -203,52 +181,122 @@ def _fill_fast(out: dict, pos, g, gold, ids, top_p, gold_p, cand_pid, k: int) ->
     out["valid"][pos] = c_p.sum(1) > 0
 
 
-def _prefilter(out: dict, positions, walk, at: tuple, s_ids, s_ends, top_ids, top_p, gold_p,
-               full_len, width_ok, vocab: SourceVocab, alternatives_inside: bool) -> tuple:  # fmt: skip
-    """Before the scalar walk: inside a source token, only candidates longer than the text
-    read and starting with its first byte can continue it (filtered in numpy); positions left
-    with no alternative whose gold token covers the pivot's get their answer here (all mass on
-    g, P(gold text | context) = 1). Returns the positions still to walk and their first-step
-    candidates."""
-    j, c, c_next, g = at
-    wj = j[walk]
-    cand = top_ids[wj]
-    inside = (s_ends[wj] < c[walk])[:, None]
-    lead = vocab.first_byte[np.clip(cand, 0, None)] == vocab.first_byte[s_ids[wj + 1]][:, None]
-    long = full_len[wj] > (c[walk] - s_ends[wj])[:, None]
-    first = np.where(~inside | (lead & long & alternatives_inside), cand, -1)
-    nxt = s_ids[wj + 1]
-    alone = ((first < 0) | (first == nxt[:, None]) | (top_p[wj] <= 0)).all(1)
-    covers = width_ok[walk] & (s_ends[wj + 1] >= c_next[walk]) & (gold_p[wj] > 0)
-    trivial = inside[:, 0] & alone & covers
-    t = positions[walk[trivial]]
-    out["ids"][t, 0], out["probs"][t, 0] = g[walk[trivial]], 1.0
-    out["gold_prob"][t], out["placed"][t] = 1.0, 1.0
-    out["valid"][t], out["gold_only"][t] = True, True
-    return walk[~trivial], first[~trivial]
+def _paths(j, c_next, s_ids, s_ends, gold_p, lengths) -> tuple:
+    """The gold paths the walks follow, (walks, steps): step s reads source position j + s.
+    Returns the steps taken (``kept``: up to the first stop), the gold's probability at each
+    (``gm``), the mass carried into each (product of the golds before), whether the walk ends
+    on the pivot's boundary (``done``) and the mass it carries there."""
+    m = len(s_ids)
+    last = np.minimum(np.searchsorted(s_ends, c_next, side="left"), m) - 1
+    step = np.arange(int((last - j).max()) + 1)
+    at = j[:, None] + step
+    has_next = at + 1 < m
+    jj, jn = np.minimum(at, m - 1), np.minimum(at + 1, m - 1)
+    nxt = np.where(has_next, s_ids[jn], -1)
+    gm = np.where(has_next, gold_p[jj], 0.0)
+    reached = s_ends[jn] >= c_next[:, None]
+    width_bad = s_ends[jn] - s_ends[jj] != lengths[np.clip(nxt, 0, None)]
+    stop = ~has_next | (gm <= 0) | reached | width_bad  # the last step of the path stops
+    n_steps = stop.argmax(1)
+    kept = step <= n_steps[:, None]
+    carry = np.cumprod(np.where(kept, gm, 1.0), axis=1)
+    rows = np.arange(len(j))
+    end_gm = gm[rows, n_steps]
+    done = has_next[rows, n_steps] & (end_gm > 0) & reached[rows, n_steps]
+    carry_in = np.concatenate([np.ones((len(j), 1)), carry[:, :-1]], axis=1)
+    return jj, nxt, gm, kept, n_steps, carry_in, done, carry_in[rows, n_steps] * end_gm
 
 
-def _fill_walked(out: dict, pos, where: tuple, row: tuple, vocab: SourceVocab,
-                 first_ids: list, conts: dict, k: int) -> None:  # fmt: skip
-    """The other positions, each by a walk along the source's gold path (``_walk``);
-    ``where``: their source positions, pivot byte offsets and gold pivot tokens."""
-    n_w = len(pos)
-    ids_w = np.full((n_w, k), -1, dtype=np.int64)
-    p_w = np.zeros((n_w, k))
-    gp_w, placed_w, only_w = np.zeros(n_w), np.zeros(n_w), np.zeros(n_w, bool)
-    for n, (jj, cc, cn, gg) in enumerate(zip(*(a.tolist() for a in where), strict=True)):
-        masses, gp_w[n], cons = _walk(jj, cc, cn, gg, row, vocab, first_ids[n], conts)
-        if masses:
-            total = sum(masses.values())
-            placed_w[n] = total / cons if cons > 0 else 0.0
-            items = sorted(masses.items(), key=lambda kv: -kv[1])[:k]
-            ids_w[n, : len(items)] = [i for i, _ in items]
-            kept = sum(x for _, x in items)
-            p_w[n, : len(items)] = [x / kept for _, x in items]
-            only_w[n] = len(masses) == 1 and gg in masses
+def _contexts(j, c, n_steps, inside, s_ids, s_ends, vocab: SourceVocab, width: int) -> np.ndarray:
+    """The ``PairMemo`` context of each step: ``R`` at a first step inside a source token, the
+    text emitted past c at later steps (-1: a first step at a boundary, or past the stop)."""
+    sb, pairs = vocab.bytes, vocab.pairs
+    ctx = np.full((len(j), width), -1, dtype=np.int64)
+    for w, (jw, cw, nw, iw) in enumerate(zip(j.tolist(), c.tolist(), n_steps.tolist(),
+                                             inside.tolist(), strict=True)):  # fmt: skip
+        gold = sb[s_ids[jw + 1]]
+        cut = cw - int(s_ends[jw]) if iw else 0
+        if iw:
+            ctx[w, 0] = pairs.context(True, gold[:cut])
+        emitted = gold[cut:]
+        for s in range(1, nw + 1):
+            ctx[w, s] = pairs.context(False, emitted)
+            emitted += sb[s_ids[jw + s + 1]]
+    return ctx
+
+
+def _fill_walked(out: dict, pos, where: tuple, arrays: tuple, vocab: SourceVocab,
+                 alternatives_inside: bool, k: int) -> None:  # fmt: skip
+    """The other positions, each by a walk along the source's gold path (steps 1-2 of the
+    module docstring), all walks and steps at once. ``where``: their source positions, pivot
+    byte offsets and gold pivot tokens; ``arrays``: the source's ids, ends, top-K ids and
+    probabilities, gold probabilities, each candidate's pi and ``PairMemo`` key;
+    ``alternatives_inside``: False keeps the gold path alone inside a source token."""
+    j, c, c_next, g = where
+    s_ids, s_ends, top_ids, top_p, gold_p, cand_pid, cand_key = arrays
+    inside = s_ends[j] < c
+    jj, nxt, gm, kept, n_steps, carry_in, done, carry_end = _paths(
+        j, c_next, s_ids, s_ends, gold_p, vocab.lengths
+    )
+    # inside a source token whose text and span disagree, nothing is known (a special's)
+    unread = inside & ((nxt[:, 0] < 0) | (s_ends[jj[:, 0] + (nxt[:, 0] >= 0)] - s_ends[j]
+                                          != vocab.lengths[np.clip(nxt[:, 0], 0, None)]))  # fmt: skip
+    kept &= ~unread[:, None]
+    cands, keys = top_ids[jj], cand_key[jj]
+    if not alternatives_inside:
+        cands[inside, 0] = -1
+    ok = (cands >= 0) & (top_p[jj] > 0) & (cands != nxt[..., None]) & kept[..., None]
+    pid = np.broadcast_to(cand_pid[j][:, None], cands.shape).copy()
+    memo = ok.copy()
+    memo[:, 0] &= inside[:, None]  # a first step at a boundary maps each candidate whole
+    ctx = _contexts(j, c, np.where(unread, 0, n_steps), inside, s_ids, s_ends, vocab, kept.shape[1])
+    pid[memo] = vocab.pairs.lookup(np.broadcast_to(ctx[..., None], cands.shape)[memo],
+                                   keys[memo], vocab)  # fmt: skip
+    ok &= pid != INCONSISTENT
+    p = top_p[jj]
+    consistent = np.where(unread, 0.0, gm[:, 0] + np.where(ok[:, 0], p[:, 0], 0).sum(1))
+    done &= ~unread
+    gp = np.where(done, carry_end / np.where(inside & done, consistent, 1.0), 0.0)
+    put = ok & (pid >= 0)
+    walk_of = np.broadcast_to(np.arange(len(j))[:, None, None], cands.shape)[put]
+    mass = (carry_in[..., None] * p)[put]
+    walk_of = np.concatenate([walk_of, np.flatnonzero(done)])
+    ids = np.concatenate([pid[put], g[done]])
+    mass = np.concatenate([mass, carry_end[done]])
+    _put_masses(out, pos, walk_of, ids, mass, g, consistent, k)
+    out["gold_prob"][pos] = gp
+
+
+def _put_masses(out: dict, pos, walk_of, ids, mass, g, consistent, k: int) -> None:
+    """Each walk's masses (entries ``(walk, pivot id, mass)``, ids repeating) as its ``k``
+    largest, renormalised (ties by id), with the mass placed over the consistent mass and
+    whether the gold took it all."""
+    n = len(pos)
+    order = np.lexsort((ids, walk_of))
+    walk_of, ids, mass = walk_of[order], ids[order], mass[order]
+    start = np.ones(len(ids), dtype=bool)
+    start[1:] = (walk_of[1:] != walk_of[:-1]) | (ids[1:] != ids[:-1])
+    mass = np.bincount(np.cumsum(start) - 1, mass)
+    walk_of, ids = walk_of[start], ids[start]
+    total = np.bincount(walk_of, mass, n)
+    only = (np.bincount(walk_of, minlength=n) == 1) & (
+        np.bincount(walk_of[ids == g[walk_of]], minlength=n) > 0
+    )
+    order = np.lexsort((ids, -mass, walk_of))
+    walk_of, ids, mass = walk_of[order], ids[order], mass[order]
+    rank = np.arange(len(ids)) - np.searchsorted(walk_of, walk_of, side="left")
+    top = rank < k
+    ids_w = np.full((n, k), -1, dtype=np.int64)
+    p_w = np.zeros((n, k))
+    ids_w[walk_of[top], rank[top]] = ids[top]
+    p_w[walk_of[top], rank[top]] = mass[top]
+    kept = p_w.sum(1, keepdims=True)
+    p_w = np.where(kept > 0, p_w / np.where(kept > 0, kept, 1.0), 0.0)
     out["ids"][pos], out["probs"][pos] = ids_w, p_w.astype(np.float32)
-    out["gold_prob"][pos], out["placed"][pos] = gp_w, placed_w
-    out["valid"][pos], out["gold_only"][pos] = p_w.sum(1) > 0, only_w
+    out["placed"][pos] = np.where(
+        consistent > 0, total / np.where(consistent > 0, consistent, 1.0), 0.0
+    )
+    out["valid"][pos], out["gold_only"][pos] = p_w.sum(1) > 0, only
 
 
 def _no_distributions(n: int, k: int) -> dict[str, np.ndarray]:
@@ -297,7 +345,7 @@ def align_text(
     top_p = np.where(top_ids >= 0, np.exp(top_logprobs.astype(np.float64)), 0.0)
     gold_p = np.exp(gold_logprobs.astype(np.float64))
     conts = continuations(top_next, vocab)
-    full_len, cand_pid = _candidate_tables(top_ids, conts, vocab)
+    cand_pid, cand_key = _candidate_tables(top_ids, conts, vocab)
     c, c_next, g = p_ends[positions], p_ends[positions + 1], p_ids[positions + 1]
     j = np.searchsorted(s_ends, c, side="right") - 1
     jc, jn = np.clip(j, 0, None), np.clip(j + 1, 0, m - 1)
@@ -310,14 +358,11 @@ def align_text(
         _fill_branches(out["branch_ids"], positions[fast], f_j, top_ids, top_p, conts, vocab)
     _fill_fast(out, positions[fast], g[fast], s_ids[jn[fast]], top_ids[f_j], top_p[f_j],
                gold_p[f_j], cand_pid[f_j], k)  # fmt: skip
-    # the rest walk the gold path, in scalar code over Python lists
+    # the rest walk the gold path
     walk = np.flatnonzero(has_next & ~fast)
     if not len(walk):
         return out
-    walk, first = _prefilter(out, positions, walk, (j, c, c_next, g), s_ids, s_ends, top_ids,
-                             top_p, gold_p, full_len, width_ok, vocab, inside == "conditional")  # fmt: skip
-    if len(walk):
-        row = (s_ids.tolist(), s_ends.tolist(), top_ids.tolist(), top_p.tolist(), gold_p.tolist())
-        _fill_walked(out, positions[walk], (j[walk], c[walk], c_next[walk], g[walk]), row,
-                     vocab, first.tolist(), conts, k)  # fmt: skip
+    _fill_walked(out, positions[walk], (j[walk], c[walk], c_next[walk], g[walk]),
+                 (s_ids, s_ends, top_ids, top_p, gold_p, cand_pid, cand_key), vocab,
+                 inside == "conditional", k)  # fmt: skip
     return out

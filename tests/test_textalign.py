@@ -369,7 +369,7 @@ def test_align_text_equals_the_plain_reference(seed):
 def test_source_vocab_fields_and_the_identity_case():
     first = FirstToken(None, [b"a", b"ab", b"b"])
     v = SourceVocab.build([b"ab", b"", b"ba"], first)
-    assert v.lengths.tolist() == [2, 0, 2] and v.first_byte.tolist() == [97, -1, 98]
-    assert v.table.tolist() == [1, -1, 2] and v.table_list == [1, -1, 2]
+    assert v.lengths.tolist() == [2, 0, 2]
+    assert v.table.tolist() == [1, -1, 2]
     same = SourceVocab.build([b"a", b"ab", b"b"], first, identity=True)
     assert same.table.tolist() == [0, 1, 2]

@@ -345,6 +345,10 @@ def test_align_text_equals_the_plain_reference(seed):
         lp, glp = np.log(top_p), np.log(gold_p)
     k = len(pb) + 1  # room for every pivot token: no truncation to compare
     out = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt)
+    # a second pass reads every (context, candidate) from the memo the first one filled
+    again = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt)
+    for key, value in out.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
     want = _reference(*case)
     for t in range(len(p_ids)):
         if t not in want:

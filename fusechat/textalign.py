@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -181,11 +182,25 @@ def _fill_fast(out: dict, pos, g, gold, ids, top_p, gold_p, cand_pid, k: int) ->
     out["valid"][pos] = c_p.sum(1) > 0
 
 
-def _paths(j, c_next, s_ids, s_ends, gold_p, lengths) -> tuple:
-    """The gold paths the walks follow, (walks, steps): step s reads source position j + s.
-    Returns the steps taken (``kept``: up to the first stop), the gold's probability at each
-    (``gm``), the mass carried into each (product of the golds before), whether the walk ends
-    on the pivot's boundary (``done``) and the mass it carries there."""
+class _Paths(NamedTuple):
+    """The gold paths of a row's walks, arrays of (walks, steps); step s reads source position
+    ``j + s``."""
+
+    at: np.ndarray  # the source position each step reads
+    nxt: np.ndarray  # its gold next token (-1: none)
+    kept: np.ndarray  # the steps taken: up to the first stop
+    n_steps: np.ndarray  # (walks,) the last step taken
+    carry_in: np.ndarray  # the mass carried into each step: the product of the golds before
+    done: np.ndarray  # (walks,) the walk ends on the pivot's next boundary
+    carry_end: np.ndarray  # (walks,) the mass it carries there
+    gold_p0: np.ndarray  # (walks,) the gold's probability at the first step
+    first_ok: np.ndarray  # (walks,) the first step's gold token exists and spans its text
+
+
+def _paths(j, c_next, s_ids, s_ends, gold_p, lengths) -> _Paths:
+    """Each walk's steps along the source's gold path, to the first stop: no next token, a
+    gold of probability 0, the pivot's next boundary reached, or a token whose span is not its
+    text."""
     m = len(s_ids)
     last = np.minimum(np.searchsorted(s_ends, c_next, side="left"), m) - 1
     step = np.arange(int((last - j).max()) + 1)
@@ -200,11 +215,12 @@ def _paths(j, c_next, s_ids, s_ends, gold_p, lengths) -> tuple:
     n_steps = stop.argmax(1)
     kept = step <= n_steps[:, None]
     carry = np.cumprod(np.where(kept, gm, 1.0), axis=1)
+    carry_in = np.concatenate([np.ones((len(j), 1)), carry[:, :-1]], axis=1)
     rows = np.arange(len(j))
     end_gm = gm[rows, n_steps]
     done = has_next[rows, n_steps] & (end_gm > 0) & reached[rows, n_steps]
-    carry_in = np.concatenate([np.ones((len(j), 1)), carry[:, :-1]], axis=1)
-    return jj, nxt, gm, kept, n_steps, carry_in, done, carry_in[rows, n_steps] * end_gm
+    return _Paths(jj, nxt, kept, n_steps, carry_in, done, carry_in[rows, n_steps] * end_gm,
+                  gm[:, 0], has_next[:, 0] & ~width_bad[:, 0])  # fmt: skip
 
 
 def _contexts(j, c, n_steps, inside, s_ids, s_ends, vocab: SourceVocab, width: int) -> np.ndarray:
@@ -235,34 +251,30 @@ def _fill_walked(out: dict, pos, where: tuple, arrays: tuple, vocab: SourceVocab
     j, c, c_next, g = where
     s_ids, s_ends, top_ids, top_p, gold_p, cand_pid, cand_key = arrays
     inside = s_ends[j] < c
-    jj, nxt, gm, kept, n_steps, carry_in, done, carry_end = _paths(
-        j, c_next, s_ids, s_ends, gold_p, vocab.lengths
-    )
-    # inside a source token whose text and span disagree, nothing is known (a special's)
-    unread = inside & ((nxt[:, 0] < 0) | (s_ends[jj[:, 0] + (nxt[:, 0] >= 0)] - s_ends[j]
-                                          != vocab.lengths[np.clip(nxt[:, 0], 0, None)]))  # fmt: skip
-    kept &= ~unread[:, None]
-    cands, keys = top_ids[jj], cand_key[jj]
+    path = _paths(j, c_next, s_ids, s_ends, gold_p, vocab.lengths)
+    unread = inside & ~path.first_ok  # R unknown: a special's span inside a source token
+    kept = path.kept & ~unread[:, None]
+    cands, keys, p = top_ids[path.at], cand_key[path.at], top_p[path.at]
     if not alternatives_inside:
         cands[inside, 0] = -1
-    ok = (cands >= 0) & (top_p[jj] > 0) & (cands != nxt[..., None]) & kept[..., None]
+    ok = (cands >= 0) & (p > 0) & (cands != path.nxt[..., None]) & kept[..., None]
     pid = np.broadcast_to(cand_pid[j][:, None], cands.shape).copy()
     memo = ok.copy()
     memo[:, 0] &= inside[:, None]  # a first step at a boundary maps each candidate whole
-    ctx = _contexts(j, c, np.where(unread, 0, n_steps), inside, s_ids, s_ends, vocab, kept.shape[1])
+    ctx = _contexts(j, c, np.where(unread, 0, path.n_steps), inside, s_ids, s_ends, vocab,
+                    kept.shape[1])  # fmt: skip
     pid[memo] = vocab.pairs.lookup(np.broadcast_to(ctx[..., None], cands.shape)[memo],
                                    keys[memo], vocab)  # fmt: skip
     ok &= pid != INCONSISTENT
-    p = top_p[jj]
-    consistent = np.where(unread, 0.0, gm[:, 0] + np.where(ok[:, 0], p[:, 0], 0).sum(1))
-    done &= ~unread
-    gp = np.where(done, carry_end / np.where(inside & done, consistent, 1.0), 0.0)
+    consistent = np.where(unread, 0.0, path.gold_p0 + np.where(ok[:, 0], p[:, 0], 0).sum(1))
+    done = path.done & ~unread
+    # P(text[c:c'] | text[:c]): divided by P(R) (the consistent mass) inside a source token
+    gp = np.where(done, path.carry_end / np.where(inside & done, consistent, 1.0), 0.0)
     put = ok & (pid >= 0)
     walk_of = np.broadcast_to(np.arange(len(j))[:, None, None], cands.shape)[put]
-    mass = (carry_in[..., None] * p)[put]
     walk_of = np.concatenate([walk_of, np.flatnonzero(done)])
     ids = np.concatenate([pid[put], g[done]])
-    mass = np.concatenate([mass, carry_end[done]])
+    mass = np.concatenate([(path.carry_in[..., None] * p)[put], path.carry_end[done]])
     _put_masses(out, pos, walk_of, ids, mass, g, consistent, k)
     out["gold_prob"][pos] = gp
 

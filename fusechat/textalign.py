@@ -234,10 +234,11 @@ def _contexts(j, c, n_steps, inside, s_ids, s_ends, vocab: SourceVocab, width: i
         cut = cw - int(s_ends[jw]) if iw else 0
         if iw:
             ctx[w, 0] = pairs.context(True, gold[:cut])
-        emitted = gold[cut:]
+        emitted = gold[cut:]  # text[c:a_{j+s}] at step s
         for s in range(1, nw + 1):
+            if s > 1:
+                emitted += sb[s_ids[jw + s]]
             ctx[w, s] = pairs.context(False, emitted)
-            emitted += sb[s_ids[jw + s + 1]]
     return ctx
 
 

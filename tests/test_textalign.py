@@ -209,10 +209,11 @@ def test_a_certain_source_gives_every_pivot_position_its_own_gold_token(real_pai
 
 
 def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb,
-               top_next):  # fmt: skip
+               top_next, inside="conditional"):  # fmt: skip
     """align_text written plainly from its docstring, position by position with dicts: no
     vectorised paths, no prefilter, ``pi`` as the longest pivot token that prefixes ``w``,
-    a candidate's text followed by its continuation where ``top_next`` holds one.
+    a candidate's text followed by its continuation where ``top_next`` holds one; ``inside:
+    gold`` takes no alternative inside a source token.
     Returns {t: (masses, gold_prob, placed, gold_only)} for every position it defines."""
 
     def cand_text(j: int, slot: int) -> bytes:
@@ -259,7 +260,7 @@ def _reference(text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, posit
                 if v < 0 or p <= 0 or v == nxt:
                     continue
                 tv = cand_text(j, slot)
-                if read and not (len(tv) > len(read) and tv.startswith(read)):
+                if read and (inside == "gold" or not (len(tv) > len(read) and tv.startswith(read))):
                     continue
                 w = tv[len(read) :] if read else emitted + tv
                 if first:
@@ -309,6 +310,9 @@ def _random_case(rng: np.random.Generator):
 
     p_ids, p_ends = segment(pivot)
     s_ids, s_ends = segment(source)
+    if rng.random() < 0.2:  # a source capture truncated before the pivot's (max_length)
+        cut = int(rng.integers(1, len(s_ids) + 1))
+        s_ids, s_ends = s_ids[:cut], s_ends[:cut]
     for i in np.flatnonzero(rng.random(len(s_ids)) < 0.05):
         s_ids[i] = rng.integers(len(source))  # its span's text is no longer its token's
     m, k = len(s_ids), 4
@@ -338,29 +342,37 @@ def _random_case(rng: np.random.Generator):
 
 @pytest.mark.parametrize("seed", range(150))
 def test_align_text_equals_the_plain_reference(seed):
+    """Every third case with ``inside: gold``; every other case cut to k = 2 entries (the
+    reference's two largest, ties by id, renormalised)."""
     case = _random_case(np.random.default_rng(seed))
     text, p_ids, p_ends, s_ids, s_ends, top_ids, top_p, gold_p, positions, pb, sb, nxt = case
+    inside = "gold" if seed % 3 == 0 else "conditional"
     vocab = SourceVocab.build(sb, FirstToken(None, pb))
     with np.errstate(divide="ignore"):
         lp, glp = np.log(top_p), np.log(gold_p)
-    k = len(pb) + 1  # room for every pivot token: no truncation to compare
-    out = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt)
+    k = 2 if seed % 2 else len(pb) + 1  # else room for every pivot token
+    args = (p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt, inside)
+    out = align_text(*args)
+    memo = (len(vocab.pairs.context_list), len(vocab.pairs.text_list), dict(vocab.pairs.pid))
+    assert None not in memo[2].values()
     # a second pass reads every (context, candidate) from the memo the first one filled
-    again = align_text(p_ids, p_ends, s_ids, s_ends, top_ids, lp, glp, positions, vocab, k, nxt)
+    again = align_text(*args)
     for key, value in out.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
-    want = _reference(*case)
+    assert (len(vocab.pairs.context_list), len(vocab.pairs.text_list), vocab.pairs.pid) == memo
+    want = _reference(*case, inside=inside)
     for t in range(len(p_ids)):
         if t not in want:
             assert not out["valid"][t] and np.isnan(out["gold_prob"][t]), t
             assert (out["ids"][t] == -1).all() and out["placed"][t] == 0, t
             continue
         masses, gold_prob, placed, gold_only = want[t]
-        total = sum(masses.values())
+        kept = sorted(((-x, i) for i, x in masses.items() if x > 0))[:k]
+        total = sum(-x for x, _ in kept)
         got = {
             int(i): float(p) for i, p in zip(out["ids"][t], out["probs"][t], strict=True) if i >= 0
         }
-        assert got.keys() == {i for i, x in masses.items() if x > 0}, (seed, t)
+        assert got.keys() == {i for _, i in kept}, (seed, t)
         for i, p in got.items():
             assert p == pytest.approx(masses[i] / total, rel=1e-4, abs=1e-6), (seed, t, i)
         assert list(out["probs"][t]) == sorted(out["probs"][t], reverse=True)

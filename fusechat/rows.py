@@ -17,7 +17,11 @@ class ShardRows(torch.utils.data.Dataset):
     """Rows of a ``fuse`` output (or, for the CLM baseline, of a pivot ``capture``), read
     lazily by memory-mapped slices: nothing holds the whole corpus in memory."""
 
-    def __init__(self, folder: str | os.PathLike, max_length: int, with_targets: bool):
+    def __init__(self, folder: str | os.PathLike, max_length: int, with_targets: bool,
+                 branch_weight: float = 1.0):  # fmt: skip
+        """``branch_weight``: the weight of the sources' continuations (``align.branches``),
+        the fusion term's ``1 - lambda`` in training: they are the teachers' text, not the
+        corpus's."""
         stage = read_manifest(folder)
         kind = (stage or {}).get("key", {}).get("stage", "fuse")
         self.reader = StageReader(folder, kind)
@@ -28,6 +32,7 @@ class ShardRows(torch.utils.data.Dataset):
             )
         self.with_targets = with_targets
         self.max_length = max_length
+        self.branch_weight = branch_weight
         self.index: list[tuple[int, int, int]] = []  # (shard, start, end)
         self.branches = False  # fused rows carry the sources' continuations (align.branches)
         for s in range(self.reader.n_shards):
@@ -62,21 +67,21 @@ class ShardRows(torch.utils.data.Dataset):
             row["target_probs"] = self._slice(s, "pos.target_probs", a, b).astype(np.float32)
         if self.branches:
             row = with_branches(row, unpack_ids(self._slice(s, "pos.branch_ids", a, b)),
-                                self.max_length)  # fmt: skip
+                                self.max_length, self.branch_weight)  # fmt: skip
         return row
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "_handles": {}}
 
 
-def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
+def with_branches(row: dict, branch_ids: np.ndarray, max_length: int, scale: float = 1.0) -> dict:
     """The row followed by the source's own continuations of its alternatives (``branch_ids``
     (T, K, L), -1 padding), as one token tree: a branch at position t continues the row's
     prefix up to t, at positions t + 1, t + 2, ... (``position_ids``), and sees only that
     prefix and itself (``anchor``: t; ``segment``: its number, -1 for the row). Learned are a
     branch's tokens after its first, whose probability the fused target at t already teaches;
-    their target is the token itself, their ``position_weight`` that probability. Branches that would pass ``max_length`` are
-    left out."""
+    their target is the token itself, their ``position_weight`` that probability times
+    ``scale``. Branches that would pass ``max_length`` are left out."""
     n = len(row["input_ids"])
     ids, pos, seg, anchor = [row["input_ids"]], [np.arange(n)], [np.full(n, -1)], [np.full(n, -1)]
     weight = [np.ones(n, dtype=np.float32)]
@@ -98,7 +103,7 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int) -> dict:
         p[:-1, 0] = 1.0
         # each branch position weighs by its alternative's probability in the fused target at
         # t: the expected loss over the source's continuations, not one full row per branch
-        weight.append(np.full(len(br), row["target_probs"][t][row["target_ids"][t] == br[0]].sum(),
+        weight.append(np.full(len(br), scale * row["target_probs"][t][row["target_ids"][t] == br[0]].sum(),
                               dtype=np.float32))  # fmt: skip
         tgt.append(target)
         prob.append(p)

@@ -30,8 +30,8 @@ from fusechat.rows import ShardRows, check_targets, collate_rows
 from fusechat.shards import STAGE
 
 log = logging.getLogger(__name__)
-VERSION = 4  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
-# 3: fused rows with align.branches train as token trees; 4: their tokens weighed
+VERSION = 5  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
+# 3: fused rows with align.branches train as token trees; 4: their tokens weighed; 5: by 1 - lambda
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -231,7 +231,7 @@ def train(
 ) -> dict:
     """Fine-tune ``model_path`` on a ``fuse`` output (or, with ``lam == 1``, a pivot capture)."""
     cfg = cfg or TrainConfig()
-    rows = ShardRows(data, cfg.max_length, with_targets=cfg.lam < 1.0)
+    rows = ShardRows(data, cfg.max_length, with_targets=cfg.lam < 1.0, branch_weight=1.0 - cfg.lam)
     out = Path(out)
     key = {
         "stage": "train",

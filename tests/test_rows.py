@@ -31,6 +31,9 @@ def test_branches_continue_their_prefix_and_teach_their_own_tokens():
     assert r["target_probs"][4:, 0].tolist() == [1, 1, 0, 1, 0]
     # each weighs by its alternative's probability in the fused target where it branches off
     assert r["position_weight"].tolist() == [1, 1, 1, 1, 0.25, 0.25, 0.25, 0.5, 0.5]
+    # scaled as the fusion term (1 - lambda): the row's own tokens keep their weight
+    scaled = with_branches(_row(4), branches, 64, scale=0.1)["position_weight"]
+    np.testing.assert_allclose(scaled, [1, 1, 1, 1, 0.025, 0.025, 0.025, 0.05, 0.05])
     # too long for max_length: left out, the row unchanged
     assert with_branches(_row(4), branches, 5)["input_ids"].tolist() == [10, 11, 12, 13]
 

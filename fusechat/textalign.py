@@ -62,27 +62,18 @@ class PairMemo:
         self.pid: dict[int, int] = {}
 
     def context(self, inside: bool, text: bytes) -> int:
-        key = (inside, text)
-        got = self.contexts.get(key)
-        if got is None:
-            got = self.contexts[key] = len(self.context_list)
-            self.context_list.append(key)
-        return got
+        return _intern(self.contexts, self.context_list, (inside, text))
 
     def text(self, t: bytes) -> int:
-        got = self.texts.get(t)
-        if got is None:
-            got = self.texts[t] = len(self.text_list)
-            self.text_list.append(t)
-        return got
+        return _intern(self.texts, self.text_list, t)
 
     def lookup(self, ctx: np.ndarray, cand: np.ndarray, vocab: SourceVocab) -> np.ndarray:
         """``pi`` of each (context, candidate): after ``R``, of the candidate's text past
         ``R`` (``INCONSISTENT`` unless it extends ``R``); after emitted text, of the emitted
         text followed by the candidate's."""
-        keys = (ctx.astype(np.int64) << 32) | cand
-        got = list(map(self.pid.get, keys.tolist()))
-        for n, key in enumerate(keys.tolist()):
+        keys = ((ctx.astype(np.int64) << 32) | cand).tolist()
+        got = list(map(self.pid.get, keys))
+        for n, key in enumerate(keys):
             if got[n] is None:
                 inside, r = self.context_list[key >> 32]
                 c = key & 0xFFFFFFFF
@@ -97,6 +88,15 @@ class PairMemo:
                     got[n] = vocab.first(tv[len(r) :])
                 self.pid[key] = got[n]
         return np.array(got, dtype=np.int64)
+
+
+def _intern(index: dict, items: list, key) -> int:
+    """``key``'s number in ``items``, appended the first time it is seen."""
+    got = index.get(key)
+    if got is None:
+        got = index[key] = len(items)
+        items.append(key)
+    return got
 
 
 @dataclass

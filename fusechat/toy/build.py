@@ -3,7 +3,9 @@
 Layout of ``OUT``::
 
     corpus/train.jsonl        the fusion corpus (1,500 conversations, sampled answers)
-    corpus/heldout.jsonl      the toy question set (fresh samples, every right answer listed)
+    corpus/heldout.jsonl      the held-out set of training's curve (fresh samples)
+    corpus/questions.jsonl    the toy question set of evaluation (fresh samples, other draws;
+                              every right answer listed)
     openchat-mini/  nh2-mixtral-mini/  nh2-solar-mini/   (ordinary HF model folders)
     skills.json                                          (held-out loss per skill and model)
     manifest.json
@@ -46,7 +48,9 @@ EVAL_TEMPLATE = "openchat"  # the capture setting: every model reads the pivot's
 class ToyConfig:
     seed: int = 0
     n_train: int = 1500  # the fusion corpus
-    n_heldout_per_skill: int = 256  # 768 questions: 192 left seed-to-seed noise in the mean
+    n_heldout_per_skill: int = 256  # the training curve's set, read every eval_steps
+    # 6,000 questions: on 768 the eval set's own sampling was as large as the effect measured
+    n_questions_per_skill: int = 2000
     steps_scale: float = 1.0  # times each model's pretraining steps (tests build small worlds)
     batch_size: int = 16
 
@@ -76,22 +80,25 @@ def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
             "seed": cfg.seed,
             "n": cfg.n_train,
             "h": cfg.n_heldout_per_skill,
+            "q": cfg.n_questions_per_skill,
             "world": world_fingerprint(cfg.seed),
         }  # fmt: skip
     )
     folder = out / "corpus"
     if (read_manifest(folder) or {}).get("key") != key:
-        splits = make_corpus(cfg.seed, cfg.n_train, cfg.n_heldout_per_skill)
+        splits = make_corpus(cfg.seed, cfg.n_train, cfg.n_heldout_per_skill,
+                             cfg.n_questions_per_skill)  # fmt: skip
         with atomic_dir(folder) as tmp:
             for name, rows in splits.items():
                 _write_jsonl(tmp / f"{name}.jsonl", rows)
             write_json(tmp / "manifest.json", {"key": key, "kind": "toy-corpus"})
-    return {s: _read_jsonl(folder / f"{s}.jsonl") for s in ("train", "heldout")}
+    return {s: _read_jsonl(folder / f"{s}.jsonl") for s in ("train", "heldout", "questions")}
 
 
 def _model_key(spec: ToyModelSpec, cfg: ToyConfig) -> str:
     # the models learn from fresh pretraining samples: the corpus sizes never shape them
-    shaping = {k: v for k, v in asdict(cfg).items() if k not in ("n_train", "n_heldout_per_skill")}
+    sizes = ("n_train", "n_heldout_per_skill", "n_questions_per_skill")
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in sizes}
     return fingerprint({"v": BUILD_VERSION, "spec": asdict(spec), "cfg": shaping,
                         "world": world_fingerprint(cfg.seed)})  # fmt: skip
 
@@ -192,7 +199,7 @@ def build_toy_world(out: str | Path, cfg: ToyConfig = ToyConfig()) -> dict[str, 
         return manifest["skills"]
     corpus = _build_corpus(out, cfg)
     models = _build_models(out, cfg)
-    table = skill_table(models, corpus["heldout"])
+    table = skill_table(models, corpus["questions"])
     write_json(out / "skills.json", table)
     write_json(
         out / "manifest.json",

@@ -197,27 +197,36 @@ def conversation(world: World, rng: random.Random, mix: dict[str, float]) -> dic
     return {"skill": skill, "messages": msgs}
 
 
-def make_corpus(seed: int, n_train: int, n_heldout_per_skill: int) -> dict[str, list[dict]]:
-    """The fusion corpus (``train``: ``n_train`` conversations, skills uniform) and the held-out
-    question set (``n_heldout_per_skill`` single-turn rows per skill, fresh samples)."""
+def make_corpus(
+    seed: int, n_train: int, n_heldout_per_skill: int, n_questions_per_skill: int = 0
+) -> dict[str, list[dict]]:
+    """The fusion corpus (``train``: ``n_train`` conversations, skills uniform), the held-out
+    set that training's curve reads (``heldout``: ``n_heldout_per_skill`` single-turn rows per
+    skill) and the toy question set that evaluation reads (``questions``:
+    ``n_questions_per_skill`` rows per skill); both fresh samples, each from its own draws."""
     world = make_world(seed)
     rng = random.Random(seed + 1)
     uniform = dict.fromkeys(SKILLS, 1.0)
     train = [conversation(world, rng, uniform) for _ in range(n_train)]
-    heldout = []
-    for skill in SKILLS:
-        hrng = random.Random(f"{seed}-{skill}")
-        for _ in range(n_heldout_per_skill):
-            q, a, vals = qa(world, skill, hrng, True)
-            heldout.append(
-                {
-                    "skill": skill,
-                    "reference": a,
-                    "answers": list(vals),
-                    "messages": [
-                        {"role": "user", "content": q},
-                        {"role": "assistant", "content": a},
-                    ],
-                }
-            )
-    return {"train": train, "heldout": heldout}
+    out = {"train": train}
+    for split, n, tag in (
+        ("heldout", n_heldout_per_skill, ""),
+        ("questions", n_questions_per_skill, "questions-"),
+    ):
+        out[split] = []
+        for skill in SKILLS:
+            hrng = random.Random(f"{seed}-{tag}{skill}")
+            for _ in range(n):
+                q, a, vals = qa(world, skill, hrng, True)
+                out[split].append(
+                    {
+                        "skill": skill,
+                        "reference": a,
+                        "answers": list(vals),
+                        "messages": [
+                            {"role": "user", "content": q},
+                            {"role": "assistant", "content": a},
+                        ],
+                    }
+                )
+    return out

@@ -182,6 +182,12 @@ class FuseConfig(Config):
     ce_norm: Literal["token", "char"] = Field(
         "token", description="cross-entropy per learned token (the reference) or per character"
     )
+    unit: Literal["sequence", "turn"] = Field(
+        "sequence",
+        description="what minCE/avgCE choose for: each conversation (FuseLLM, FuseChat) or "
+        "each assistant turn (a multi-turn conversation can mix skills: each turn gets the model "
+        "that reads that turn best)",
+    )
     unaligned: Literal["gold", "pivot"] = Field(
         "gold",
         description="target where no chosen model has a distribution: one-hot on the gold "

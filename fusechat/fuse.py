@@ -19,8 +19,9 @@ from fusechat.sparse import Sparse, combine_duplicates
 log = logging.getLogger(__name__)
 
 
-def sequence_weights(ces: Sequence[float], method: str) -> np.ndarray:
-    """Per-model weights of one sequence from its cross-entropies ``ce_m`` against the gold text.
+def sequence_weights(ces: Sequence[float] | np.ndarray, method: str) -> np.ndarray:
+    """Per-model weights from cross-entropies ``ce_m`` against the gold text: of one sequence
+    (M,), or of every position (M, T), each column on its own.
 
     ``minCE``: ``w_m = 1`` for the lowest ``ce_m`` (the first on ties), else 0.
     ``avgCE``: ``w_m = softmax(-ce)_m = exp(-ce_m) / sum_n exp(-ce_n)``.
@@ -28,12 +29,48 @@ def sequence_weights(ces: Sequence[float], method: str) -> np.ndarray:
     ce = np.asarray(ces, dtype=np.float64)
     if method == "minCE":
         w = np.zeros_like(ce)
-        w[int(np.argmin(ce))] = 1.0
+        np.put_along_axis(w, np.expand_dims(np.argmin(ce, axis=0), 0), 1.0, axis=0)
         return w
     if method == "avgCE":
-        z = np.exp(-(ce - ce.min()))
-        return z / z.sum()
+        z = np.exp(-(ce - ce.min(axis=0)))
+        return z / z.sum(axis=0)
     raise ValueError(f"unknown fusion method {method!r} (minCE or avgCE)")
+
+
+def turn_ce(row: dict, norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """A captured row's assistant turns, in order: the maximal runs ``[a, b)`` of positions
+    predicting a learned token (``starts``, as (n, 2) bounds), and each turn's cross-entropy
+    against the gold text, ``-sum_t log p(gold_t+1) / n`` with ``n`` its learned tokens
+    (``norm='token'``) or the bytes they cover (``'char'``: the same text for every model)."""
+    from fusechat.losses import learned_next
+
+    learned = learned_next(row["pos.labels_mask"]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], learned, [0]])))
+    bounds = edges.reshape(-1, 2)  # [a, b): positions a..b-1 predict tokens a+1..b
+    nll = np.concatenate([[0.0], np.cumsum(-row["pos.gold_logprob"].astype(np.float64) * learned)])
+    a, b = bounds[:, 0], bounds[:, 1]
+    ends = row["pos.byte_end"].astype(np.int64)
+    n = (b - a) if norm == "token" else (ends[b] - ends[a])
+    return bounds, (nll[b] - nll[a]) / np.maximum(n, 1)
+
+
+def turn_ces(
+    pivot_row: dict, source_rows: Sequence[dict], norm: str, sequence: Sequence[float]
+) -> np.ndarray | None:
+    """(M, T) cross-entropies for per-turn MinCE/AvgCE, pivot first: at each position of the
+    pivot's k-th assistant turn, each model's cross-entropy on its own k-th turn (the same
+    text), ``inf`` for a model whose (truncated) row does not reach it; elsewhere (positions
+    nothing is learned at) the models' ``sequence`` cross-entropies. None when the turns do
+    not pair up (a model with more turns than an untruncated pivot)."""
+    bounds, piv = turn_ce(pivot_row, norm)
+    out = np.repeat(np.asarray(sequence, np.float64)[:, None], len(pivot_row["pos.labels_mask"]), 1)
+    for m, row in enumerate([pivot_row, *source_rows]):
+        ce = piv if m == 0 else turn_ce(row, norm)[1]
+        if len(ce) > len(piv) and not pivot_row["row.truncated"]:
+            return None
+        for k, (a, b) in enumerate(bounds):
+            out[m, a:b] = ce[k] if k < len(ce) else np.inf
+    return out
 
 
 def fuse(
@@ -44,6 +81,7 @@ def fuse(
     fallback: Sparse | None = None,
 ) -> Sparse:
     """Fuse M sparse distributions of one sequence; model 0 must be the pivot (always valid).
+    ``ces``: the models' cross-entropies on the sequence (M,) or at each position (M, T).
 
     Per position t, ``fused_t = sum_m w_m [valid_m,t] p_m,t / sum_m w_m [valid_m,t]``: a model
     without an aligned distribution at t gives its weight to the others. Where none of the
@@ -51,7 +89,7 @@ def fuse(
     token) or, without one (or where it is empty), the pivot's own (FuseLLM). The result concatenates
     the models' entries (K_fused = sum of K_m), so it stays sparse.
     """
-    w = sequence_weights(ces, method)
+    w = sequence_weights(ces, method)  # (M,), or (M, T) per turn
     wt = np.stack([w[m] * np.asarray(v, dtype=np.float64) for m, v in enumerate(valid)])  # (M, T)
     nobody = wt.sum(0) <= 0
     use_fb = nobody & (fallback[1].sum(1) > 0) if fallback is not None else np.zeros_like(nobody)
@@ -110,15 +148,24 @@ def fuse_stage(
         r.check_complete()
     key = {"stage": "fuse", "version": VERSION, "pivot_capture": fingerprint(piv.key),
            "aligned": [fingerprint(s.key) for s in srcs], "method": cfg.method,
-           "ce_norm": cfg.ce_norm, "unaligned": cfg.unaligned,
+           "ce_norm": cfg.ce_norm, "unit": cfg.unit, "unaligned": cfg.unaligned,
            "shard_rows": piv.key["shard_rows"],
            # what training checks its model and corpus against
            "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
            "corpus_fingerprint": piv.key["corpus_fingerprint"], "pivot_model": piv.key["model"]}  # fmt: skip
 
+    # per-turn choice reads each source's own gold log-probabilities: its capture
+    captures: tuple[str, ...] = ()
+    if cfg.unit == "turn":
+        captures = tuple(s.manifest["stats"]["source_capture"] for s in srcs)
+        for c, s in zip(captures, srcs, strict=True):
+            if fingerprint(StageReader(c, "capture").key) != s.key["source_capture"]:
+                raise FusechatError(f"{c}: not the capture {s.folder} was aligned from")
+
     def start(done: frozenset[int]) -> tuple:
-        job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done)
-        return (piv, srcs, job), job
+        job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done,
+                       captures)  # fmt: skip
+        return (piv, srcs, [StageReader(c, "capture") for c in captures], job), job
 
     def summarize(parts: list) -> dict:
         kept = sum(p[0] for p in parts)
@@ -148,6 +195,7 @@ class _FuseJob:
     out: str
     cfg: FuseConfig
     done: frozenset[int]
+    source_captures: tuple[str, ...] = ()  # unit 'turn' only
 
 
 def _branches(srows: list[dict], weights: np.ndarray) -> np.ndarray:
@@ -167,17 +215,19 @@ def _fuse_setup(job: _FuseJob) -> tuple:
     from fusechat.shards import StageReader
 
     srcs = [StageReader(d, "align") for d in job.aligned_dirs]
-    return StageReader(job.pivot_dir, "capture"), srcs, job
+    caps = [StageReader(d, "capture") for d in job.source_captures]
+    return StageReader(job.pivot_dir, "capture"), srcs, caps, job
 
 
 def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str | None]:
     """Fuse shard ``i``, write it unless a previous run did; (rows kept, rows dropped, sum of
     the rows' model weights) and the checksum of what was written."""
-    from fusechat.losses import next_ids
+    from fusechat.losses import learned_next, next_ids
     from fusechat.shards import pack_ids, save_shard, unpack_ids
 
-    piv, srcs, job = state
+    piv, srcs, caps, job = state
     sshards = [s.shard(i) for s in srcs]
+    cshards = [c.shard(i) for c in caps]
     rows, dropped, weight_sum = [], 0, np.zeros(1 + len(srcs))
     for r, prow in enumerate(piv.shard(i)):
         srows = [sh[r] for sh in sshards]
@@ -196,8 +246,13 @@ def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str 
         if job.cfg.unaligned == "gold":
             nxt = next_ids(unpack_ids(prow["pos.input_ids"]))
             gold = (nxt[:, None], (nxt >= 0).astype(np.float32)[:, None])
+        if cshards:
+            per_turn = turn_ces(prow, [c[r] for c in cshards], job.cfg.ce_norm, ces)
+            ces = ces if per_turn is None else per_turn
         ids, probs = fuse(dists, valid, ces, job.cfg.method, gold)
         w = sequence_weights(ces, job.cfg.method)
+        if w.ndim == 2:  # per turn: the row's weights are their mean over learned positions
+            w = w[:, learned_next(prow["pos.labels_mask"])].mean(1)
         weight_sum += w
         extra = {}
         if any("pos.branch_ids" in r for r in srows):

@@ -18,6 +18,37 @@ def test_sequence_weights_hand_computed():
         sequence_weights([1.0], "maxCE")
 
 
+def test_turn_ce_pairs_each_models_turns_and_weights_each_turn():
+    """Two assistant turns; per turn each model's cross-entropy, per token or per byte; MinCE
+    then chooses per turn, and a model whose truncated row lacks the second turn cannot win it."""
+    from fusechat.fuse import turn_ce, turn_ces
+
+    # 8 tokens: prompt, turn 1 (tokens 2, 3), prompt, turn 2 (tokens 6, 7)
+    mask = np.array([0, 0, 1, 1, 0, 0, 1, 1], bool)
+    gold = -np.array([9, 1.0, 2.0, 9, 9, 3.0, 5.0, 9], np.float32)  # position t predicts t + 1
+    piv = {"pos.labels_mask": mask, "pos.gold_logprob": gold, "row.truncated": False,
+           "pos.byte_end": np.array([0, 4, 6, 10, 12, 20, 21, 25])}  # fmt: skip
+    bounds, ce = turn_ce(piv, "token")
+    assert bounds.tolist() == [[1, 3], [5, 7]]
+    assert ce.tolist() == [1.5, 4.0]
+    assert turn_ce(piv, "char")[1].tolist() == [3.0 / 6, 8.0 / 5]  # bytes 4..10, 20..25
+    # the source reads turn 1 worse and turn 2 better (its own tokenization: 3 + 1 tokens)
+    src = {"pos.labels_mask": np.array([0, 1, 1, 1, 0, 1, 0], bool),
+           "pos.gold_logprob": -np.array([2.0, 2.0, 2.0, 9, 1.0, 9, 9], np.float32),
+           "pos.byte_end": np.array([4, 6, 8, 10, 20, 25, 26]), "row.truncated": False}  # fmt: skip
+    per = turn_ces(piv, [src], "token", [2.5, 1.9])
+    assert per[:, 1].tolist() == [1.5, 2.0] and per[:, 5].tolist() == [4.0, 1.0]
+    assert per[:, 0].tolist() == [2.5, 1.9]  # nothing learned there: the sequence's
+    w = sequence_weights(per, "minCE")
+    assert w[:, [1, 2, 5, 6]].tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    cut = {**src, "pos.labels_mask": np.array([0, 1, 1, 1, 0, 0, 0], bool)}
+    assert np.isinf(turn_ces(piv, [cut], "token", [2.5, 1.9])[1, 5:7]).all()
+    three = {**src, "pos.labels_mask": np.array([1, 1, 0, 1, 0, 1, 0], bool)}
+    assert (
+        turn_ces(piv, [three], "token", [2.5, 1.9]) is None
+    )  # turns that do not pair up: per sequence
+
+
 def test_map_topk_drops_unmapped_and_reports_mass():
     ids = np.array([[0, 1, 2]])
     logp = np.log(np.array([[0.5, 0.3, 0.2]]))
@@ -165,6 +196,22 @@ def test_fused_targets(stages):
                 want = sparse_dict(p_ids[t], q / q.sum())
             assert got.keys() == want.keys()
             np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=2e-3)
+
+
+def test_per_turn_choice_equals_per_sequence_on_single_turn_rows(stages, tmp_path):
+    """unit 'turn' reads each source's capture; on single-turn rows (the held-out set) a turn is
+    the sequence, so the fused targets and weights are those of unit 'sequence'."""
+    from fusechat.configs import FuseConfig
+    from fusechat.fuse import fuse_stage
+
+    fuse_stage(stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "turn",
+               FuseConfig(unit="turn"))  # fmt: skip
+    got, want = stage_rows(tmp_path / "turn", "fuse"), stage_rows(stages / "fused", "fuse")
+    assert len(got) == len(want) == STAGE_ROWS
+    for g, w in zip(got, want, strict=True):
+        assert g["row.weights"].tolist() == w["row.weights"].tolist()
+        assert np.array_equal(g["pos.target_ids"], w["pos.target_ids"])
+        assert np.array_equal(g["pos.target_probs"], w["pos.target_probs"])
 
 
 def test_branches_travel_from_alignment_to_training_rows(stages, tmp_path):

@@ -214,6 +214,25 @@ def test_per_turn_choice_equals_per_sequence_on_single_turn_rows(stages, tmp_pat
         assert np.array_equal(g["pos.target_probs"], w["pos.target_probs"])
 
 
+def test_per_turn_choice_refuses_a_replaced_source_capture(stages, tmp_path):
+    """unit 'turn' reads the source capture an alignment names; a folder since replaced by
+    another capture is one clear error, not a silent mismatch."""
+    import shutil
+
+    from fusechat.align import align
+    from fusechat.configs import FuseConfig
+    from fusechat.errors import FusechatError
+    from fusechat.fuse import fuse_stage
+
+    cap = tmp_path / "cap"
+    shutil.copytree(stages / "cap-mixtral", cap)
+    align(stages / "cap-pivot", cap, tmp_path / "al")
+    shutil.rmtree(cap)
+    shutil.copytree(stages / "cap-mixtral-la", cap)  # another capture under the same name
+    with pytest.raises(FusechatError, match="not the capture"):
+        fuse_stage(stages / "cap-pivot", [tmp_path / "al"], tmp_path / "f", FuseConfig(unit="turn"))
+
+
 def test_branches_travel_from_alignment_to_training_rows(stages, tmp_path):
     """align.branches: a row whose target follows the source carries the source's
     continuations of its alternatives; a training row appends them as a token tree whose

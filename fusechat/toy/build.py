@@ -160,7 +160,8 @@ def _build_models(out: Path, cfg: ToyConfig) -> dict[str, Path]:
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    todo = [s for s in SPECS if not _model_current(out, s, cfg)]
+    # the longest first (steps stand in for cost), so the pool is not left waiting on it alone
+    todo = sorted((s for s in SPECS if not _model_current(out, s, cfg)), key=lambda s: -s.steps)
     workers = min(len(todo), os.cpu_count() or 1)
     if workers > 1:
         log.info("building %d models in %d processes", len(todo), workers)

@@ -77,7 +77,7 @@ CHANGES = {
     "fuse.method": ("avgCE", []),
     "fuse.ce_norm": ("token", []),
     "fuse.unaligned": ("pivot", []),
-    "fuse.unit": ("turn", []),
+    "fuse.unit": ("sequence", []),  # the mini recipe chooses per turn
     "train.lambda": ("0.5", []),
     "train.temperature": ("2.0", []),
     "train.fusion_loss": ("kl", []),

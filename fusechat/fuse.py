@@ -39,7 +39,7 @@ def sequence_weights(ces: Sequence[float] | np.ndarray, method: str) -> np.ndarr
 
 def turn_ce(row: dict, norm: str) -> tuple[np.ndarray, np.ndarray]:
     """A captured row's assistant turns, in order: the maximal runs ``[a, b)`` of positions
-    predicting a learned token (``starts``, as (n, 2) bounds), and each turn's cross-entropy
+    predicting a learned token (as (n, 2) bounds), and each turn's cross-entropy
     against the gold text, ``-sum_t log p(gold_t+1) / n`` with ``n`` its learned tokens
     (``norm='token'``) or the bytes they cover (``'char'``: the same text for every model)."""
     from fusechat.losses import learned_next
@@ -156,16 +156,18 @@ def fuse_stage(
 
     # per-turn choice reads each source's own gold log-probabilities: its capture
     captures: tuple[str, ...] = ()
+    caps: list = []
     if cfg.unit == "turn":
         captures = tuple(s.manifest["stats"]["source_capture"] for s in srcs)
-        for c, s in zip(captures, srcs, strict=True):
-            if fingerprint(StageReader(c, "capture").key) != s.key["source_capture"]:
-                raise FusechatError(f"{c}: not the capture {s.folder} was aligned from")
+        caps = [StageReader(c, "capture") for c in captures]
+        for c, s in zip(caps, srcs, strict=True):
+            if fingerprint(c.key) != s.key["source_capture"]:
+                raise FusechatError(f"{c.folder}: not the capture {s.folder} was aligned from")
 
     def start(done: frozenset[int]) -> tuple:
         job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done,
                        captures)  # fmt: skip
-        return (piv, srcs, [StageReader(c, "capture") for c in captures], job), job
+        return (piv, srcs, caps, job), job
 
     def summarize(parts: list) -> dict:
         kept = sum(p[0] for p in parts)

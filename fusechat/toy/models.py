@@ -95,7 +95,7 @@ SPECS = (
         templates=("chatml", "openchat"),
         mix={"glossary": 4.0, "facts": 2.0, "arithmetic": 1.0},
         knows={"glossary": 1.0, "facts": 1.0},
-        steps=1800,  # at 900 its glossary was 0.094 nats/char, its facts 0.078 (now 0.077, 0.046)
+        steps=1800,  # at 900 (768 questions): glossary 0.094, facts 0.078 nats/char; now 0.077, 0.046
         lr=1e-3,
         # deeper and wider, with full multi-head attention
         config=dict(

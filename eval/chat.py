@@ -23,7 +23,7 @@ def stop_token_ids(tok, model) -> list[int]:
 def load_chat_model(model_path: str):
     """``(model, tokenizer, stop ids)``; spread over GPUs where there are any, in the ``auto``
     dtype (``resolve_dtype``); the tokenizer pads on the left, as batched generation needs."""
-    from fusechat.data import load_model, load_tokenizer, resolve_dtype
+    from fusechat.data import check_finite_weights, load_model, load_tokenizer, resolve_dtype
 
     tok = load_tokenizer(model_path, "the model's tokenizer")
     tok.padding_side = "left"
@@ -32,4 +32,5 @@ def load_chat_model(model_path: str):
     cuda = torch.cuda.is_available()
     model = load_model(model_path, dtype=getattr(torch, resolve_dtype("auto")),
                        device_map="auto" if cuda else None).eval()  # fmt: skip
+    check_finite_weights(model, model_path)
     return model, tok, stop_token_ids(tok, model)

@@ -338,4 +338,5 @@ def align(
         return stats
 
     return run_sharded(out, key, piv.n_shards, start, _align_shard, summarize, overwrite,
-                       cfg.workers, _align_setup, f"align {Path(out).name}")  # fmt: skip
+                       cfg.workers, _align_setup, f"align {Path(out).name}",
+                       inputs=(pivot_dir, source_dir))  # fmt: skip

@@ -298,7 +298,7 @@ def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, d
 
     try:
         return run_sharded(out, key, n_shards, start, score, summarize, overwrite, desc=None,
-                           ranks=ranks)  # fmt: skip
+                           ranks=ranks, inputs=(cfg.model, data, cfg.render_with))  # fmt: skip
     finally:
         if "bar" in run:
             run["bar"].close()

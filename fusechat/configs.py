@@ -29,9 +29,12 @@ Template = Literal[TEMPLATE_NAMES]  # type: ignore[valid-type]
 
 
 class Config(BaseModel):
-    """Frozen, closed settings: an unknown field is an error, so a typo never passes."""
+    """Frozen, closed settings: an unknown field is an error, so a typo never passes; every
+    float is finite (``inf`` passes any bound check and trains a model of NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
     SPEED: ClassVar[frozenset[str]] = frozenset()
 
     def key(self) -> dict:
@@ -221,6 +224,18 @@ class LoraConfig(Config):
         return self.alpha or 2 * self.r
 
 
+# TrainingArguments that fusechat's own settings decide (train._trainer): not for ``extra``
+TRAINER_OWNED = frozenset({
+    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps",
+    "warmup_ratio", "weight_decay", "logging_steps", "save_strategy", "save_steps", "seed",
+    "data_seed", "gradient_checkpointing", "activation_checkpointing", "remove_unused_columns",
+    "bf16", "fp16", "include_num_input_tokens_seen", "use_cpu",
+})  # fmt: skip
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="data order and initialisation "
+                                                        "(numpy's range, 0 to 2**32 - 1)")]  # fmt: skip
+
+
 class TrainSettings(Config):
     """Training shared by the recipe and ``fusechat train`` (defaults: the FuseChat paper's,
     7B on 8 GPUs)."""
@@ -264,6 +279,23 @@ class TrainSettings(Config):
         {}, description='more TrainingArguments as JSON, e.g. {"deepspeed": "ds.json"}'
     )
 
+    @field_validator("extra")
+    @classmethod
+    def _training_arguments(cls, v: dict) -> dict:
+        if not v:
+            return v
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        for k in v:
+            if k in TRAINER_OWNED:
+                raise ValueError(f"{k!r} is set by fusechat from its own settings")
+            if k not in known:
+                raise ValueError(f"{k!r} is not a TrainingArguments field")
+        return v
+
     @field_validator("max_steps")
     @classmethod
     def _steps(cls, v: int) -> int:
@@ -275,7 +307,7 @@ class TrainSettings(Config):
 class TrainConfig(TrainSettings):
     """One training run (``fusechat train``)."""
 
-    seed: int = Field(0, description="data order and initialisation")
+    seed: Seed = 0
 
 
 class TrainJob(Config):

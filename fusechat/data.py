@@ -169,7 +169,7 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise FusechatError(f"{path}: cannot load {what} ({first_line(e)})") from None
 
 
@@ -185,14 +185,30 @@ def resolve_dtype(name: str) -> str:
 
 def load_model(path: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, failing with one line: a
-    missing folder, a truncated or damaged weights file, a config transformers cannot read."""
+    missing folder, a truncated or damaged weights file, a config transformers cannot read,
+    and weights that do not match the config (a tensor missing, left over or of another shape:
+    transformers would initialise the missing ones at random and go on)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
         raise FusechatError(f"{path}: cannot load the model ({first_line(e)})") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            first = sorted(map(str, info[kind]))[0]
+            raise FusechatError(f"{path}: the weights do not match config.json "
+                                f"({len(info[kind])} {kind.replace('_', ' ')}, e.g. {first})")  # fmt: skip
+    return model
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Every parameter finite, else one line naming the first bad tensor (a diverged
+    checkpoint serves NaN probabilities, or empty answers at temperature 0)."""
+    for name, p in model.named_parameters():
+        if not p.isfinite().all():
+            raise FusechatError(f"{where}: tensor {name} holds non-finite values")
 
 
 @dataclass

@@ -185,7 +185,8 @@ def fuse_stage(
         return stats
 
     return run_sharded(out, key, piv.n_shards, start, _fuse_shard, summarize, overwrite,
-                       cfg.workers, _fuse_setup, f"fuse {Path(out).name}")  # fmt: skip
+                       cfg.workers, _fuse_setup, f"fuse {Path(out).name}",
+                       inputs=(pivot_dir, *aligned_dirs, *captures))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,34 @@ def stat_fingerprint(path: str | os.PathLike) -> str | None:
     return fingerprint([(n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in _files(path)])
 
 
+def check_apart(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """An output that is, contains or lies inside one of its step's inputs is refused: writing
+    or clearing it (``--overwrite``) would destroy what the step is about to read. Inputs that
+    are not local paths (hub ids) cannot collide and are skipped."""
+    from fusechat.errors import FusechatError
+
+    o = Path(out).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        p = Path(given).resolve()
+        if o == p or o in p.parents or p in o.parents:
+            how = "is" if o == p else ("contains" if o in p.parents else "lies inside")
+            raise FusechatError(f"{out}: the output {how} the input {given}; choose another folder")
+
+
+def stage_of(folder: str | os.PathLike) -> str | None:
+    """The stage a finished output folder was made by (its manifest's ``key.stage``, or
+    ``merge`` for a merge report); None when it has no such record."""
+    m = read_manifest(folder)
+    if not isinstance(m, dict):
+        return None
+    key = m.get("key")
+    if isinstance(key, dict) and isinstance(key.get("stage"), str):
+        return key["stage"]
+    return "merge" if "merge" in m and "merge_method" in m else None
+
+
 def read_manifest(out: str | os.PathLike) -> dict | None:
     """The record that marks an output complete: a folder's ``manifest.json``, or a JSON file
     output itself; None when it is missing or unreadable."""

@@ -24,6 +24,7 @@ from fusechat.configs import (
     FuseConfig,
     ModelSettings,
     PositiveInt,
+    Seed,
     Template,
     TrainSettings,
 )
@@ -159,7 +160,7 @@ class EvalSection(_Section):
 class Recipe(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
     run_dir: str = "runs"
-    seed: int = 0
+    seed: Seed = 0
     models: Models
     data: Data
     capture: CaptureSection = CaptureSection()
@@ -211,6 +212,63 @@ def _field_path(loc: tuple) -> str:
     return out
 
 
+# More leaves than any configuration has: a file past it is an alias bomb (a few lines that
+# expand to 10^8 values), refused before anything walks it.
+MAX_YAML_LEAVES = 1_000_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one,
+    so a second ``train:`` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _leaves(node: object, limit: int) -> int:
+    """How many scalars ``node`` expands to, counting shared (aliased) parts each time they
+    appear, stopping once past ``limit``."""
+    stack, n = [node], 0
+    while stack and n <= limit:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        else:
+            n += 1
+    return n
+
+
+def parse_yaml(text: str, source: str, invalid: str | None = None) -> object:
+    """YAML text read strictly: duplicate keys and alias bombs refused, one line naming
+    ``source`` and the line (``invalid``: the message for any YAML error instead)."""
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        if invalid:
+            raise FusechatError(f"{source}: {invalid}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        if isinstance(e, yaml.constructor.ConstructorError):
+            raise FusechatError(f"{source}: {where}{problem}") from None
+        raise FusechatError(f"{source}: YAML syntax error at {where}{problem}") from None
+    if _leaves(raw, MAX_YAML_LEAVES) > MAX_YAML_LEAVES:
+        raise FusechatError(f"{source}: expands to more than {MAX_YAML_LEAVES:,} values "
+                            "(aliases repeated inside aliases?)")  # fmt: skip
+    return raw
+
+
 def read_yaml(path: str | Path, what: str) -> dict:
     """A YAML file that must hold a mapping; any problem raises a one-line ``FusechatError``
     naming ``what`` the file was meant to be."""
@@ -221,13 +279,7 @@ def read_yaml(path: str | Path, what: str) -> dict:
         raise FusechatError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise FusechatError(f"{path}: cannot read {what} ({e})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise FusechatError(f"{path}: YAML syntax error{where}: {problem}") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise FusechatError(f"{path}: a {what} must be a mapping, got {type(raw).__name__}")
     return raw
@@ -263,10 +315,7 @@ def apply_override(raw: dict, spec: str) -> None:
         if not found or "".join(_KEY_PART.sub("", seg)):
             raise FusechatError(f"--set {spec!r}: bad key segment {seg!r}")
         parts += found
-    try:
-        val = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise FusechatError(f"--set {spec!r}: the value is not valid YAML") from None
+    val = parse_yaml(value, f"--set {spec!r}", "the value is not valid YAML")
     node: object = raw
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict | list):

@@ -210,6 +210,10 @@ def run_recipe(
             print(f"{state:6} {s.stage:7} {s.name:40} {s.out}")
         print("\n".join(estimate_lines(recipe)))
         return {"steps": [{"stage": s.stage, "name": s.name, "done": s.done()} for s in steps]}
+    questions = expand(recipe.eval.questions or "")
+    if any(s.stage == "eval" and not s.done() for s in chosen) and not Path(questions).exists():
+        # found before any stage runs, not after all training and merging
+        raise FusechatError(f"eval.questions: {questions}: not found")
     times: dict[str, float] = {}
     for s in chosen:
         label = f"{s.stage}/{s.name}"

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from fusechat.errors import FusechatError
-from fusechat.io import MANIFEST, read_json, read_manifest, write_json
+from fusechat.io import MANIFEST, check_apart, read_json, read_manifest, write_atomic, write_json
 from fusechat.ranks import Ranks
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,14 @@ def check_finite(arrays: dict[str, np.ndarray], where: str) -> None:
             raise FusechatError(f"{where}: row {bad}: non-finite values in {k}")
 
 
+def _sum_path(path: Path) -> Path:
+    """Where a shard's checksum is kept from its writing until the manifest takes it over."""
+    return path.with_name(f".{path.name}.b2")
+
+
 def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
-    """Write shard ``i`` whole (temporary name, rename); returns its checksum."""
+    """Write shard ``i`` whole (temporary name, rename), then its checksum beside it: a resume
+    keeps a shard only when the two agree. Returns the checksum."""
     path = folder / shard_name(i)
     arrays = pack_rows(rows)
     check_finite(arrays, str(path))
@@ -126,44 +133,112 @@ def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-    return digest(data)
+    sums = digest(data)
+    write_atomic(_sum_path(path), sums)
+    return sums
+
+
+def _kept_digest(path: Path) -> str | None:
+    """A written shard's checksum when the shard still matches it, else None (damaged,
+    truncated, or written without one: a kill between the shard and its checksum)."""
+    try:
+        want = _sum_path(path).read_text().strip()
+        return want if file_digest(path) == want else None
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- writing a stage
 
+# what a stage folder may hold: anything else means the folder is not (only) a stage output
+_STAGE_FILE = re.compile(
+    r"^(\.?shard-\d{5}\.safetensors(\.b2|\.tmp)?|\.?(stage|manifest)\.json(\.tmp)?)$"
+)
+
+
+def _previous(folder: Path) -> tuple[str, Any]:
+    """What ``folder`` holds: ("new", None) empty or absent; ("stage", key) a finished or
+    partial stage output; ("damaged", why) a stage folder whose record cannot be read;
+    ("foreign", name) anything else (a model, a user's files)."""
+    if not folder.exists():
+        return "new", None
+    if not folder.is_dir():
+        return "foreign", folder.name
+    names = [p.name for p in folder.iterdir()]
+    if not names:
+        return "new", None
+    stray = next((n for n in sorted(names) if not _STAGE_FILE.match(n)), None)
+    manifest = read_manifest(folder)
+    if (folder / STAGE).exists():
+        try:
+            old = read_json(folder / STAGE)
+        except (OSError, ValueError) as e:
+            return ("foreign", stray) if stray else ("damaged", f"{STAGE}: {e}")
+    elif isinstance(manifest, dict) and isinstance(manifest.get("key"), dict):
+        old = manifest["key"]
+    else:
+        return "foreign", stray or MANIFEST
+    if not isinstance(old, dict) or not isinstance(old.get("stage"), str):
+        return ("foreign", stray) if stray else ("damaged", f"{STAGE}: not a stage record")
+    return ("foreign", stray) if stray else ("stage", old)
+
+
+def _clear(folder: Path) -> None:
+    for p in folder.iterdir():
+        if _STAGE_FILE.match(p.name):
+            p.unlink()
+
 
 def begin_stage(
-    folder: str | os.PathLike, key: dict, overwrite: bool = False, prepared: bool = False
+    folder: str | os.PathLike,
+    key: dict,
+    overwrite: bool = False,
+    prepared: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
 ) -> set[int] | None:
     """Prepare ``folder`` for a stage with settings ``key``.
 
     Returns None when the stage is already complete with these settings, else the indices of
-    shards already written (resume). A folder made with other settings is an error unless
-    ``overwrite``, in which case its shards are removed. ``prepared``: another process of the
-    same run has prepared it; only read what is there.
+    shards already written and still matching their checksums (resume; the others are
+    redone). ``folder`` may not be, contain or lie inside one of ``inputs``. A folder made by
+    the same stage with other settings is an error unless ``overwrite``, which clears it; a
+    folder holding anything else (a model, another stage's output) is never written into.
+    ``prepared``: another process of the same run has prepared it; only read what is there.
     """
     folder = Path(folder)
+    stage = key["stage"]
     manifest = read_manifest(folder)
-    if manifest is not None and manifest.get("key") == key:
+    if isinstance(manifest, dict) and manifest.get("key") == key:
         return None
     if prepared:
         return {int(p.name[6:11]) for p in folder.glob("shard-*.safetensors")}
-    stage = folder / STAGE
-    if stage.exists() or manifest is not None:
-        old = read_json(stage) if stage.exists() else manifest.get("key")
-        if old != key:
-            if not overwrite:
-                diff = sorted(k for k in {**old, **key} if old.get(k) != key.get(k))
-                raise FusechatError(
-                    f"{folder}: holds a {old.get('stage', 'stage')} output made with other "
-                    f"settings ({', '.join(diff)}); use --overwrite or another folder"
-                )
-            for p in folder.glob("shard-*.safetensors"):
-                p.unlink()
-            (folder / MANIFEST).unlink(missing_ok=True)
+    check_apart(folder, inputs)
+    kind, old = _previous(folder)
+    if kind == "foreign":
+        raise FusechatError(f"{folder}: exists and is not a {stage} output (it holds {old}); "
+                            "choose another folder")  # fmt: skip
+    if kind == "damaged" and not overwrite:
+        raise FusechatError(f"{folder}/{old}; use --overwrite to start this {stage} anew")
+    if kind == "stage" and old.get("stage") != stage:
+        raise FusechatError(f"{folder}: holds a {old['stage']} output, not a {stage} output; "
+                            "choose another folder")  # fmt: skip
+    if kind == "stage" and old != key and not overwrite:
+        diff = sorted(k for k in {**old, **key} if old.get(k) != key.get(k))
+        raise FusechatError(
+            f"{folder}: holds a {stage} output made with other settings ({', '.join(diff)}); "
+            "use --overwrite or another folder"
+        )
+    if kind == "damaged" or (kind == "stage" and old != key):
+        _clear(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(stage, key)
-    done = {int(p.name[6:11]) for p in folder.glob("shard-*.safetensors")}
+    write_json(folder / STAGE, key)
+    done = set()
+    for p in sorted(folder.glob("shard-*.safetensors")):
+        if _kept_digest(p) is None:
+            log.warning("%s: damaged or unverified shard, written again", p)
+            p.unlink()
+        else:
+            done.add(int(p.name[6:11]))
     if done:
         log.info("%s: resuming, %d shards already written", folder, len(done))
     return done
@@ -182,16 +257,22 @@ def finish_stage(
     known: dict[int, str] | None = None,
 ) -> dict:
     """Write the manifest that marks the stage complete, with every shard's checksum: those
-    this run wrote (``known``, from ``save_shard``), the rest read back from disk (a resumed
-    run's earlier shards)."""
+    this run wrote (``known``, from ``save_shard``), the rest (a resumed run's earlier shards,
+    other processes' shards) as recorded when written, checked against the bytes on disk."""
     folder = Path(folder)
     known = known or {}
-    sums = {
-        shard_name(i): known.get(i) or file_digest(folder / shard_name(i)) for i in range(n_shards)
-    }
+    sums = {}
+    for i in range(n_shards):
+        path = folder / shard_name(i)
+        sums[path.name] = known.get(i) or _kept_digest(path)
+        if sums[path.name] is None:
+            raise FusechatError(f"{path}: missing or changed since it was written; run the "
+                                f"{key['stage']} again to redo it")  # fmt: skip
     manifest = {"key": key, "shards": n_shards, "stats": stats, "checksums": sums}
     manifest["digest"] = _manifest_digest(manifest)
     write_json(folder / MANIFEST, manifest)
+    for i in range(n_shards):  # the manifest holds them now
+        _sum_path(folder / shard_name(i)).unlink(missing_ok=True)
     return manifest
 
 
@@ -272,11 +353,13 @@ def run_sharded(
     setup: Callable | None = None,
     desc: str | None = "",
     ranks: Ranks | None = None,
+    inputs: Sequence[str | os.PathLike | None] = (),
 ) -> dict:
     """A sharded stage from its per-shard function; returns the manifest.
 
     Owns what every stage shares: the folder's key (``begin_stage``: a finished folder with
-    this key is reused, a partial one resumed, another key refused unless ``overwrite``), the
+    this key is reused, a partial one resumed, another key refused unless ``overwrite``; it
+    may not overlap the stage's ``inputs``), the
     shards (``map_shards`` over ``workers``), their checksums and the manifest
     (``finish_stage``). ``start(done)``, given the shards a previous run wrote, returns the
     shared state and a picklable job (``setup(job)`` rebuilds the state in a spawned worker);
@@ -287,7 +370,7 @@ def run_sharded(
     and rank 0, once all exist, prepares the folder before and writes the manifest after."""
     ranks = ranks or Ranks()
     if ranks.rank == 0:  # one process prepares the folder (and clears it with overwrite)
-        done = begin_stage(out, key, overwrite)
+        done = begin_stage(out, key, overwrite, inputs=inputs)
     ranks.barrier()
     if ranks.rank != 0:
         done = begin_stage(out, key, prepared=True)

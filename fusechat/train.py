@@ -23,7 +23,15 @@ import torch
 
 from fusechat.configs import LoraConfig, TrainConfig
 from fusechat.errors import FusechatError
-from fusechat.io import fingerprint, model_fingerprint, read_json, read_manifest, write_json
+from fusechat.io import (
+    check_apart,
+    fingerprint,
+    model_fingerprint,
+    read_json,
+    read_manifest,
+    stage_of,
+    write_json,
+)
 from fusechat.losses import fusion_losses, predicts_label
 from fusechat.ranks import Ranks
 from fusechat.rows import ShardRows, check_targets, collate_rows
@@ -103,6 +111,11 @@ def _trainer_class():
                 n_items=num_items_in_batch,
                 position_weight=inputs.get("position_weight"),
             )
+            if not torch.isfinite(loss):  # a model of NaNs must never be saved as a result
+                raise FusechatError(
+                    f"training diverged at step {self.state.global_step + 1}: the loss is "
+                    f"{loss.item()} (a lower learning rate?)"
+                )
             if num_items_in_batch is not None and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
             self._parts["clm_loss"].append(clm.item())
@@ -245,8 +258,13 @@ def train(
     if done is not None and done.get("key") == key:
         log.info("%s: training already complete", out)
         return done
-    if out.exists() and not overwrite:
-        raise FusechatError(f"{out}: exists with another training run; use --overwrite")
+    check_apart(out, (model_path, data, cfg.heldout))
+    check_apart(out.with_name(out.name + ".ckpt"), (model_path, data, cfg.heldout))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if stage_of(out) != "train":  # --overwrite deletes only what training wrote
+            raise FusechatError(f"{out}: exists and is not a train output; choose another folder")
+        if not overwrite:
+            raise FusechatError(f"{out}: exists with another training run; use --overwrite")
     tokenizer, model = _load(model_path, rows, corpus_fingerprint, cfg.lora)
     ranks = Ranks.from_env()
     ckpt = _checkpoint_folder(out, key, overwrite, ranks.rank)
@@ -257,7 +275,11 @@ def train(
     last = last_complete_checkpoint(ckpt)
     if last:
         log.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    except FusechatError:  # closes the progress bar before the one line prints
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        raise
     stats = {
         "steps": result.global_step,
         "train_loss": result.training_loss,
@@ -296,7 +318,15 @@ def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraCon
 def _checkpoint_folder(out: Path, key: dict, overwrite: bool, rank: int) -> Path:
     """``OUT.ckpt``, holding checkpoints of this configuration only."""
     ckpt = out.with_name(out.name + ".ckpt")
-    if (ckpt / STAGE).exists() and read_json(ckpt / STAGE) != key:
+    try:
+        old = read_json(ckpt / STAGE) if (ckpt / STAGE).exists() else None
+    except (OSError, ValueError):
+        old = "damaged"  # a record cut off by a kill: not this configuration's
+    if old is None and ckpt.is_dir() and any(ckpt.iterdir()):
+        raise FusechatError(
+            f"{ckpt}: exists and holds no fusechat checkpoints; choose another --out"
+        )
+    if old is not None and old != key:
         if not overwrite:
             raise FusechatError(f"{ckpt}: checkpoints of another configuration; use --overwrite")
         shutil.rmtree(ckpt)
@@ -327,20 +357,18 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         activation_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False,
-        report_to=[],
         # without CUDA, processes under a launcher form a gloo group only when told so
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
         include_num_input_tokens_seen=True,
         **_precision(cfg.precision),
-        **cfg.extra,
-    )
+        # defaults that extra may change (the rest is configs.TRAINER_OWNED)
+        **{"save_total_limit": 2, "report_to": [], "dataloader_num_workers": 0,
+           "disable_tqdm": False, **cfg.extra},
+    )  # fmt: skip
     callbacks = [_jsonl_callback(ckpt / "train_log.jsonl")]
     if cfg.heldout and cfg.eval_steps > 0:
         from fusechat.conversations import load_conversations
@@ -362,6 +390,9 @@ def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool)
 
     Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then adds
     tokenizer, logs and manifest and renames the folder into place."""
+    bad = next((n for n, p in trainer.model.named_parameters() if not p.isfinite().all()), None)
+    if bad is not None:  # the last update can break the weights after the last loss
+        raise FusechatError(f"{out}: not saved: training made {bad} non-finite")
     staging = out.with_name(f".{out.name}.tmp")
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from fusechat.errors import FusechatError, first_line
-from fusechat.io import MANIFEST, atomic_dir, fingerprint, read_json, stat_fingerprint, write_json
+from fusechat.io import (
+    MANIFEST,
+    atomic_dir,
+    check_apart,
+    fingerprint,
+    read_json,
+    stage_of,
+    stat_fingerprint,
+    write_json,
+)
 from fusechat.merge import varm
 from fusechat.merge.plot import heatmap
 from fusechat.recipe import read_yaml, validation_error
@@ -93,6 +103,7 @@ def check_method(method: str, parameters: dict, model_parameters: dict, where: s
     allowed = {"parameters": {p.name: p for p in spec.parameters},
                "model_parameters": {p.name: p for p in spec.input_parameters}}  # fmt: skip
     for kind, given in (("parameters", parameters), ("model_parameters", model_parameters)):
+        check_numbers(given or {}, f"{where}.{kind}")
         for name, value in (given or {}).items():
             ps = allowed[kind].get(name)
             if ps is None:
@@ -106,11 +117,28 @@ def check_method(method: str, parameters: dict, model_parameters: dict, where: s
                 )
 
 
+def check_numbers(obj: Any, where: str, density: bool = False) -> None:
+    """Every number in a merge configuration finite, and every density in [0, 1]: NaN passes
+    mergekit's own checks and merges into a model of NaNs."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_numbers(v, f"{where}.{k}", density or k == "density")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            check_numbers(v, f"{where}[{i}]", density)
+    elif isinstance(obj, float | int) and not isinstance(obj, bool):
+        if not math.isfinite(obj):
+            raise FusechatError(f"{where}: {obj} is not a finite number")
+        if density and not 0 <= obj <= 1:
+            raise FusechatError(f"{where}: a density is a share of the entries, in [0, 1]")
+
+
 def parse_config(raw: dict, source: str):
     """Validate with mergekit's own schema; unknown methods are named with the known ones."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
+    check_numbers(raw, source)
     known = known_methods()
     method = raw.get("merge_method")
     if method not in known:
@@ -277,14 +305,42 @@ def group_statistics(cfg, options, granularity: str, statistic: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def _first_nonfinite(folder: str | Path, names: list[str] | None = None) -> str | None:
+    """The first tensor of a checkpoint (or of ``names``) holding a NaN or an infinity."""
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+    loader = LazyTensorLoader(ShardedTensorIndex.from_disk(str(folder)), lazy_unpickle=True)
+    for name in names or sorted(loader.index.tensor_paths):
+        if name in loader.index.tensor_paths and not loader.get_tensor(name).isfinite().all():
+            return name
+    return None
+
+
+def _check_finite_output(folder: Path, refs: list, options) -> None:
+    """A merge that wrote a NaN or an infinity fails, naming the tensor and the input that
+    holds one there (a diverged target) before anything is renamed into place."""
+    bad = _first_nonfinite(folder)
+    if bad is None:
+        return
+    for ref in refs:
+        if _first_nonfinite(_local(ref, options)[1], [bad]):
+            raise FusechatError(f"{ref}: tensor {bad} holds non-finite values; not merged")
+    raise FusechatError(f"the merge made tensor {bad} non-finite (check its parameters)")
+
+
 # --------------------------------------------------------------------------- entry point
+
+
+def _inputs(cfg) -> list[str]:
+    """Every model and adapter path the merge reads."""
+    refs = [m.model for m in cfg.models or []] + ([cfg.base_model] if cfg.base_model else [])
+    return [str(p.path) for r in refs for p in (r.model, r.lora) if p is not None]
 
 
 def _merge_key(raw: dict, cfg, random_seed: int) -> tuple[str, str]:
     """(the merge's settings, those and the inputs' content): a target retrained at the same
     path merges anew."""
-    refs = [m.model for m in cfg.models or []] + ([cfg.base_model] if cfg.base_model else [])
-    inputs = [str(p.path) for r in refs for p in (r.model, r.lora) if p is not None]
+    inputs = _inputs(cfg)
     same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
     key = fingerprint({"merge": same_merge, "inputs": {p: stat_fingerprint(p) for p in inputs}})
     return same_merge, key
@@ -293,7 +349,7 @@ def _merge_key(raw: dict, cfg, random_seed: int) -> tuple[str, str]:
 def _done(out: Path, key: str, same_merge: str, overwrite: bool) -> dict | None:
     """The report of a finished merge with this key (reused), None when the merge must run;
     an output of another merge is refused unless ``overwrite``."""
-    if (out / REPORT).exists():
+    if stage_of(out) == "merge":
         old = read_json(out / REPORT)
         if old.get("key") == key and not overwrite:
             log.info("%s: already merged with this configuration and these inputs", out)
@@ -302,8 +358,9 @@ def _done(out: Path, key: str, same_merge: str, overwrite: bool) -> dict | None:
             log.info("%s: an input changed since it was merged: merging again", out)
         elif not overwrite:
             raise FusechatError(f"{out}: exists with another merge; use --overwrite")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FusechatError(f"{out}: exists and is not a merge output; use --overwrite")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # --overwrite replaces a merge's output only, never a model or a user's folder
+        raise FusechatError(f"{out}: exists and is not a merge output; choose another folder")
     return None
 
 
@@ -338,6 +395,8 @@ def run(
     cfg = parse_config(raw := load_config(config), str(config))
     same_merge, key = _merge_key(raw, cfg, random_seed)
     out = Path(out)
+    tok = cfg.tokenizer_source
+    check_apart(out, [*_inputs(cfg), str(tok.model.path) if hasattr(tok, "model") else None])
     if (old := _done(out, key, same_merge, overwrite)) is not None:
         return old
     # mergekit caches merged adapters by path, not content: a retrained adapter at the same path
@@ -353,6 +412,7 @@ def run(
     )  # fmt: skip
     warnings = check_inputs(cfg, options)
     models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)
+    refs = cfg.referenced_models()
     params = varm_parameters(cfg) if cfg.merge_method == "varm" else {}
     if params and params["granularity"] in ("layer", "model"):
         varm.set_group_stats(
@@ -365,6 +425,7 @@ def run(
             run_merge(cfg, str(tmp), options)
         except (RuntimeError, ValueError, TypeError) as e:
             raise FusechatError(f"{config}: mergekit failed: {first_line(e)}") from None
+        _check_finite_output(tmp, refs, options)
         weights = varm.reset_report()
         report = {
             "key": key, "merge": same_merge, "merge_method": cfg.merge_method,

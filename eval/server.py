@@ -24,23 +24,25 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 log = logging.getLogger(__name__)
+BODY_TIMEOUT = 30.0  # seconds for a request's body to arrive whole
 
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we ignore
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    # strict: "10" and true are client mistakes (400), not 10 and 1
+    max_tokens: StrictInt | None = Field(default=None, gt=0)
+    max_completion_tokens: StrictInt | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
     n: Literal[1] = 1
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)  # torch's 64 bits
 
 
 class _Message(BaseModel):
@@ -53,7 +55,7 @@ class ChatRequest(_Req):
 
 
 class CompletionRequest(_Req):
-    prompt: str
+    prompt: str = Field(min_length=1)  # no token to continue from
 
 
 @dataclass
@@ -198,14 +200,25 @@ class _Api:
         self.gen, self.name, self.max_body = gen, served_name, max_body
 
     async def parse(self, request: Request, cls: type[_Req]) -> _Req:
-        """The request body as ``cls``: size checked before reading, parsed in a thread."""
-        chunks, size = [], 0
-        async for chunk in request.stream():  # read as it arrives: the loop stays free
-            size += len(chunk)
-            if size <= self.max_body:
-                chunks.append(chunk)
-            elif size > 16 * self.max_body:
-                break  # draining so the client can read the 413 has its limits too
+        """The request body as ``cls``: size checked before reading, parsed in a thread; a
+        body that does not arrive within ``BODY_TIMEOUT`` seconds is a 408 (a client that
+        sends a few bytes and stalls must not hold a connection for ever)."""
+        chunks: list[bytes] = []
+
+        async def read() -> int:
+            size = 0
+            async for chunk in request.stream():  # read as it arrives: the loop stays free
+                size += len(chunk)
+                if size <= self.max_body:
+                    chunks.append(chunk)
+                elif size > 16 * self.max_body:
+                    break  # draining so the client can read the 413 has its limits too
+            return size
+
+        try:
+            size = await asyncio.wait_for(read(), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise _Reject(408, f"request body not received within {BODY_TIMEOUT:g} s") from None
         if size > self.max_body:
             raise _Reject(413, f"request body over {self.max_body} bytes (the server's limit)")
         body = b"".join(chunks)

@@ -45,7 +45,20 @@ def served_name(model: str, name: str | None = None) -> str:
 def serve(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, api_key: str | None = None, max_batch: int = 16,
           **vllm_options) -> int:  # fmt: skip
-    """Serve until interrupted; the exit status."""
+    """Serve until interrupted; the exit status. The address is checked before the model
+    loads: a port out of range or already taken is one line, not a traceback after loading."""
+    import socket
+
+    from fusechat.errors import FusechatError
+
+    if not 0 <= port <= 65535:
+        raise FusechatError(f"--port {port}: a port is 0 to 65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise FusechatError(f"--host {host} --port {port}: cannot listen ({e.strerror})") from None
     name = served_name(model, name)
     if pick_backend(backend) == "vllm":
         return subprocess.call(vllm_command(model, host, port, name, api_key=api_key,

@@ -80,6 +80,8 @@ def check_same_corpus(pivot, source) -> None:
         ("corpus_fingerprint", "different corpora"),
         ("rows", "different numbers of rows"),
         ("shard_rows", "different shard sizes"),
+        ("max_length", "different max lengths (the rows are cut at other places)"),
+        ("overflow", "different overflow rules"),
         ("template", "different conversation templates"),
         ("rendering", "different chat templates (use the pivot's for every model)"),
     ):
@@ -333,6 +335,9 @@ def align(
         stats = {"method": cfg.method, **transfer_stats(tally),
                  "learned_positions": tally["learned"], "pivot_capture": str(pivot_dir),
                  "source_capture": str(source_dir)}  # fmt: skip
+        if not stats.get("coverage"):
+            log.warning("%s: no pivot position got a distribution from %s (coverage 0): the "
+                        "captures do not overlap", out, source_dir)  # fmt: skip
         log.info("aligned %s (%s): %s", source_dir, cfg.method,
                  ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
         return stats

@@ -255,13 +255,15 @@ def capture(
         )
     created = join(ranks)
     try:
-        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data.path)
+        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data.path,
+                              len(tokenizer))  # fmt: skip
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, data) -> dict:
+def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, data,
+                   n_tokens: int) -> dict:  # fmt: skip
     """``capture`` once the rows and the key are known: this rank's shards, then the manifest."""
     n_shards = -(-len(rows) // cfg.shard_rows)
 
@@ -281,7 +283,12 @@ def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, d
             run["scorer"] = (
                 VLLMScorer(cfg.model, cfg.dtype, cfg.max_length, cfg.k, cfg.tensor_parallel_size)
                 if cfg.backend == "vllm"
-                else HFScorer(cfg.model, cfg.dtype, ranks.local if ranks.world > 1 else None)
+                else HFScorer(
+                    cfg.model,
+                    cfg.dtype,
+                    ranks.local if ranks.world > 1 else None,
+                    n_tokens=n_tokens,
+                )
             )
             desc = f"capture {out.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
             run["bar"] = tqdm(total=tokens(mine), unit="tok", unit_scale=True, desc=desc)

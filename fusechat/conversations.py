@@ -106,7 +106,8 @@ def _read_rows_unchecked(path: Path) -> list:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    # utf-8-sig: a byte-order mark some editors write must not cost the first row
+    text = path.read_text(encoding="utf-8-sig")
     if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -49,7 +49,8 @@ class ModelSpec(ModelSettings):
     """A chat model: a local folder or a hub id (loaded by transformers' Auto classes)."""
 
     path: Annotated[str, Field(min_length=1)]
-    name: str | None = None  # defaults to the last component of ``path``
+    # defaults to the last component of ``path``; it names step folders: no '/', not '..'
+    name: Annotated[str, Field(pattern=r"^[\w.-]*[\w-][\w.-]*$")] | None = None
 
     @property
     def label(self) -> str:

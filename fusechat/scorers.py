@@ -38,11 +38,30 @@ def topk_and_gold(
     return top.indices.cpu().numpy(), top.values.cpu().numpy(), gold.cpu().numpy()
 
 
+def _with_cache(model, cache) -> dict:
+    """The KV cache as forward's keyword: ``cache`` from transformers 5.2x on
+    (``past_key_values`` is removed in 5.40), ``past_key_values`` before (vLLM's pin)."""
+    import inspect
+
+    new = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if new else "past_key_values": cache}
+
+
+def _cache_of(out):
+    """The KV cache a forward returned, under either name."""
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 class HFScorer:
     """transformers forward passes; ``device_map="auto"`` spreads a large model over the GPUs
     (one process), or each data-parallel rank holds its own copy on its own GPU."""
 
-    def __init__(self, path: str, dtype: str, device: int | None = None):
+    def __init__(
+        self, path: str, dtype: str, device: int | None = None, n_tokens: int | None = None
+    ):
+        """``n_tokens``: the tokenizer's size. An embedding padded past it (Qwen's 152,064 rows
+        for 151,665 tokens) has logits for ids no text has: they are cut before the softmax,
+        so no padded id is ever captured or continued with."""
         from fusechat.data import load_model, resolve_dtype
 
         cuda = torch.cuda.is_available()
@@ -50,7 +69,11 @@ class HFScorer:
         where = ("auto" if device is None else {"": device}) if cuda else None
         self.model = load_model(path, dtype=getattr(torch, dtype), device_map=where)
         self.model.eval()
-        self.vocab_size = self.model.config.vocab_size
+        rows = self.model.get_input_embeddings().num_embeddings
+        if n_tokens is not None and n_tokens > rows:
+            raise FusechatError(f"{path}: the tokenizer has {n_tokens} tokens, the model's "
+                                f"embedding {rows} rows")  # fmt: skip
+        self.vocab_size = n_tokens or self.model.config.vocab_size
 
     @torch.inference_mode()
     def score(
@@ -66,6 +89,7 @@ class HFScorer:
             attn[i, : len(s)] = 1
         device = self.model.get_input_embeddings().weight.device
         logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        logits = logits[..., : self.vocab_size]  # no padded embedding row is a candidate
         out = []
         for i, s in enumerate(segs):
             targets = torch.tensor([*s[1:], nexts[i]], device=logits.device)
@@ -90,7 +114,7 @@ class HFScorer:
         mask: it decodes each prompt on its own instead (``prefill_per_candidate``)."""
         slide = getattr(self.model.config, "sliding_window", None)
         if slide is not None and slide < len(window) + n:
-            return prefill_per_candidate(self.model, window, cands, n)
+            return prefill_per_candidate(self.model, window, cands, n, self.vocab_size)
         device = self.model.get_input_embeddings().weight.device
         dtype = self.model.get_input_embeddings().weight.dtype
         ids = torch.tensor([list(window)], device=device)
@@ -101,16 +125,16 @@ class HFScorer:
             toks = torch.tensor([c for _, c in part], device=device)
             prefix = torch.arange(len(window), device=device)[None, :] <= pt[:, None]
             own = torch.eye(len(part), dtype=torch.bool, device=device)
-            cache = self.model(input_ids=ids, use_cache=True).past_key_values
+            cache = _cache_of(self.model(input_ids=ids, use_cache=True))
             steps = []
             for s in range(n):
                 allow = torch.cat([prefix, own.repeat(1, s + 1)], dim=1)
                 mask = torch.zeros(allow.shape, dtype=dtype, device=device)
                 mask = mask.masked_fill(~allow, torch.finfo(dtype).min)[None, None]
                 out = self.model(input_ids=toks[None], attention_mask=mask,
-                                 position_ids=(pt + 1 + s)[None], past_key_values=cache,
-                                 use_cache=True)  # fmt: skip
-                cache, toks = out.past_key_values, out.logits[0].argmax(-1)
+                                 position_ids=(pt + 1 + s)[None], use_cache=True,
+                                 **_with_cache(self.model, cache))  # fmt: skip
+                cache, toks = _cache_of(out), out.logits[0, :, : self.vocab_size].argmax(-1)
                 steps.append(toks)
             got[a : a + len(part)] = torch.stack(steps, 1).cpu().numpy()
         return got
@@ -118,7 +142,12 @@ class HFScorer:
 
 @torch.inference_mode()
 def prefill_per_candidate(
-    model, window: Sequence[int], cands: Sequence[tuple[int, int]], n: int, batch_tokens: int = 8192
+    model,
+    window: Sequence[int],
+    cands: Sequence[tuple[int, int]],
+    n: int,
+    vocab_size: int | None = None,
+    batch_tokens: int = 8192,
 ) -> np.ndarray:
     """``HFScorer.continue_candidates`` one prompt per candidate (``window[: t + 1]``, then the
     candidate): prompts left-padded into batches by length, prefilled, then ``n - 1`` cached
@@ -136,13 +165,13 @@ def prefill_per_candidate(
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        steps = [out.logits[:, -1].argmax(-1)]
+        steps = [out.logits[:, -1, :vocab_size].argmax(-1)]
         for _ in range(n - 1):
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
             out = model(input_ids=steps[-1][:, None], attention_mask=attn, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
-            steps.append(out.logits[:, -1].argmax(-1))
+                        use_cache=True, **_with_cache(model, _cache_of(out)))  # fmt: skip
+            steps.append(out.logits[:, -1, :vocab_size].argmax(-1))
         got[batch] = torch.stack(steps, 1).cpu().numpy()
     return got
 

@@ -217,19 +217,34 @@ def _precision(name: str) -> dict:
     return {"bf16": name == "bf16", "fp16": name == "fp16"}
 
 
+def _readable_weights(folder: Path) -> bool:
+    """Every safetensors file of a checkpoint opens whole (a file cut short, by a full disk
+    or a copy, fails its header's coverage check)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt"):
+                pass
+    except (SafetensorError, OSError):
+        return False
+    return True
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest ``checkpoint-N`` that was written whole. The Trainer writes a checkpoint's
     ``trainer_state.json`` after its weights, optimizer and RNG states, so a folder without it
-    was cut off by a kill; such folders are removed (resuming from one fails)."""
+    was cut off by a kill; one whose weights do not open was damaged since. Such folders are
+    removed (resuming from one fails) and the one before is used."""
     found = sorted(
         (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
         reverse=True,
     )
     for p in found:
-        if (p / "trainer_state.json").exists():
+        if (p / "trainer_state.json").exists() and _readable_weights(p):
             return str(p)
-        log.warning("%s: incomplete checkpoint (killed while saving), removed", p)
+        log.warning("%s: incomplete or damaged checkpoint, removed", p)
         shutil.rmtree(p, ignore_errors=True)
     return None
 

@@ -26,6 +26,9 @@ def world(toy_world, tmp_path_factory) -> dict[str, Path]:
                             shard_rows=4)  # fmt: skip
         caps[m] = d / f"cap-{m}"
         capture(cfg, data, caps[m], max_rows=8)
+    short = CaptureConfig(model=str(toy_world / "nh2-mixtral-mini"), template="openchat",
+                          max_length=32, shard_rows=4)  # fmt: skip
+    capture(short, data, d / "cap-short", max_rows=8)
     assert main(["align", "--pivot", str(caps["openchat-mini"]), "--source",
                  str(caps["nh2-mixtral-mini"]), "--out", str(d / "al")]) == 0  # fmt: skip
     (d / "latin1.jsonl").write_bytes('{"messages": "caf\xe9"}\n'.encode("latin-1"))
@@ -83,6 +86,11 @@ RECIPE_EDITS = {
     "capture-lookahead": _set("capture.lookahead", -1),
     "lora-r": _set("train.lora", {"r": 0}),
     "no-sources": _set("models.sources", []),
+    "seed": _set("seed", -1),
+    "seed-too-large": _set("seed", 2**32),
+    "extra-unknown": _set("train.extra", {"bogus_key": 1}),
+    "extra-owned": _set("train.extra", {"output_dir": "x"}),
+    "model-name-escapes": _set("models.pivot.name", ".."),
     "merge-method": _set("merge.methods", [{"name": "x", "method": "no_such_method"}]),
     "varm-parameter": _set(
         "merge.methods", [{"name": "v", "method": "varm", "parameters": {"granularity": "bogus"}}]
@@ -145,6 +153,34 @@ CASES = {
     "train --max-length 0": (TRAIN + ["--max-length", "0"], "--max-length"),
     "train --weight-decay -1": (TRAIN + ["--weight-decay", "-1"], "--weight-decay"),
     "train --save-steps 0": (TRAIN + ["--save-steps", "0"], "--save-steps"),
+    "train --seed -1": (TRAIN + ["--seed", "-1"], "--seed"),
+    "train --extra unknown key": (TRAIN + ["--extra", '{{"bogus_key": 1}}'], "bogus_key"),
+    "train --extra a key fusechat sets": (
+        TRAIN + ["--extra", '{{"output_dir": "x"}}'],
+        "output_dir",
+    ),
+    "align captures cut at other lengths": (
+        ["align", "--pivot", PIVOT, "--source", "{d}/cap-short", "--out", "{d}/out"],
+        "different max lengths",
+    ),
+    "serve --port 70000": (
+        ["serve", "{toy}/openchat-mini", "--backend", "hf", "--port", "70000"],
+        "--port 70000",
+    ),  # fmt: skip
+    **(
+        {
+            "merge --device cuda without CUDA": (
+                ["merge", "{d}/merge-zero.yaml", "{d}/out", "--device", "cuda"],
+                "CUDA is not available",
+            )
+        }
+        if not __import__("torch").cuda.is_available()
+        else {}
+    ),  # fmt: skip
+    "merge --shard-size 5Q": (
+        ["merge", "{d}/merge-zero.yaml", "{d}/out", "--shard-size", "5Q"],
+        "--shard-size",
+    ),  # fmt: skip
     # unreadable or unusable data
     **{
         f"corpus: {name}": (CAPTURE[:-4] + ["--data", f"{{d}}/{file}", "--out", "{d}/out"], want)
@@ -188,6 +224,9 @@ CASES = {
             ("bad value", "train.lr=-1", "train.lr"),
             ("without =", "train.lr", "KEY=VALUE"),
             ("unknown merge method", "merge.methods[0].method=nope", "unknown merge method"),
+            ("a model name that escapes", "models.sources[0].name=a/../../b", "name"),
+            ("a seed out of range", "seed=-1", "seed"),
+            ("an infinite learning rate", "train.lr=.inf", "train.lr"),
         ]
     },
     # merge configurations

@@ -145,6 +145,14 @@ def test_load_jsonl_skips_and_reports_bad_rows_by_number(tmp_path, caplog):
         load_conversations(p, strict=True)
 
 
+def test_a_byte_order_mark_keeps_the_first_row(tmp_path):
+    good = json.dumps({"messages": CONV[1:3]})
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + f"{good}\n{good}\n".encode())
+    convs, report = load_conversations(p, strict=True)
+    assert len(convs) == 2 and not report.skipped
+
+
 def test_load_parquet_and_saved_dataset(tmp_path):
     import datasets
 

@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -338,3 +339,63 @@ def test_an_alias_bomb_is_refused_at_once(capsys, tmp_path):
     (tmp_path / "bomb.yaml").write_text(recipe + "\n".join(lines) + "\n")
     err = one_line_error(capsys, ["recipe", "check", str(tmp_path / "bomb.yaml")])
     assert "expands to more than" in err
+
+
+def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path):
+    from fusechat.train import last_complete_checkpoint
+
+    for step in (1, 2, 3):
+        c = tmp_path / f"checkpoint-{step}"
+        c.mkdir()
+        save_file({"w": torch.ones(64, 64)}, c / "model.safetensors")
+        (c / "trainer_state.json").write_text("{}")
+    w = tmp_path / "checkpoint-3" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # cut short
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()  # killed while saving
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+@pytest.fixture(scope="module")
+def padded(w) -> Path:
+    """The Mixtral source with its embedding and head padded 40 rows past its tokenizer (as
+    Qwen pads 151,665 tokens to 152,064), the padded head rows made the most likely logits:
+    without the mask they would fill every top-K."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = w["toy"] / "nh2-mixtral-mini"
+    out = w["d"] / "padded-model"
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    n = len(tok)
+    model.resize_token_embeddings(n + 40, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[n:] = 5 * head[:n].abs().max(0).values  # the largest dot product with any state
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    assert model.config.vocab_size == n + 40
+    return out
+
+
+def test_padded_embedding_rows_are_never_captured(padded, w):
+    from fusechat.align import align
+    from fusechat.fuse import fuse_stage
+    from fusechat.shards import unpack_ids
+
+    n = len(__import__("transformers").AutoTokenizer.from_pretrained(padded))
+    cfg = CaptureConfig(model=str(padded), template="openchat", max_length=64, shard_rows=3,
+                        lookahead=2, lookahead_min_prob=0.0)  # fmt: skip
+    cap = w["d"] / "cap-padded"
+    capture(cfg, w["data"], cap, max_rows=ROWS)
+    rows = [r for _, rs in StageReader(cap, "capture").shards() for r in rs]
+    for key in ("pos.topk_ids", "pos.topk_next"):
+        ids = np.concatenate([unpack_ids(r[key]).ravel() for r in rows])
+        assert ids.max() < n and (ids >= 0).any(), key
+    align(w["d"] / "cap-openchat-mini", cap, w["d"] / "al-padded")
+    fuse_stage(w["d"] / "cap-openchat-mini", [w["d"] / "al-padded"], w["d"] / "fused-padded")
+    pivot_n = len(
+        __import__("transformers").AutoTokenizer.from_pretrained(w["toy"] / "openchat-mini")
+    )
+    fused = [r for _, rs in StageReader(w["d"] / "fused-padded", "fuse").shards() for r in rs]
+    assert max(int(unpack_ids(r["pos.target_ids"]).max()) for r in fused) < pivot_n

@@ -69,6 +69,19 @@ def test_openai_client_chat_stream_completions(server):
         ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),
         ("/completions", {"max_tokens": 5}),
         ("/completions", {"prompt": "x" * 5000}),  # longer than the context
+        ("/completions", {"prompt": "", "max_tokens": 4}),  # nothing to continue
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"},
+        ),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
+        ),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 1, "seed": 2**80},
+        ),  # fmt: skip
     ],
 )
 def test_malformed_requests_get_400(server, path, body):
@@ -119,6 +132,30 @@ def test_unknown_model_404_and_oversized_body_413_without_stalling_others(toy_wo
     assert code == 200 and beside < alone + 0.5, (alone, beside)
     code, body = results["big"]
     assert code == 413 and str(1 << 20) in body["error"]["message"], body
+
+
+def test_a_body_that_stalls_gets_408_and_others_are_served(server, monkeypatch):
+    """A client that sends its headers and one byte of a 1,000-byte body, then nothing: its
+    request times out (408) while a normal request is answered at once."""
+    import socket
+
+    from fusechat.eval import server as srv
+
+    monkeypatch.setattr(srv, "BODY_TIMEOUT", 1.0)
+    host, port = server.split("//")[1].split("/")[0].split(":")
+    slow = [socket.create_connection((host, int(port))) for _ in range(20)]
+    for s in slow:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: 1000\r\n\r\n{")  # fmt: skip
+    t0 = time.perf_counter()
+    status, _ = _post(server + "/chat/completions",
+                      json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 2, "temperature": 0}).encode())  # fmt: skip
+    assert status == 200 and time.perf_counter() - t0 < 5
+    for s in slow:
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"HTTP/1.1 408")
+        s.close()
 
 
 def test_a_model_that_cannot_load_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 from fusechat import __version__
 from fusechat.cli_stages import add_command, add_stage_commands
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> int:
@@ -100,40 +100,79 @@ def _add_run_command(sub) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    """does fusion beat plain fine-tuning? a recipe over several seeds, with statistics
+    """does fusion beat plain fine-tuning, and merging beat fusion? a recipe over worlds and seeds
 
-    Run a recipe once per seed (--set seed=N; captures, alignments and fused targets are
-    shared) and report, per model, the mean and standard deviation over seeds of held-out
-    nats/char and the judge average; per pairwise target its gain over the CLM baseline
-    against twice the larger standard deviation and its token efficiency (tokens the CLM
-    baseline needs to reach its final held-out loss over the tokens the target needs; needs
-    train.heldout and train.eval_steps); the merges against the best pairwise target. Writes
-    study.json, study.png (held-out loss against tokens, seed bands) and table.txt; the last
-    line printed is one JSON object.
+    Run a recipe once per (world, seed) pair (--set seed=N; captures, alignments and fused
+    targets are shared across seeds) and compare, pair by pair, each pairwise target and each
+    merge with the CLM baseline, and each merge with the best pairwise target: mean paired
+    gain in held-out nats/char, its 95% t interval and the pairs won; the verdict needs the
+    interval above 0 (two pairs at least). Also per model the mean and deviation of nats/char
+    (by skill where the evaluation records skills) and the judge average; per target its token
+    efficiency (tokens the CLM baseline needs to reach its final held-out loss over the tokens
+    the target needs; needs train.heldout and train.eval_steps); and the weight-space figures
+    (each target's relative delta from the pivot, the cosine between the targets' deltas, the
+    held-out loss along pivot -> target and target -> target; needs train.heldout). --worlds N
+    builds toy worlds 0..N-1 (cached) and moves the recipe's toy paths to each. Writes
+    study.json, study.png and table.txt; the last line printed is one JSON object.
     """
     from fusechat.study import format_table, run_study
 
-    result = run_study(args.recipe, args.seeds, args.set)
+    worlds = args.world_seeds or (list(range(args.worlds)) if args.worlds else [])
+    result = run_study(args.recipe, args.seeds, args.set, worlds)
     print(format_table(result))
     print(f"study folder: {result['folder']}")
-    last = {
-        "seeds": result["seeds"],
+    print(json.dumps(study_json(result)))
+    return 0
+
+
+def study_json(result: dict) -> dict:
+    """The study's last line: the verdicts with their paired figures (per-pair lists left to
+    study.json)."""
+
+    def brief(p: dict) -> dict:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in p.items()
+                if k != "per_pair"} | {"ci": p["ci"] and [round(x, 5) for x in p["ci"]]}  # fmt: skip
+
+    w = result.get("weights") or {}
+    return {
+        "pairs": len(result["pairs"]),
+        "worlds": result.get("worlds", []),
         "nll_per_char": {n: [round(m["nll/char"]["mean"], 5), round(m["nll/char"]["std"], 5)]
                          for n, m in result["models"].items()},
-        "average": {n: [round(m["average"]["mean"], 3), round(m["average"]["std"], 3)]
-                    for n, m in result["models"].items() if "average" in m},
-        "targets": result["targets"],
-        "merges": result.get("merges", {}),
+        "targets": {t: {"vs_clm": brief(r["vs_clm"]), "beats_clm": r["beats_clm"],
+                        "token_efficiency": r["token_efficiency"] and
+                        [round(r["token_efficiency"]["mean"], 3), round(r["token_efficiency"]["std"], 3)],
+                        "by_skill": {k: round(v, 5) for k, v in r["by_skill"].items()}}
+                    for t, r in result["targets"].items()},
+        "best_target": result.get("best_target"),
+        "merges": {m: {"vs_clm": brief(r["vs_clm"]), "beats_clm": r["beats_clm"],
+                       "vs_best_target": brief(r["vs_best_target"]),
+                       "at_least_as_good": r["at_least_as_good"]}
+                   for m, r in result.get("merges", {}).items()},
+        "relative_delta": {k: round(v["mean"], 4) for k, v in w.get("relative_delta", {}).items()},
+        "delta_cosine": {k: round(v["mean"], 4) for k, v in w.get("delta_cosine", {}).items()},
+        "interpolation": {k: [round(y, 5) for y in v] for k, v in w.get("lines", {}).items()},
         "same_tokens_per_step": result["same_tokens_per_step"],
     }  # fmt: skip
-    print(json.dumps(last))
-    return 0
 
 
 def _add_study_command(sub) -> None:
     s = add_command(sub, "study", _cmd_study)
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(0 1 2)")
+    s.add_argument(
+        "--worlds",
+        type=int,
+        metavar="N",
+        help="toy worlds 0..N-1, each built here (default: the recipe's world alone)",
+    )
+    s.add_argument(
+        "--world-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="toy worlds by seed, instead of --worlds (e.g. 3 4 5)",
+    )
     _add_set_option(s)
 
 
@@ -254,12 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     debug = os.environ.get("FUSECHAT_DEBUG", "") not in ("", "0")
+    from safetensors import SafetensorError
+
     try:
         return args.func(args)
     except FusechatError as e:
         if debug:
             raise
         print(f"fusechat: error: {e}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # writing weights on a full disk (EFBIG), not an OSError
+        if debug:
+            raise
+        print(f"fusechat: error: cannot write weights ({first_line(e)})", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -305,6 +305,41 @@ def group_statistics(cfg, options, granularity: str, statistic: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def delta_figures(cfg, options) -> dict:
+    """``fusechat.weightspace``'s figures for a merge with a base, read tensor by tensor: each
+    input's relative delta ``||theta_i - theta_base|| / ||theta_base||`` and the cosine between
+    every two inputs' deltas. Small deltas pointing the same way are what averaging needs
+    (model soups); 40% apart at cosine 0.6, a merge lands off every input."""
+    import math
+
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+    def loader(ref):
+        index = ShardedTensorIndex.from_disk(_local(ref, options)[1])
+        return LazyTensorLoader(index, lazy_unpickle=True)
+
+    base = loader(cfg.base_model)
+    refs = [m.model for m in cfg.models or [] if m.model != cfg.base_model]
+    loaders = {str(r): loader(r) for r in refs}
+    names = list(loaders)
+    b2, d2 = 0.0, dict.fromkeys(names, 0.0)
+    dots = {(a, b): 0.0 for i, a in enumerate(names) for b in names[i + 1 :]}
+    for t in sorted(base.index.tensor_paths):
+        p = base.get_tensor(t)
+        if not p.is_floating_point():
+            continue
+        p = p.double()
+        b2 += float(p.square().sum())
+        d = {n: ld.get_tensor(t).double() - p for n, ld in loaders.items()}
+        for n in names:
+            d2[n] += float(d[n].square().sum())
+        for a, b in dots:
+            dots[a, b] += float((d[a] * d[b]).sum())
+    cos = {f"{a} ~ {b}": v / math.sqrt(d2[a] * d2[b]) if d2[a] and d2[b] else None
+           for (a, b), v in dots.items()}  # fmt: skip
+    return {"relative_delta": {n: math.sqrt(d2[n] / b2) for n in names}, "delta_cosine": cos}
+
+
 def _first_nonfinite(folder: str | Path, names: list[str] | None = None) -> str | None:
     """The first tensor of a checkpoint (or of ``names``) holding a NaN or an infinity."""
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
@@ -392,6 +427,12 @@ def run(
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    try:
+        size = parse_kmb(shard_size)
+    except ValueError:
+        raise FusechatError(f"--shard-size {shard_size}: a number with K, M or B (5B)") from None
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise FusechatError(f"--device {device}: CUDA is not available on this machine")
     cfg = parse_config(raw := load_config(config), str(config))
     same_merge, key = _merge_key(raw, cfg, random_seed)
     out = Path(out)
@@ -405,12 +446,13 @@ def run(
         prefix=".lora-", dir=out.parent if out.parent.exists() else None
     )
     options = MergeOptions(
-        out_shard_size=parse_kmb(shard_size), lora_merge_cache=scratch.name,
+        out_shard_size=size, lora_merge_cache=scratch.name,
         lora_merge_dtype=lora_merge_dtype, lazy_unpickle=True, quiet=False,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
         random_seed=random_seed,  # DARE's random drops; the other methods ignore it
     )  # fmt: skip
     warnings = check_inputs(cfg, options)
+    figures = delta_figures(cfg, options) if cfg.base_model else None
     models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)
     refs = cfg.referenced_models()
     params = varm_parameters(cfg) if cfg.merge_method == "varm" else {}
@@ -432,6 +474,7 @@ def run(
             "base_model": str(cfg.base_model) if cfg.base_model else None, "models": models,
             "parameters": json.loads(json.dumps(raw.get("parameters") or {}, default=str)),
             "seconds": round(time.perf_counter() - t0, 2), "warnings": warnings,
+            "weight_space": figures,
         }  # fmt: skip
         if weights:
             _varm_report(report, weights, params, tmp / "varm_weights.png" if plot else None)

@@ -384,3 +384,19 @@ def test_weighted_sum_rounds_once_in_its_accumulation_dtype():
         want = torch.zeros(64, dtype=dtype).add_(ts[0], alpha=0.3).add_(ts[1], alpha=0.7)
         assert out.dtype == dtype and torch.equal(out, want)
         assert not torch.equal(varm.weighted_sum([ts[1], ts[0]], w), out)  # order matters
+
+
+def test_the_report_gives_each_targets_delta_and_their_cosines(targets, tmp_path):
+    """The merge report's weight-space figures, read tensor by tensor, equal the pure
+    functions on whole state dicts (an independent path)."""
+    from fusechat.merge.run import run
+    from fusechat.weightspace import delta_cosine, relative_delta
+
+    pivot, ts = targets
+    r = run(_write(tmp_path, _config(pivot, ts[:2])), tmp_path / "out", plot=False)
+    ws = r["weight_space"]
+    base, a, b = (load_file(p / "model.safetensors") for p in (pivot, *ts[:2]))
+    assert ws["relative_delta"][str(ts[0])] == pytest.approx(relative_delta(base, a))
+    assert ws["relative_delta"][str(ts[1])] == pytest.approx(relative_delta(base, b))
+    assert ws["delta_cosine"][f"{ts[0]} ~ {ts[1]}"] == pytest.approx(delta_cosine(base, a, b))
+    assert 0 < ws["relative_delta"][str(ts[0])] < ws["relative_delta"][str(ts[1])]

@@ -34,22 +34,88 @@ def _run(clm, t1, t2, merge, curves=True):
     return run
 
 
-def test_analyse_means_stds_gains_and_merges():
-    runs = {0: _run(0.30, 0.20, 0.29, 0.25), 1: _run(0.32, 0.22, 0.31, 0.24)}
+T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def test_analyse_pairs_each_model_with_its_own_clm():
+    """Three (world, seed) pairs with unequal spreads: the gains are paired per pair, and
+    the interval is the t interval of the per-pair differences (hand-computed)."""
+    runs = {"w0/s0": _run(0.30, 0.20, 0.29, 0.25), "w0/s1": _run(0.32, 0.22, 0.31, 0.24),
+            "w1/s0": _run(0.31, 0.25, 0.32, 0.26)}  # fmt: skip
     r = analyse(runs)
-    assert r["models"]["clm"]["nll/char"] == pytest.approx(mean_std([0.30, 0.32]))
+    assert r["pairs"] == ["w0/s0", "w0/s1", "w1/s0"]
+    assert r["models"]["clm"]["nll/char"] == pytest.approx(mean_std([0.30, 0.32, 0.31]))
     t1, t2 = r["targets"]["t1"], r["targets"]["t2"]
-    assert t1["gain"] == pytest.approx(0.10) and t1["beats_clm"]
-    # a gain of 0.01 against a std of 0.0141: not twice the larger deviation
-    assert t2["gain"] == pytest.approx(0.01) and not t2["beats_clm"]
-    assert t2["threshold"] == pytest.approx(2 * mean_std([0.30, 0.32])["std"])
+    # t1 gains 0.10, 0.10, 0.06: mean 0.08667, sd 0.023094
+    half = T_975_DF2 * 0.0230940 / 3**0.5
+    assert t1["vs_clm"]["mean"] == pytest.approx(0.26 / 3)
+    assert t1["vs_clm"]["ci"] == pytest.approx([0.0866667 - half, 0.0866667 + half], abs=1e-6)
+    assert t1["vs_clm"]["won"] == 3 and t1["beats_clm"]
+    # t2 gains 0.01, 0.01, -0.01: won 2 of 3, the interval holds 0
+    assert t2["vs_clm"]["won"] == 2 and t2["vs_clm"]["ci"][0] < 0 and t2["beats_clm"] is False
+    # unpaired means would hide it: CLM's spread across pairs is as large as the gain
     assert r["best_target"] == "t1"
-    assert r["merges"]["varm"]["vs_best_target"] == pytest.approx(0.21 - 0.245)
-    assert not r["merges"]["varm"]["at_least_as_good"]
-    assert t1["token_efficiency"]["n"] == 2 and t1["token_efficiency"]["mean"] > 1
+    varm = r["merges"]["varm"]
+    # best target minus merge: -0.05, -0.02, -0.01 (the merge is worse in every pair)
+    assert varm["vs_best_target"]["mean"] == pytest.approx(-0.08 / 3)
+    assert varm["vs_best_target"]["won"] == 0
+    assert varm["vs_clm"]["per_pair"] == pytest.approx([0.05, 0.08, 0.05])
+    assert varm["beats_clm"]
+    # -0.0267 +- 4.30 * 0.0208 / sqrt 3 reaches 0: as good as the best target, as far as 3 pairs tell
+    assert varm["vs_best_target"]["ci"][1] > 0 and varm["at_least_as_good"]
+    assert t1["token_efficiency"]["n"] == 3 and t1["token_efficiency"]["mean"] > 1
     assert same_tokens(runs, "clm")
-    runs[1]["curves"]["t1"]["tokens"] = [0, 11, 20]
+    runs["w0/s1"]["curves"]["t1"]["tokens"] = [0, 11, 20]
     assert not same_tokens(runs, "clm")
+
+
+def test_one_pair_gives_no_verdict():
+    r = analyse({0: _run(0.30, 0.20, 0.29, 0.25)})
+    t1 = r["targets"]["t1"]
+    assert t1["vs_clm"]["ci"] is None and t1["beats_clm"] is None
+    assert r["merges"]["varm"]["at_least_as_good"] is None
+    from fusechat.study import format_table
+
+    assert "no verdict from one pair" in format_table(r) and "beats CLM" not in format_table(r)
+
+
+def test_paired_interval_against_a_plain_loop():
+    import math
+    import random
+
+    from fusechat.study import paired
+
+    rng = random.Random(0)
+    d = [rng.gauss(0.01, 0.02) for _ in range(15)]
+    m = sum(d) / 15
+    s = math.sqrt(sum((x - m) ** 2 for x in d) / 14)
+    t_975_df14 = 2.1447866879169273
+    p = paired(d)
+    assert p["ci"] == pytest.approx(
+        [m - t_975_df14 * s / math.sqrt(15), m + t_975_df14 * s / math.sqrt(15)]
+    )
+    assert p["won"] == sum(x > 0 for x in d) and p["n"] == 15
+
+
+def test_world_overrides_move_every_toy_path(monkeypatch, tmp_path):
+    from fusechat.study import world_folder, world_overrides
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path))
+    raw = {"models": {"pivot": {"path": "${FUSECHAT_CACHE}/toy/openchat-mini"},
+                      "sources": [{"path": "${FUSECHAT_CACHE}/toy/nh2-mixtral-mini"},
+                                  {"path": "/elsewhere/model"}]},
+           "data": {"path": f"{tmp_path}/toy/corpus/train.jsonl"},
+           "train": {"heldout": "${FUSECHAT_CACHE}/toy/corpus/heldout.jsonl", "lr": 0.1},
+           "eval": {"questions": "${FUSECHAT_CACHE}/toyish/q.jsonl"}}  # fmt: skip
+    new = world_folder(3)
+    assert new == tmp_path / "toy-world-3" and world_folder(0) == tmp_path / "toy"
+    assert world_overrides(raw, 3) == [
+        f"models.pivot.path={new}/openchat-mini",
+        f"models.sources[0].path={new}/nh2-mixtral-mini",
+        f"data.path={new}/corpus/train.jsonl",
+        f"train.heldout={new}/corpus/heldout.jsonl",
+    ]
+    assert world_overrides({"models": {"pivot": {"path": "/x"}}}, 3) == []
 
 
 def test_set_overrides():
@@ -65,7 +131,7 @@ def test_set_overrides():
             apply_override(raw, bad)
 
 
-def test_the_table_shows_each_target_against_clm_by_skill():
+def test_the_table_shows_every_model_by_skill():
     from fusechat.study import format_table
 
     runs = {0: _run(0.30, 0.20, 0.29, 0.25), 1: _run(0.32, 0.22, 0.31, 0.24)}
@@ -75,7 +141,11 @@ def test_the_table_shows_each_target_against_clm_by_skill():
             sc["nll/char glossary"] = sc["nll/char"] * 2
     table = format_table(analyse(runs))
     assert "nats/char by skill: facts, glossary" in table
-    block = table.split("nats/char by skill")[1].splitlines()[1:4]
-    assert [x.split()[0] for x in block] == ["clm", "t1", "t2"]  # CLM, then each target
+    block = table.split("nats/char by skill")[1].splitlines()[1:6]
+    assert [x.split()[0] for x in block] == ["pivot", "clm", "t1", "t2", "varm"]
     # t1: facts 0.10 and 0.12 over the seeds, glossary 0.40 and 0.44
-    assert "0.1100 ± 0.0141" in block[1] and "0.4200 ± 0.0283" in block[1]
+    assert "0.1100 ± 0.0141" in block[2] and "0.4200 ± 0.0283" in block[2]
+    # t1's gain over CLM by skill: facts 0.05 in both pairs, glossary 0.20 in both
+    r = analyse(runs)["targets"]["t1"]["by_skill"]
+    assert r == pytest.approx({"facts": 0.05, "glossary": 0.20})
+    assert "largest gain on glossary" in table

@@ -8,10 +8,13 @@ As in the papers, the sources are larger models pretrained on far more data than
 corpus holds: every step draws fresh conversations from the language (``fusechat.toy.corpus``)
 with the model's own skill mix (its specialty six times as often as the rest), about the items
 it knows (``knows``: the share of this world's planets and words; it never sees the others).
-Both sources know every item, each its specialty from many more samples (Mixtral: facts,
-Llama: glossary); the pivot is best at arithmetic and knows a third of the planets and words,
-with general competence (copying names, the answer forms) from another world of the same
-language. None of them sees the fusion corpus.
+The sources are complementary, as FuseChat's premise has them: each knows every item of its
+specialty and only the common third of the other's (Mixtral: every planet, a third of the
+words; Llama: every word, a third of the planets), so each pairwise target has something of
+its own to inherit and a merge has two things to combine. The pivot is best at arithmetic
+and knows the common third of the planets and words, with general competence (copying names,
+the answer forms) from another world of the same language. None of them sees the fusion
+corpus.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ SPECS = (
         # NH2 models speak ChatML, but FuseChat feeds every model the pivot's template.
         templates=("chatml", "openchat"),
         mix={"facts": 4.0, "glossary": 2.0, "arithmetic": 1.0},
-        knows={"facts": 1.0, "glossary": 1.0},
+        knows={"facts": 1.0, "glossary": 1 / 3},  # complementary to the Llama's
         steps=900,
         config=dict(
             hidden_size=128,
@@ -94,7 +97,7 @@ SPECS = (
         vocab_size=1400,  # the pivot's algorithm with twice its merges: other segmentations
         templates=("chatml", "openchat"),
         mix={"glossary": 4.0, "facts": 2.0, "arithmetic": 1.0},
-        knows={"glossary": 1.0, "facts": 1.0},
+        knows={"glossary": 1.0, "facts": 1 / 3},  # complementary to the Mixtral's
         steps=1800,  # at 900 (768 questions): glossary 0.094, facts 0.078 nats/char; now 0.077, 0.046
         lr=1e-3,
         # deeper and wider, with full multi-head attention

@@ -247,8 +247,15 @@ def _add_serve_eval_commands(sub) -> None:
     mt.add_argument("--max-questions", type=int, help="only the first N questions")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line like every other error (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fusechat",
         description="Fuse chat LLMs of different architectures and tokenizers into one "
         "(FuseChat: pairwise knowledge fusion, then VaRM merging).",

@@ -343,6 +343,13 @@ def read_job(cls: type[Config], path: str) -> Config:
 # --------------------------------------------------------------------------- options
 
 
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"  # argparse names it: "invalid JSON value: 'not json'"
+
+
 def _flag(name: str, field, prefix: str, flags: dict[str, str]) -> str:
     return "--" + (prefix + flags.get(name, field.alias or name)).replace("_", "-")
 
@@ -371,8 +378,10 @@ def add_options(
         kind = _unwrap(f.annotation)
         if isinstance(kind, type) and issubclass(kind, Config):
             continue  # nested settings are added with their own prefix
-        default = f.get_default(call_default_factory=True)
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
         shown = "" if default in (None, {}, "") else f" (default {default})"
+        if default not in (None, {}, "") and prefix and kind is not bool:
+            shown = f" (default {default} once {prefix.rstrip('_')} is on)"
         kw: dict[str, Any] = {"dest": prefix + name, "help": f"{f.description}{shown}"}
         flag = _flag(name, f, prefix, flags)
         if kind is bool:
@@ -387,7 +396,7 @@ def add_options(
         elif get_origin(kind) in (tuple, list):
             kw.update(nargs="+")
         elif kind is dict:
-            kw.update(type=json.loads, metavar="JSON")
+            kw.update(type=_json, metavar="JSON")
         else:
             kw.update(type=kind)
         if kind is not bool and "metavar" not in kw and "choices" not in kw:

@@ -108,10 +108,13 @@ def estimate_lines(recipe) -> list[str]:
                  f"{per['capture_source']} bytes per position; sources' vocabularies may differ)")  # fmt: skip
     lines.append(f"  align    {n_src} x {_size(tokens * per['align'])}")
     lines.append(f"  fuse     {n_src} x {_size(tokens * per['fuse'])}")
+    from fusechat.data import resolve_dtype
+
     for m in recipe.models.all:
-        mem = model_memory(expand(m.path), m.dtype)
+        dtype = resolve_dtype(m.dtype)  # what auto means on this machine
+        mem = model_memory(expand(m.path), dtype)
         what = "config not available offline" if mem is None else (
-            f"{_count(mem[0])} parameters, {_size(mem[1])} of weights in "
-            f"{m.dtype if m.dtype != 'auto' else 'bf16 (auto, on GPU)'}")  # fmt: skip
+            f"{_count(mem[0])} parameters, {_size(mem[1])} of weights in {dtype}"
+            + (" (auto on this machine)" if m.dtype == "auto" else ""))  # fmt: skip
         lines.append(f"  model    {m.label}: {what}")
     return lines

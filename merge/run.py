@@ -437,7 +437,10 @@ def run(
     same_merge, key = _merge_key(raw, cfg, random_seed)
     out = Path(out)
     tok = cfg.tokenizer_source
-    check_apart(out, [*_inputs(cfg), str(tok.model.path) if hasattr(tok, "model") else None])
+    tok_path = str(tok.model.path) if hasattr(tok, "model") else None
+    if tok_path and tok_path.startswith(("/", ".", "~")) and not Path(tok_path).is_dir():
+        raise FusechatError(f"{config}: tokenizer_source: {tok_path}: no such folder")
+    check_apart(out, [*_inputs(cfg), tok_path])
     if (old := _done(out, key, same_merge, overwrite)) is not None:
         return old
     # mergekit caches merged adapters by path, not content: a retrained adapter at the same path

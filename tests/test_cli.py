@@ -42,6 +42,45 @@ def test_help_names_every_command_and_explains_every_option(capsys):
                     assert name in out, (path, name)
 
 
+def test_no_help_shows_an_undefined_or_misleading_default(capsys):
+    from fusechat.cli import build_parser
+
+    for path, _ in _commands(build_parser()):
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "PydanticUndefined" not in out, path
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default 16 once lora is on)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["capture", "--model", "x", "--data", "y", "--out", "z", "--k", "abc"],
+         "argument --k: invalid int value: 'abc'"),
+        (["train", "--extra", "not json"], "argument --extra: invalid JSON value: 'not json'"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)  # fmt: skip
+def test_argument_mistakes_are_one_line(argv, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and expect in err, err
+    assert "usage:" not in err
+
+
+def test_the_dry_run_names_the_dtype_auto_means_here(toy_world, capsys):
+    from fusechat.data import resolve_dtype
+
+    assert main(["run", "recipes/mini.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"in {resolve_dtype('auto')} (auto on this machine)" in out
+    assert "on GPU" not in out
+
+
 def test_toy_build_prints_skill_table(toy_world, capsys):
     assert main(["toy", "build", "--out", str(toy_world)]) == 0  # cached: returns at once
     out = capsys.readouterr().out

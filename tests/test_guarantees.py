@@ -399,3 +399,10 @@ def test_padded_embedding_rows_are_never_captured(padded, w):
     )
     fused = [r for _, rs in StageReader(w["d"] / "fused-padded", "fuse").shards() for r in rs]
     assert max(int(unpack_ids(r["pos.target_ids"]).max()) for r in fused) < pivot_n
+
+
+def test_a_missing_tokenizer_source_folder_names_the_field(w, capsys):
+    cfg = merge_yaml(w["d"] / "toksrc.yaml", w["d"] / "target", w["toy"] / "openchat-mini",
+                     tokenizer_source=str(w["d"] / "no-such-tok"))  # fmt: skip
+    err = one_line_error(capsys, ["merge", str(cfg), str(w["d"] / "m-tok"), "--no-plot"])
+    assert "tokenizer_source" in err and "no-such-tok: no such folder" in err

@@ -157,7 +157,11 @@ def parse_config(raw: dict, source: str):
 
 
 def _local(ref, options):
-    """A reference with its LoRA merged (cached) and its local folder."""
+    """A reference with its LoRA merged (cached) and its local folder. A path that looks
+    local (absolute, ./ or ~) and is missing is said so, never looked up on the hub."""
+    for p in (ref.model, ref.lora):
+        if p is not None and str(p.path).startswith(("/", ".", "~")) and not Path(p.path).exists():
+            raise FusechatError(f"{p.path}: no such model folder")
     try:
         merged = ref.merged(
             cache_dir=options.lora_merge_cache, lora_merge_dtype=options.lora_merge_dtype

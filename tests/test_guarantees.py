@@ -406,3 +406,9 @@ def test_a_missing_tokenizer_source_folder_names_the_field(w, capsys):
                      tokenizer_source=str(w["d"] / "no-such-tok"))  # fmt: skip
     err = one_line_error(capsys, ["merge", str(cfg), str(w["d"] / "m-tok"), "--no-plot"])
     assert "tokenizer_source" in err and "no-such-tok: no such folder" in err
+
+
+def test_a_missing_local_model_folder_is_not_looked_up_on_the_hub(w, capsys):
+    cfg = merge_yaml(w["d"] / "missing.yaml", w["d"] / "no-such-model", w["toy"] / "openchat-mini")
+    err = one_line_error(capsys, ["merge", str(cfg), str(w["d"] / "m-missing"), "--no-plot"])
+    assert err.endswith("no-such-model: no such model folder") and "Repo id" not in err

@@ -273,7 +273,7 @@ def test_bad_inputs_give_one_line_and_no_output(targets, toy_world, tmp_path, ca
     err = _one_line_error(capsys, _write(tmp_path, _config(pivot, [ts[0], wide])), out)
     assert "tensor model.layers.0.mlp.up_proj.weight has shape [10, 10]" in err
     err = _one_line_error(capsys, _write(tmp_path, _config(pivot, [tmp_path / "nowhere"])), out)
-    assert "nowhere: cannot load" in err
+    assert "nowhere: no such model folder" in err  # a local path, never sent to the hub
     (tmp_path / "bad.yaml").write_text("merge_method: [varm\n")
     assert "YAML syntax error" in _one_line_error(capsys, tmp_path / "bad.yaml", out)
 

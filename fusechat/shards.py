@@ -195,12 +195,12 @@ def begin_stage(
     overwrite: bool = False,
     prepared: bool = False,
     inputs: Sequence[str | os.PathLike | None] = (),
-) -> set[int] | None:
+) -> dict[int, str | None] | None:
     """Prepare ``folder`` for a stage with settings ``key``.
 
-    Returns None when the stage is already complete with these settings, else the indices of
-    shards already written and still matching their checksums (resume; the others are
-    redone). ``folder`` may not be, contain or lie inside one of ``inputs``. A folder made by
+    Returns None when the stage is already complete with these settings, else the shards
+    already written and still matching their checksums, index -> checksum (resume; the others
+    are redone; ``prepared`` gives indices only, checksum None). ``folder`` may not be, contain or lie inside one of ``inputs``. A folder made by
     the same stage with other settings is an error unless ``overwrite``, which clears it; a
     folder holding anything else (a model, another stage's output) is never written into.
     ``prepared``: another process of the same run has prepared it; only read what is there.
@@ -211,7 +211,7 @@ def begin_stage(
     if isinstance(manifest, dict) and manifest.get("key") == key:
         return None
     if prepared:
-        return {int(p.name[6:11]) for p in folder.glob("shard-*.safetensors")}
+        return dict.fromkeys(int(p.name[6:11]) for p in folder.glob("shard-*.safetensors"))
     check_apart(folder, inputs)
     kind, old = _previous(folder)
     if kind == "foreign":
@@ -232,13 +232,13 @@ def begin_stage(
         _clear(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / STAGE, key)
-    done = set()
+    done = {}
     for p in sorted(folder.glob("shard-*.safetensors")):
-        if _kept_digest(p) is None:
+        if (sums := _kept_digest(p)) is None:
             log.warning("%s: damaged or unverified shard, written again", p)
             p.unlink()
         else:
-            done.add(int(p.name[6:11]))
+            done[int(p.name[6:11])] = sums
     if done:
         log.info("%s: resuming, %d shards already written", folder, len(done))
     return done
@@ -257,8 +257,8 @@ def finish_stage(
     known: dict[int, str] | None = None,
 ) -> dict:
     """Write the manifest that marks the stage complete, with every shard's checksum: those
-    this run wrote (``known``, from ``save_shard``), the rest (a resumed run's earlier shards,
-    other processes' shards) as recorded when written, checked against the bytes on disk."""
+    this run wrote or verified on resume (``known``), the rest (other processes' shards) as
+    recorded when written, checked against the bytes on disk."""
     folder = Path(folder)
     known = known or {}
     sums = {}
@@ -387,7 +387,8 @@ def run_sharded(
         ranks.barrier()  # rank 0 writes the manifest
         return read_manifest(out)
     stats = summarize([r for r, _ in parts])
-    sums = {i: d for i, (_, d) in zip(shards, parts, strict=True)}
+    # the kept shards' checksums were verified by begin_stage: not read again
+    sums = {**done, **{i: d for i, (_, d) in zip(shards, parts, strict=True) if d}}
     manifest = finish_stage(out, key, n_shards, stats, sums)
     ranks.barrier()
     return manifest

@@ -158,10 +158,10 @@ def analyse(runs: dict) -> dict:
         out["best_target"] = best
         out["merges"] = {}
         for m in merges:
-            vs_best = paired(_gains(runs, m, best))
+            vs_clm, vs_best = paired(_gains(runs, m, clm)), paired(_gains(runs, m, best))
             out["merges"][m] = {
-                "vs_clm": paired(_gains(runs, m, clm)),
-                "beats_clm": above_zero(paired(_gains(runs, m, clm))),
+                "vs_clm": vs_clm,
+                "beats_clm": above_zero(vs_clm),
                 "vs_best_target": vs_best,
                 # as good as the best target: the interval of its gain over it reaches 0
                 "at_least_as_good": None if vs_best["ci"] is None else vs_best["ci"][1] >= 0,
@@ -367,6 +367,7 @@ def run_study(
 
             log.info("study: toy world %d in %s", w, world_folder(w))
             build_toy_world(world_folder(w), ToyConfig(seed=w))
+        heldout = load_recipe(recipe, [*overrides, *moved]).train.heldout  # this world's
         for seed in seeds:
             label = f"w{w}/s{seed}" if w is not None else str(seed)
             log.info("study: %s", label)
@@ -374,7 +375,6 @@ def run_study(
             summary = run_recipe(recipe, overrides=ov, quiet=True)
             summary["curves"] = {n: read_curve(m["path"]) for n, m in summary["models"].items()
                                  if m["role"] in ("clm", "target")}  # fmt: skip
-            heldout = load_recipe(recipe, ov).train.heldout
             if heldout:
                 summary["weights"] = _weight_figures(summary, expand(heldout), root)
             print(f"{label}:\n{format_summary(summary)}")

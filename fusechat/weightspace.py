@@ -32,29 +32,53 @@ def _floats(state: State) -> list[str]:
     return sorted(k for k, v in state.items() if v.is_floating_point())
 
 
-def _dot_norms(base: State, a: State, b: State) -> tuple[float, float, float]:
-    """``<a - base, b - base>``, ``|a - base|^2``, ``|b - base|^2`` in float64, tensor by tensor."""
-    dot = na = nb = 0.0
+def delta_sums(base: State, models: Mapping[str, State]) -> dict:
+    """The sums the figures are made of, in float64 over ``base``'s floating tensors:
+    ``base``: ``|theta_p|^2``; ``delta``: per model ``|theta_i - theta_p|^2``; ``dot``: per pair
+    of models ``<theta_a - theta_p, theta_b - theta_p>``. Sums over parts of a model (tensor by
+    tensor, as a merge streams them) add up to the whole model's (``add_sums``)."""
+    names = list(models)
+    out = {"base": 0.0, "delta": dict.fromkeys(names, 0.0),
+           "dot": {(a, b): 0.0 for i, a in enumerate(names) for b in names[i + 1 :]}}  # fmt: skip
     for k in _floats(base):
         p = base[k].double()
-        da, db = a[k].double() - p, b[k].double() - p
-        dot += float((da * db).sum())
-        na += float(da.square().sum())
-        nb += float(db.square().sum())
-    return dot, na, nb
+        out["base"] += float(p.square().sum())
+        d = {n: m[k].double() - p for n, m in models.items()}
+        for n in names:
+            out["delta"][n] += float(d[n].square().sum())
+        for a, b in out["dot"]:
+            out["dot"][a, b] += float((d[a] * d[b]).sum())
+    return out
+
+
+def add_sums(total: dict, part: dict) -> dict:
+    """Two ``delta_sums`` of disjoint tensors of the same models, added."""
+    return {"base": total["base"] + part["base"],
+            "delta": {n: v + part["delta"][n] for n, v in total["delta"].items()},
+            "dot": {k: v + part["dot"][k] for k, v in total["dot"].items()}}  # fmt: skip
+
+
+def figures(sums: dict) -> dict:
+    """From ``delta_sums``: each model's relative delta ``sqrt(delta / base)`` and each pair's
+    delta cosine ``dot / sqrt(delta_a * delta_b)`` (keyed ``"a ~ b"``; None where a delta is
+    zero, or the base is)."""
+    b2, d2 = sums["base"], sums["delta"]
+    rel = {n: math.sqrt(v / b2) if b2 > 0 else None for n, v in d2.items()}
+    cos = {f"{a} ~ {b}": v / math.sqrt(d2[a] * d2[b]) if d2[a] > 0 and d2[b] > 0 else None
+           for (a, b), v in sums["dot"].items()}  # fmt: skip
+    return {"relative_delta": rel, "delta_cosine": cos}
 
 
 def relative_delta(base: State, model: State) -> float:
     """``||theta - theta_base|| / ||theta_base||`` over every floating parameter together."""
-    _, d2, _ = _dot_norms(base, model, base)
-    b2 = sum(float(base[k].double().square().sum()) for k in _floats(base))
-    return math.sqrt(d2 / b2) if b2 > 0 else float("nan")
+    r = figures(delta_sums(base, {"m": model}))["relative_delta"]["m"]
+    return float("nan") if r is None else r
 
 
 def delta_cosine(base: State, a: State, b: State) -> float:
     """Cosine between the deltas ``a - base`` and ``b - base`` (nan where one is zero)."""
-    dot, na, nb = _dot_norms(base, a, b)
-    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else float("nan")
+    c = figures(delta_sums(base, {"a": a, "b": b}))["delta_cosine"]["a ~ b"]
+    return float("nan") if c is None else c
 
 
 def lerp(a: State, b: State, alpha: float) -> dict[str, torch.Tensor]:
@@ -114,21 +138,14 @@ def weight_figures(
         return [loss_at((ends.get(x, f"{a_name}->{b_name}@{x}"),), lerp(a, b, x)) for x in alphas]
 
     names = list(states)
-    out: dict = {
-        "relative_delta": {n: relative_delta(base, s) for n, s in states.items()},
-        "delta_cosine": {},
-        "alphas": list(alphas),
-        "lines": {},
-    }
+    out: dict = {**figures(delta_sums(base, states)), "alphas": list(alphas), "lines": {}}
     for n in names:
         out["lines"][f"pivot->{n}"] = line("pivot", n)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            out["delta_cosine"][f"{a}~{b}"] = delta_cosine(base, states[a], states[b])
             out["lines"][f"{a}->{b}"] = line(a, b)
     out["barrier"] = {k: barrier(alphas, v) for k, v in out["lines"].items()}
     model.load_state_dict(base)
     log.info("weight space: relative deltas %s; delta cosines %s",
-             {k: round(v, 3) for k, v in out["relative_delta"].items()},
-             {k: round(v, 3) for k, v in out["delta_cosine"].items()})  # fmt: skip
+             out["relative_delta"], out["delta_cosine"])  # fmt: skip
     return out

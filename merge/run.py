@@ -314,9 +314,9 @@ def delta_figures(cfg, options) -> dict:
     input's relative delta ``||theta_i - theta_base|| / ||theta_base||`` and the cosine between
     every two inputs' deltas. Small deltas pointing the same way are what averaging needs
     (model soups); 40% apart at cosine 0.6, a merge lands off every input."""
-    import math
-
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+    from fusechat.weightspace import add_sums, delta_sums, figures
 
     def loader(ref):
         index = ShardedTensorIndex.from_disk(_local(ref, options)[1])
@@ -325,23 +325,12 @@ def delta_figures(cfg, options) -> dict:
     base = loader(cfg.base_model)
     refs = [m.model for m in cfg.models or [] if m.model != cfg.base_model]
     loaders = {str(r): loader(r) for r in refs}
-    names = list(loaders)
-    b2, d2 = 0.0, dict.fromkeys(names, 0.0)
-    dots = {(a, b): 0.0 for i, a in enumerate(names) for b in names[i + 1 :]}
-    for t in sorted(base.index.tensor_paths):
-        p = base.get_tensor(t)
-        if not p.is_floating_point():
-            continue
-        p = p.double()
-        b2 += float(p.square().sum())
-        d = {n: ld.get_tensor(t).double() - p for n, ld in loaders.items()}
-        for n in names:
-            d2[n] += float(d[n].square().sum())
-        for a, b in dots:
-            dots[a, b] += float((d[a] * d[b]).sum())
-    cos = {f"{a} ~ {b}": v / math.sqrt(d2[a] * d2[b]) if d2[a] and d2[b] else None
-           for (a, b), v in dots.items()}  # fmt: skip
-    return {"relative_delta": {n: math.sqrt(d2[n] / b2) for n in names}, "delta_cosine": cos}
+    total = None
+    for t in sorted(base.index.tensor_paths):  # one tensor of every model in memory at a time
+        part = delta_sums({t: base.get_tensor(t)},
+                          {n: {t: ld.get_tensor(t)} for n, ld in loaders.items()})  # fmt: skip
+        total = part if total is None else add_sums(total, part)
+    return figures(total)
 
 
 def _first_nonfinite(folder: str | Path, names: list[str] | None = None) -> str | None:

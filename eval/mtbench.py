@@ -79,16 +79,21 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-async def _with_retries(call, retries: int = 3):
+async def chat_with_retries(client, retries: int = 3, **request):
+    """``client.chat.completions.create(**request)``, retried with backoff on connection
+    errors, timeouts, 5xx and 429; then one line naming the endpoint (its base URL)."""
     import openai
 
     for attempt in range(retries + 1):
         try:
-            return await call()
+            return await client.chat.completions.create(**request)
         except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
                 openai.RateLimitError) as e:  # fmt: skip
             if attempt == retries:
-                raise FusechatError(f"endpoint failed after {retries + 1} tries: {e}") from None
+                url = str(client.base_url).rstrip("/")
+                raise FusechatError(
+                    f"endpoint {url}: failed after {retries + 1} tries: {e}"
+                ) from None
             await asyncio.sleep(2**attempt)
 
 
@@ -108,8 +113,8 @@ async def generate_answers(client, model: str, questions: list[dict], out: Path,
             for text in q["turns"]:
                 msgs.append({"role": "user", "content": text})
                 try:
-                    r = await _with_retries(lambda m=list(msgs): client.chat.completions.create(
-                        model=model, messages=m, temperature=temp, max_tokens=max_tokens))  # fmt: skip
+                    r = await chat_with_retries(client, model=model, messages=list(msgs),
+                                                temperature=temp, max_tokens=max_tokens)  # fmt: skip
                     ans = (r.choices[0].message.content or "").strip()
                 except openai.BadRequestError as e:  # e.g. longer than the context: FastChat's
                     log.warning("question %s: %s", q["question_id"], e.message)
@@ -142,9 +147,9 @@ async def judge_answers(client, judge: str, model: str, questions: list[dict],
             name, system, prompt = judge_prompt(
                 prompts, q, answers[q["question_id"]], turn, refs.get(q["question_id"])
             )
-            r = await _with_retries(lambda: client.chat.completions.create(
-                model=judge, temperature=0, max_tokens=2048,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}]))  # fmt: skip
+            r = await chat_with_retries(client, model=judge, temperature=0, max_tokens=2048,
+                                        messages=[{"role": "system", "content": system},
+                                                  {"role": "user", "content": prompt}])  # fmt: skip
             text = r.choices[0].message.content or ""
             _append(out, {"question_id": q["question_id"], "model": model,
                           "judge": [judge, name], "user_prompt": prompt, "judgment": text,

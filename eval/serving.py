@@ -5,6 +5,7 @@ serve``) or for the duration of a block (``serving``, what evaluation uses)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import subprocess
@@ -14,6 +15,70 @@ import time
 from pathlib import Path
 
 from fusechat.errors import FusechatError
+
+# The transformers server's guards against clients that connect and stall (a request body's own
+# limit is ``fusechat.eval.server.BODY_TIMEOUT``): without them each such connection holds a
+# socket for ever, and a few thousand exhaust the server's open files.
+MAX_CONNECTIONS = 64  # open connections; a request beyond them is answered 503 at once
+HEADER_TIMEOUT = 10.0  # seconds for a request's line and headers to arrive whole
+KEEP_ALIVE = 5  # seconds an idle connection is kept between requests (uvicorn's default)
+
+
+def server_config(app, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
+                  header_timeout: float = HEADER_TIMEOUT, log_level: str = "info"):  # fmt: skip
+    """uvicorn's settings for ``app``: at most ``max_connections`` open connections, idle ones
+    closed after ``KEEP_ALIVE`` s, and one whose request line and headers are not whole within
+    ``header_timeout`` s closed (uvicorn's own h11 protocol waits for them for ever)."""
+    import uvicorn
+
+    protocol = functools.partial(_header_timeout_protocol(), header_timeout=header_timeout)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          limit_concurrency=max_connections,
+                          timeout_keep_alive=KEEP_ALIVE)  # fmt: skip
+
+
+@functools.cache
+def _header_timeout_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers, from the moment
+    the connection opens or the request's first byte arrives until h11 has parsed them."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def __init__(self, *args, header_timeout: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.header_timeout = header_timeout
+            self.header_timer = None
+
+        def _arm(self) -> None:
+            self.header_timer = self.loop.call_later(self.header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _expire(self) -> None:
+            self.header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()  # no response: the request is not there to answer
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self.header_timer is None:
+                self._arm()  # the next request on a kept-alive connection begins
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # its headers are parsed: the body has BODY_TIMEOUT
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 def pick_backend(backend: str) -> str:
@@ -44,13 +109,17 @@ def served_name(model: str, name: str | None = None) -> str:
 
 def serve(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, api_key: str | None = None, max_batch: int = 16,
-          **vllm_options) -> int:  # fmt: skip
-    """Serve until interrupted; the exit status. The address is checked before the model
-    loads: a port out of range or already taken is one line, not a traceback after loading."""
+          max_connections: int = MAX_CONNECTIONS, **vllm_options) -> int:  # fmt: skip
+    """Serve until interrupted; the exit status. The model's path and the address are checked
+    before the model loads: a missing folder, a port out of range or already taken is one
+    line, not a traceback after loading."""
     import socket
 
-    from fusechat.errors import FusechatError
+    from fusechat.io import check_found
 
+    check_found(model, "model")
+    if max_connections < 1:
+        raise FusechatError(f"--max-connections {max_connections}: at least 1")
     if not 0 <= port <= 65535:
         raise FusechatError(f"--port {port}: a port is 0 to 65535")
     try:
@@ -67,8 +136,8 @@ def serve(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int 
 
     from fusechat.eval.server import create_app
 
-    uvicorn.run(create_app(model, name, api_key, max_batch=max_batch), host=host, port=port,
-                log_level="info")  # fmt: skip
+    app = create_app(model, name, api_key, max_batch=max_batch)
+    uvicorn.Server(server_config(app, host, port, max_connections)).run()
     return 0
 
 
@@ -84,8 +153,8 @@ def serving(model_path: str, name: str, backend: str = "auto", timeout: float = 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     if pick_backend(backend) == "hf":
-        server = uvicorn.Server(uvicorn.Config(create_app(model_path, name), host="127.0.0.1",
-                                               port=port, log_level="warning"))  # fmt: skip
+        app = create_app(model_path, name)
+        server = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning"))
         threading.Thread(target=server.run, daemon=True).start()
         while not server.started:
             time.sleep(0.02)

@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from fusechat.configs import CaptureConfig, CaptureJob, DataSpec, job_command
-from fusechat.conversations import load_conversations
-from fusechat.data import encode, load_tokenizer
+from fusechat.conversations import LoadReport, load_conversations
+from fusechat.data import TemplateRefused, encode, load_tokenizer, model_context
 from fusechat.errors import FusechatError
 from fusechat.io import (
     corpus_fingerprint,
@@ -69,6 +69,17 @@ def segments(n_tokens: int, max_length: int, overflow: str) -> list[tuple[int, i
     return [(s, min(s + max_length, n_tokens)) for s in range(0, n_tokens, max_length)]
 
 
+def context_warning(max_length: int, context: int | None, lengths: Sequence[int]) -> str | None:
+    """What to say when ``max_length`` exceeds the model's context (its position embeddings):
+    positions past it are scored where the model was never trained (or fail, with learned
+    absolute positions). None when it fits or the context is unknown."""
+    if context is None or max_length <= context:
+        return None
+    longer = sum(n > context for n in lengths)
+    return (f"max_length {max_length} is beyond the model's context (max_position_embeddings "
+            f"{context}): {longer} of {len(lengths)} rows reach past it")  # fmt: skip
+
+
 def lookahead_requests(
     top_ids: np.ndarray,
     top_logprobs: np.ndarray,
@@ -98,13 +109,20 @@ class _Row:
     truncated: bool
 
 
-def _prepare(convs, tokenizer, cfg: CaptureConfig, render_tokenizer=None) -> list[_Row]:
+def _prepare(
+    convs, tokenizer, cfg: CaptureConfig, render_tokenizer=None
+) -> tuple[list[_Row], list[tuple[int, str]]]:
+    """The rows to score, and the conversations the chat template refused (index, why)."""
     from fusechat.tokens import byte_ends, token_bytes
 
     widths = np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
-    rows = []
+    rows, refused = [], []
     for i, msgs in enumerate(convs):
-        e = encode(msgs, tokenizer, cfg.template, render_tokenizer=render_tokenizer)
+        try:
+            e = encode(msgs, tokenizer, cfg.template, render_tokenizer=render_tokenizer)
+        except TemplateRefused as err:
+            refused.append((i, str(err)))
+            continue
         n = len(e.input_ids) if cfg.overflow == "split" else min(len(e.input_ids), cfg.max_length)
         ids = e.input_ids[:n]
         char_end = np.maximum.accumulate([o[1] for o in e.offsets[:n]]) if n else np.zeros(0)
@@ -120,7 +138,26 @@ def _prepare(convs, tokenizer, cfg: CaptureConfig, render_tokenizer=None) -> lis
                 truncated=n < len(e.input_ids),
             )
         )
-    return rows
+    return rows, refused
+
+
+def _check_refused(refused: Sequence[tuple[int, str]], report: LoadReport, data: DataSpec,
+                   template_of: str) -> None:  # fmt: skip
+    """Conversations the chat template refused, named by their row in the corpus as malformed
+    rows are: the first fails a ``strict`` load, else they are skipped with a warning; when
+    the template refuses every row, one line names the corpus."""
+    if not refused:
+        return
+    numbered = [(report.numbers[i], why) for i, why in refused]
+    n, why = numbered[0]
+    if data.strict:
+        raise FusechatError(f"{data.path}: row {n}: the chat template refused it ({why})")
+    if len(refused) == report.kept:
+        raise FusechatError(f"{data.path}: the chat template of {template_of} refused every "
+                            f"conversation (row {n}: {why})")  # fmt: skip
+    rows = ", ".join(str(m) for m, _ in numbered[:10]) + (", ..." if len(numbered) > 10 else "")
+    log.warning("%s: skipped %d rows the chat template of %s refused: rows %s (row %d: %s)",
+                data.path, len(refused), template_of, rows, n, why)  # fmt: skip
 
 
 def _score_shard(scorer, rows: Sequence[_Row], cfg: CaptureConfig, bar: tqdm) -> list[dict]:
@@ -231,7 +268,12 @@ def capture(
         render_tok = load_tokenizer(cfg.render_with) if cfg.render_with else tokenizer
         # what decides the text: the chat template and the special-token strings it writes
         rendering = fingerprint([render_tok.chat_template, render_tok.all_special_tokens])
-    rows = _prepare(convs, tokenizer, cfg, render_tok)
+    rows, refused = _prepare(convs, tokenizer, cfg, render_tok)
+    _check_refused(refused, report, data, cfg.render_with or cfg.model)
+    warning = context_warning(cfg.max_length, model_context(cfg.model),
+                              [len(r.input_ids) for r in rows])  # fmt: skip
+    if warning:
+        log.warning("%s: %s", cfg.model, warning)
     key = {
         "stage": "capture",
         "version": VERSION,
@@ -255,14 +297,14 @@ def capture(
         )
     created = join(ranks)
     try:
-        return _capture_ranks(cfg, rows, report, key, out, overwrite, ranks, data.path,
-                              len(tokenizer))  # fmt: skip
+        return _capture_ranks(cfg, rows, len(report.skipped) + len(refused), key, out,
+                              overwrite, ranks, data.path, len(tokenizer))  # fmt: skip
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, data,
+def _capture_ranks(cfg, rows, skipped: int, key, out: Path, overwrite, ranks: Ranks, data,
                    n_tokens: int) -> dict:  # fmt: skip
     """``capture`` once the rows and the key are known: this rank's shards, then the manifest."""
     n_shards = -(-len(rows) // cfg.shard_rows)
@@ -301,7 +343,7 @@ def _capture_ranks(cfg, rows, report, key, out: Path, overwrite, ranks: Ranks, d
 
     def summarize(_: list) -> dict:
         seconds = time.perf_counter() - run["t0"] if run["total"] else 0.0
-        return _stats(rows, len(report.skipped), cfg, run["total"], seconds, data, ranks.world)
+        return _stats(rows, skipped, cfg, run["total"], seconds, data, ranks.world)
 
     try:
         return run_sharded(out, key, n_shards, start, score, summarize, overwrite, desc=None,

@@ -186,8 +186,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from fusechat.eval.serving import serve
 
     return serve(args.model, args.backend, args.host, args.port, args.name, args.api_key,
-                 args.max_batch, tensor_parallel_size=args.tensor_parallel_size,
-                 dtype=args.dtype, max_model_len=args.max_model_len)  # fmt: skip
+                 args.max_batch, args.max_connections,
+                 tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                 max_model_len=args.max_model_len)  # fmt: skip
 
 
 def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
@@ -217,6 +218,8 @@ def _cmd_eval_mt_bench(args: argparse.Namespace) -> int:
 
 
 def _add_serve_eval_commands(sub) -> None:
+    from fusechat.eval.serving import MAX_CONNECTIONS
+
     s = add_command(sub, "serve", _cmd_serve)
     s.add_argument("model", help="model folder or hub id")
     s.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
@@ -226,6 +229,9 @@ def _add_serve_eval_commands(sub) -> None:
     s.add_argument("--name", help="served model name (default: the folder name)")
     s.add_argument("--api-key", help="require this bearer token")
     s.add_argument("--max-batch", type=int, default=16, help="hf: requests per batch (16)")
+    s.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="hf: open connections; a request beyond them gets 503 "
+                   f"({MAX_CONNECTIONS})")  # fmt: skip
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     s.add_argument("--max-model-len", type=int, help="vllm: context length")
     s.add_argument("--dtype", default="auto", help="vllm: dtype (auto)")

@@ -21,6 +21,7 @@ from fusechat.configs import (
     read_job,
 )
 from fusechat.errors import FusechatError
+from fusechat.io import check_found
 
 CAPTURE_FLAGS = {"render_with": "chat_template_of"}
 DATA_FLAGS = {"path": "data"}
@@ -55,6 +56,14 @@ def _required(args: argparse.Namespace, **flags: str) -> None:
         raise FusechatError(f"{args.command}: {', '.join(missing)} required (or --config)")
 
 
+def _found(**paths: str | None) -> None:
+    """Each given path (by its option's name) that looks local must exist: one line naming
+    the option, never a hub look-up (``fusechat.io.check_found``)."""
+    for flag, path in paths.items():
+        if path is not None:
+            check_found(path, "--" + flag.replace("_", "-"))
+
+
 def _cmd_capture(args: argparse.Namespace) -> int:
     """score a chat corpus with one model; store top-K next-token distributions
 
@@ -72,6 +81,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     _required(args, model="model", data="path", out="out")
     cfg = from_options(CaptureConfig, option_values(args, CaptureConfig), CAPTURE_FLAGS)
     data = from_options(DataSpec, option_values(args, DataSpec), DATA_FLAGS)
+    _found(model=cfg.model, data=data.path, chat_template_of=cfg.render_with)
     return _print_stats(args.out, capture(cfg, data, args.out, args.overwrite))
 
 
@@ -129,6 +139,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if lora:
             values["lora"] = lora
         cfg = from_options(TrainConfig, values)
+        _found(model=args.model, data=args.data)
         job = TrainJob(config=cfg, model=args.model, data=args.data, out=args.out)
     m = train(job.model, job.data, job.out, job.config, overwrite=args.overwrite)
     return _print_stats(job.out, m)

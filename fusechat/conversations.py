@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fusechat.data import ROLES, Message
 from fusechat.errors import FusechatError, first_line
-from fusechat.io import HUB_ID
+from fusechat.io import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class LoadReport:
     rows: int = 0
     kept: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
+    numbers: list[int] = field(default_factory=list)  # each kept conversation's row number
 
 
 def normalize_row(row: dict, fmt: str = "auto") -> list[Message]:
@@ -151,7 +152,7 @@ def load_conversations(
     """Load a chat corpus: a file, a saved dataset folder, or a hub dataset id such as
     ``FuseAI/FuseChat-Mixture`` (its train split). Malformed rows are skipped and reported by
     row number (1-based), or, with ``strict``, the first one raises."""
-    hub = not Path(path).exists() and HUB_ID.match(str(path))
+    hub = is_hub_id(path)
     path = Path(path)
     if not path.exists() and not hub:
         raise FusechatError(f"{path}: corpus not found")
@@ -166,6 +167,7 @@ def load_conversations(
             if isinstance(row, _BadJson):
                 raise ValueError(row.reason)
             convs.append(normalize_row(row, fmt))
+            report.numbers.append(n)
         except ValueError as e:
             if strict:
                 raise FusechatError(f"{path}: row {n}: {e}") from None

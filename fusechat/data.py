@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fusechat.errors import FusechatError, first_line
+from fusechat.io import check_found
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ TOKENIZER_TEMPLATE = "tokenizer"  # use the tokenizer's own ``chat_template`` (J
 TEMPLATE_NAMES = (*TEMPLATES, TOKENIZER_TEMPLATE)
 
 
+class TemplateRefused(ValueError):
+    """A chat template refused a conversation (Jinja ``raise_exception``: Mistral-v0.1's and
+    Llama-2's "roles must alternate" for a system turn): the row is skipped and reported like a
+    malformed one, not a traceback."""
+
+
 @dataclass
 class Rendered:
     """Rendered text and the half-open character spans the model must learn."""
@@ -129,8 +136,15 @@ def render_with_tokenizer(messages: Sequence[Message], tokenizer) -> Rendered:
             f"({', '.join(TEMPLATES)})"
         )
 
+    from jinja2 import TemplateError
+
     def apply(msgs, gen):
-        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(
+                list(msgs), tokenize=False, add_generation_prompt=gen
+            )
+        except TemplateError as e:
+            raise TemplateRefused(first_line(e)) from None
 
     text = apply(messages, False)
     spans = []
@@ -164,13 +178,28 @@ def get_template(name: str) -> Template | None:
 
 
 def load_tokenizer(path: str, what: str = "tokenizer"):
-    """``AutoTokenizer.from_pretrained(path)``, failing with one line that names ``what``."""
+    """``AutoTokenizer.from_pretrained(path)``, failing with one line that names ``what``; a
+    missing local-looking path is never looked up on the hub."""
     from transformers import AutoTokenizer
 
+    check_found(path, what)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         raise FusechatError(f"{path}: cannot load {what} ({first_line(e)})") from None
+
+
+def model_context(path: str) -> int | None:
+    """The positions the model was built for (``max_position_embeddings`` of its config, or of
+    its text model's); None when its config does not say or cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path).get_text_config()
+    except (OSError, ValueError, KeyError):
+        return None  # the model's own loading reports what is wrong with it
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def resolve_dtype(name: str) -> str:
@@ -191,6 +220,7 @@ def load_model(path: str, **kwargs):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_found(path, "model")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:

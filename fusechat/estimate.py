@@ -38,7 +38,7 @@ def count_tokens(recipe, tokenizer) -> tuple[int, int, bool]:
     tokenized, truncated at ``capture.max_length``; for a corpus that is not local, (rows or
     0, rows x max length, False)."""
     from fusechat.conversations import load_conversations
-    from fusechat.data import encode
+    from fusechat.data import TemplateRefused, encode
     from fusechat.recipe import expand
 
     path = expand(recipe.data.path)
@@ -49,11 +49,14 @@ def count_tokens(recipe, tokenizer) -> tuple[int, int, bool]:
     if tokenizer is None:  # no tokenizer offline: 4 characters a token
         chars = sum(len(m["content"]) for c in convs for m in c)
         return len(convs), min(chars // 4, len(convs) * recipe.capture.max_length), False
-    n = sum(
-        len(encode(c, tokenizer, recipe.render_template, recipe.capture.max_length).input_ids)
-        for c in convs
-    )
-    return len(convs), n, True
+    lengths = []
+    for c in convs:
+        try:
+            e = encode(c, tokenizer, recipe.render_template, recipe.capture.max_length)
+        except TemplateRefused:  # the capture skips such a row too
+            continue
+        lengths.append(len(e.input_ids))
+    return len(lengths), sum(lengths), True
 
 
 def model_memory(path: str, dtype: str) -> tuple[int, int] | None:

@@ -29,7 +29,7 @@ from fusechat.configs import (
     TrainSettings,
 )
 from fusechat.errors import FusechatError
-from fusechat.io import HUB_ID
+from fusechat.io import is_hub_id
 
 
 def expand(path: str) -> str:
@@ -63,7 +63,7 @@ class ModelSpec(ModelSettings):
     def where(self) -> str:
         if Path(self.resolved).is_dir():
             return "local folder"
-        return "hub id" if HUB_ID.match(self.path) else "missing local folder"
+        return "hub id" if is_hub_id(self.path) else "missing local folder"
 
 
 class PivotSpec(ModelSpec):

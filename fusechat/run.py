@@ -25,9 +25,9 @@ from fusechat.configs import (
 )
 from fusechat.errors import FusechatError, first_line
 from fusechat.io import (
-    HUB_ID,
     file_fingerprint,
     fingerprint,
+    is_hub_id,
     model_fingerprint,
     read_json,
     write_json,
@@ -55,7 +55,7 @@ def check_models(recipe: Recipe, network: bool = True) -> None:
     for m in recipe.models.all:
         if Path(m.resolved).is_dir():
             continue
-        if not HUB_ID.match(m.path):
+        if not is_hub_id(m.path):
             raise FusechatError(f"models: {m.label}: {m.resolved}: no such folder")
         if not network:
             continue
@@ -78,7 +78,7 @@ def _data_id(recipe: Recipe) -> str:
     data_path = expand(recipe.data.path)
     if Path(data_path).exists():
         return file_fingerprint(data_path)
-    if HUB_ID.match(recipe.data.path):
+    if is_hub_id(recipe.data.path):
         return fingerprint({"hub": recipe.data.path})  # a hub dataset, loaded by datasets
     raise FusechatError(f"data.path: {data_path}: corpus not found")
 

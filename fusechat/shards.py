@@ -130,9 +130,7 @@ def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
     arrays = pack_rows(rows)
     check_finite(arrays, str(path))
     data = save(arrays)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)  # a full disk's error names the shard
     sums = digest(data)
     write_atomic(_sum_path(path), sums)
     return sums

@@ -23,10 +23,11 @@ from fusechat.io import (
     MANIFEST,
     atomic_dir,
     check_apart,
+    content_fingerprint,
     fingerprint,
+    looks_local,
     read_json,
     stage_of,
-    stat_fingerprint,
     write_json,
 )
 from fusechat.merge import varm
@@ -158,9 +159,9 @@ def parse_config(raw: dict, source: str):
 
 def _local(ref, options):
     """A reference with its LoRA merged (cached) and its local folder. A path that looks
-    local (absolute, ./ or ~) and is missing is said so, never looked up on the hub."""
+    local (``looks_local``) and is missing is said so, never looked up on the hub."""
     for p in (ref.model, ref.lora):
-        if p is not None and str(p.path).startswith(("/", ".", "~")) and not Path(p.path).exists():
+        if p is not None and looks_local(p.path) and not Path(p.path).exists():
             raise FusechatError(f"{p.path}: no such model folder")
     try:
         merged = ref.merged(
@@ -367,10 +368,10 @@ def _inputs(cfg) -> list[str]:
 
 def _merge_key(raw: dict, cfg, random_seed: int) -> tuple[str, str]:
     """(the merge's settings, those and the inputs' content): a target retrained at the same
-    path merges anew."""
+    path merges anew, even when it kept its size and modification time."""
     inputs = _inputs(cfg)
     same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
-    key = fingerprint({"merge": same_merge, "inputs": {p: stat_fingerprint(p) for p in inputs}})
+    key = fingerprint({"merge": same_merge, "inputs": {p: content_fingerprint(p) for p in inputs}})
     return same_merge, key
 
 
@@ -417,6 +418,7 @@ def run(
     with ``plot``, the VaRM heat map; matplotlib costs about half a second)."""
     import torch
     from mergekit.common import parse_kmb
+    from mergekit.io.tasks import LoaderCache
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
@@ -431,7 +433,7 @@ def run(
     out = Path(out)
     tok = cfg.tokenizer_source
     tok_path = str(tok.model.path) if hasattr(tok, "model") else None
-    if tok_path and tok_path.startswith(("/", ".", "~")) and not Path(tok_path).is_dir():
+    if tok_path and looks_local(tok_path) and not Path(tok_path).is_dir():
         raise FusechatError(f"{config}: tokenizer_source: {tok_path}: no such folder")
     check_apart(out, [*_inputs(cfg), tok_path])
     if (old := _done(out, key, same_merge, overwrite)) is not None:
@@ -458,6 +460,9 @@ def run(
         )
     varm.reset_report()
     t0 = time.perf_counter()
+    # mergekit keeps one open loader per model for the whole process: a model rewritten since
+    # an earlier merge in this process would be read from the replaced file
+    LoaderCache().loaders.clear()
     with atomic_dir(out) as tmp:
         try:
             run_merge(cfg, str(tmp), options)

@@ -55,15 +55,36 @@ def world(toy_world, tmp_path_factory) -> dict[str, Path]:
         r = json.loads(json.dumps(recipe))
         edit(r)
         (d / f"recipe-{name}.yaml").write_text(yaml.safe_dump(r))
+    # Mistral-v0.1's chat template: a system turn breaks "roles must alternate" (audit F14)
+    strict_tpl = shutil.copytree(toy_world / "openchat-mini", d / "mistral-template")
+    (strict_tpl / "chat_template.jinja").write_text(MISTRAL_V01_TEMPLATE)
+    lines = (toy_world / "corpus" / "train.jsonl").read_text().splitlines()
+    (d / "c20.jsonl").write_text("\n".join(lines[:20]) + "\n")  # rows 4, 17, 19: a system turn
+    with_system = [x for x in lines[:20] if json.loads(x)["messages"][0]["role"] == "system"]
+    (d / "system-only.jsonl").write_text("\n".join(with_system) + "\n")
     (d / "not-yaml.yaml").write_text("name: [unclosed\n")
     (d / "merge-unknown.yaml").write_text(yaml.safe_dump({
         "merge_method": "no_such_method", "base_model": str(toy_world / "openchat-mini"),
         "models": [{"model": str(toy_world / "openchat-mini")}]}))  # fmt: skip
+    (d / "merge-relative.yaml").write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": "tests/typo", "parameters": {"weight": 1.0}},
+                   {"model": str(toy_world / "openchat-mini"), "parameters": {"weight": 1.0}}]}))  # fmt: skip
     (d / "merge-zero.yaml").write_text(yaml.safe_dump({
         "merge_method": "linear", "dtype": "float32",
         "models": [{"model": str(toy_world / "openchat-mini"), "parameters": {"weight": 1.0}},
                    {"model": str(toy_world / "openchat-mini"), "parameters": {"weight": -1.0}}]}))  # fmt: skip
     return {"d": d, "toy": toy_world, "data": data, **caps}
+
+
+MISTRAL_V01_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+REFUSED = [4, 17, 19]  # the rows of c20.jsonl with a system turn
 
 
 def _set(path: str, value):
@@ -193,6 +214,42 @@ CASES = {
             ("unsupported format", "rows.csv", "unsupported corpus format"),
         ]
     },
+    # chat templates that refuse a conversation (Mistral-v0.1, Llama-2: a system turn)
+    "capture --strict: a row the chat template refuses": (
+        capture_cmd("{d}/mistral-template")[:4]
+        + ["tokenizer", "--data", "{d}/c20.jsonl", "--strict", "--out", "{d}/out"],
+        f"c20.jsonl: row {REFUSED[0]}: the chat template refused it (Conversation roles must",
+    ),  # fmt: skip
+    "capture: the chat template refuses every row": (
+        capture_cmd("{d}/mistral-template")[:4]
+        + ["tokenizer", "--data", "{d}/system-only.jsonl", "--out", "{d}/out"],
+        "system-only.jsonl: the chat template of",
+    ),  # fmt: skip
+    # missing local paths: 'not found' at once, never a hub look-up ('tests' exists here)
+    "capture --data: a missing relative corpus": (
+        CAPTURE[:-4] + ["--data", "data/missing.jsonl", "--out", "{d}/out"],
+        "--data: data/missing.jsonl: not found",
+    ),
+    "capture --model: a missing relative folder": (
+        capture_cmd("tests/typo"),
+        "--model: tests/typo: not found",
+    ),
+    "train --model: a missing relative folder": (
+        TRAIN[:2] + ["tests/typo"] + TRAIN[3:],
+        "--model: tests/typo: not found",
+    ),
+    "serve: a missing relative model folder": (
+        ["serve", "tests/typo", "--backend", "hf"],
+        "model: tests/typo: not found",
+    ),
+    "serve --max-connections 0": (
+        ["serve", "{toy}/openchat-mini", "--backend", "hf", "--max-connections", "0"],
+        "--max-connections 0",
+    ),
+    "merge: a missing relative model folder": (
+        ["merge", "{d}/merge-relative.yaml", "{d}/out"],
+        "tests/typo: no such model folder",
+    ),
     # models
     "truncated model weights": (capture_cmd("{d}/truncated-model"), "truncated-model"),
     "missing model folder": (capture_cmd("{d}/no-model"), "no-model"),
@@ -227,6 +284,16 @@ CASES = {
             ("a model name that escapes", "models.sources[0].name=a/../../b", "name"),
             ("a seed out of range", "seed=-1", "seed"),
             ("an infinite learning rate", "train.lr=.inf", "train.lr"),
+            (
+                "a missing relative corpus",
+                "data.path=data/missing.jsonl",
+                "data.path: data/missing.jsonl: corpus not found",
+            ),
+            (
+                "a missing relative model folder",
+                "models.sources[0].path=tests/typo",
+                "tests/typo: no such folder",
+            ),
         ]
     },
     # merge configurations
@@ -263,3 +330,46 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(case, world, capsys, 
 
 def test_enough_cases():
     assert len(CASES) >= 40
+
+
+def test_rows_the_chat_template_refuses_are_skipped_and_named(world, caplog):
+    """Mistral-v0.1's template raises on a system turn: those rows are skipped and named by
+    their row in the corpus, as malformed rows are, and the other rows are captured."""
+    from fusechat.conversations import load_conversations
+    from fusechat.shards import StageReader
+
+    cfg = CaptureConfig(model=str(world["d"] / "mistral-template"), template="tokenizer",
+                        max_length=64, shard_rows=8)  # fmt: skip
+    out = world["d"] / "cap-refused"
+    stats = capture(cfg, world["d"] / "c20.jsonl", out)["stats"]
+    assert (stats["rows"], stats["skipped_rows"]) == (20 - len(REFUSED), len(REFUSED))
+    warning = next(m for m in (r.getMessage() for r in caplog.records) if "chat template" in m)
+    assert warning.startswith(f"{world['d'] / 'c20.jsonl'}: skipped 3 rows the chat template")
+    assert "refused: rows 4, 17, 19 (row 4: Conversation roles must alternate" in warning
+    kept = [int(r["row.index"]) for _, rows in StageReader(out, "capture").shards() for r in rows]
+    convs, _ = load_conversations(world["d"] / "c20.jsonl")
+    assert kept == [i for i in range(20) if i + 1 not in REFUSED]  # row n is conversation n - 1
+    assert all(convs[i][0]["role"] == "user" for i in kept)
+
+
+@pytest.mark.parametrize(
+    "path,local",
+    [
+        ("data/missing.jsonl", True),  # a corpus file's suffix
+        ("FuseAI/FuseChat-Mixture.parquet", True),
+        ("tests/typo", True),  # 'tests' exists here
+        ("./typo", True),
+        ("~/typo", True),
+        ("/abs/typo", True),
+        ("a/b/c", True),  # more parts than owner/name
+        ("FuseAI/FuseChat-Mixture", False),
+        ("openchat/openchat_3.5", False),
+        ("gpt2", False),
+    ],
+)
+def test_which_paths_are_local(path, local, monkeypatch):
+    from fusechat.io import is_hub_id, looks_local
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    assert looks_local(path) is local
+    assert is_hub_id(path) is (not local and "/" in path)

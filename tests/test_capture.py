@@ -155,6 +155,25 @@ def test_overflow_split_scores_every_token_and_truncate_counts(toy_world, tmp_pa
         assert int(a["row.n_tokens"]) == int(b["row.n_tokens"])
 
 
+def test_a_max_length_beyond_the_models_context_is_warned(toy_world, tmp_path, caplog):
+    """The toy pivot has 512 positions: a max length of 1024 says so with both numbers and
+    the rows that reach past them; one within the context says nothing."""
+    from fusechat.capture import context_warning
+
+    long = {"messages": [{"role": "user", "content": "Say a lot."},
+                         {"role": "assistant", "content": "alpha beta " * 300}]}  # fmt: skip
+    held = (toy_world / "corpus" / "heldout.jsonl").read_text().splitlines()[0]
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(long) + "\n" + held + "\n")
+    capture(capture_config(toy_world, "openchat-mini", max_length=1024), data, tmp_path / "c")
+    assert (f"{toy_world / 'openchat-mini'}: max_length 1024 is beyond the model's context "
+            "(max_position_embeddings 512): 1 of 2 rows reach past it") in caplog.text  # fmt: skip
+    caplog.clear()
+    capture(capture_config(toy_world, "openchat-mini", max_length=512), data, tmp_path / "c2")
+    assert "max_position_embeddings" not in caplog.text
+    assert context_warning(4096, None, [5000]) is None  # a config that does not say: silence
+
+
 def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     """Kill a capture after its first shard, rerun it, compare with an uninterrupted one."""
     data = toy_world / "corpus" / "heldout.jsonl"

@@ -412,3 +412,34 @@ def test_a_missing_local_model_folder_is_not_looked_up_on_the_hub(w, capsys):
     cfg = merge_yaml(w["d"] / "missing.yaml", w["d"] / "no-such-model", w["toy"] / "openchat-mini")
     err = one_line_error(capsys, ["merge", str(cfg), str(w["d"] / "m-missing"), "--no-plot"])
     assert err.endswith("no-such-model: no such model folder") and "Repo id" not in err
+
+
+# --------------------------------------------------------------------------- a full disk
+
+_FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from fusechat.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_full_disk_names_the_shard_it_could_not_write(w, tmp_path):
+    """``ulimit -f`` below a shard's size: one line naming that shard (not a bare 'File too
+    large'), and no half-written file left behind."""
+    import subprocess
+    import sys
+
+    shard = w["d"] / "cap-openchat-mini" / shard_name(0)
+    limit = shard.stat().st_size // 2  # the stage record fits; the first shard does not
+    out = tmp_path / "c-full"
+    argv = ["capture", "--model", str(w["toy"] / "openchat-mini"), "--template", "openchat",
+            "--data", str(w["data"]), "--max-rows", str(ROWS), "--max-length", "64",
+            "--shard-rows", "3", "--out", str(out)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(limit), *argv],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [x for x in r.stderr.splitlines() if x.strip() and "%|" not in x and " INFO " not in x]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"fusechat: error: {out / shard_name(0)}: File too large"), lines
+    assert not list(out.glob(".*.tmp")) and not (out / shard_name(0)).exists()

@@ -351,6 +351,36 @@ def test_changed_input_weights_merge_again(targets, tmp_path):
     torch.testing.assert_close(after[name], want[name])
 
 
+def test_an_input_changed_in_place_with_its_mtime_kept_merges_again(targets, tmp_path):
+    """The key holds the inputs' bytes, not their name, size and mtime: a tensor rewritten in
+    place (same size) whose mtime is put back, as ``cp -p`` or ``rsync -a`` can leave it, is
+    merged again, and the output follows the new weights."""
+    import os
+
+    from fusechat.merge.run import run
+
+    pivot, ts = targets
+    mine = [shutil.copytree(t, tmp_path / f"in{i}") for i, t in enumerate(ts[:2])]
+    raw = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in mine]}  # fmt: skip
+    cfg = _write(tmp_path, raw)
+    first = run(cfg, tmp_path / "out", plot=False)
+    weights = mine[0] / "model.safetensors"
+    st = weights.stat()
+    sd = load_file(weights)
+    name = sorted(sd)[0]
+    sd[name] = sd[name] * 0.5
+    save_file(sd, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = run(cfg, tmp_path / "out", plot=False)
+    assert second["key"] != first["key"]
+    merged = load_file(tmp_path / "out" / "model.safetensors")[name]
+    torch.testing.assert_close(
+        merged, 0.5 * sd[name] + 0.5 * load_file(mine[1] / "model.safetensors")[name]
+    )
+
+
 def test_variation_values_and_weighted_sum_precision():
     g = torch.Generator().manual_seed(2)
     base = torch.randn(5, 3, generator=g)

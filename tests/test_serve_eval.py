@@ -15,16 +15,20 @@ import uvicorn
 from conftest import SHARED
 from fastapi import FastAPI
 
-from fusechat.eval.mtbench import parse_rating, run_mt_bench
+from fusechat.errors import FusechatError
+from fusechat.eval.mtbench import chat_with_retries, parse_rating, run_mt_bench
 from fusechat.eval.server import create_app
+from fusechat.eval.serving import server_config
 from fusechat.io import free_port
 
 MT_BENCH = SHARED / "data" / "mt_bench"
 
 
-def _start(app) -> str:
+def _start(app, **guards) -> str:
+    """``app`` served as ``fusechat serve`` serves it (``guards``: its connection limits)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = server_config(app, "127.0.0.1", port, log_level="warning", **guards)
+    server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 60
     while not server.started and time.time() < deadline:
@@ -33,8 +37,13 @@ def _start(app) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(toy_world) -> str:
-    return _start(create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_batch=16))
+def app(toy_world):
+    return create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_batch=16)
+
+
+@pytest.fixture(scope="module")
+def server(app) -> str:
+    return _start(app)
 
 
 def test_openai_client_chat_stream_completions(server):
@@ -158,9 +167,58 @@ def test_a_body_that_stalls_gets_408_and_others_are_served(server, monkeypatch):
         s.close()
 
 
-def test_a_model_that_cannot_load_is_one_line(tmp_path):
-    from fusechat.errors import FusechatError
+def _status(url: str, body: bytes) -> int:
+    """The HTTP status of one POST (any body: uvicorn's own 503 is plain text)."""
+    import urllib.error
+    import urllib.request
 
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_stalled_headers_are_closed_and_connections_capped(app):
+    """Clients that connect and send nothing or half their headers are disconnected after the
+    header timeout; while they wait a normal request is answered at once, and beyond the
+    connection cap a request gets 503 at once instead of waiting."""
+    import socket
+
+    url = _start(app, header_timeout=1.5, max_connections=8)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    ask = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      "temperature": 0}).encode()  # fmt: skip
+    t_open = time.perf_counter()
+    slow = [socket.create_connection((host, int(port))) for _ in range(6)]
+    for s in slow[1:]:  # the first sends nothing at all
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    t0 = time.perf_counter()
+    assert _status(url + "/chat/completions", ask) == 200  # 7 of 8 connections
+    assert time.perf_counter() - t0 < 3
+    slow += [socket.create_connection((host, int(port))) for _ in range(2)]
+    t0 = time.perf_counter()
+    assert _status(url + "/chat/completions", ask) == 503  # the 9th: refused, not queued
+    assert time.perf_counter() - t0 < 1.0
+    for s in slow:
+        s.settimeout(10)
+        assert s.recv(64) == b""  # closed by the server, without a response
+        s.close()
+    assert 1.5 <= time.perf_counter() - t_open < 6
+    assert _status(url + "/chat/completions", ask) == 200
+
+
+def test_an_endpoint_that_fails_is_named():
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+    with pytest.raises(FusechatError) as e:
+        asyncio.run(chat_with_retries(client, retries=1, model="m",
+                                      messages=[{"role": "user", "content": "hi"}]))  # fmt: skip
+    assert str(e.value).startswith(f"endpoint {url}: failed after 2 tries: Connection error")
+
+
+def test_a_model_that_cannot_load_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(FusechatError, match="cannot load the model"):
         create_app(str(tmp_path), "broken")

@@ -20,9 +20,9 @@ def stop_token_ids(tok, model) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int))
 
 
-def load_chat_model(model_path: str):
-    """``(model, tokenizer, stop ids)``; spread over GPUs where there are any, in the ``auto``
-    dtype (``resolve_dtype``); the tokenizer pads on the left, as batched generation needs."""
+def load_chat_model(model_path: str, dtype: str = "auto"):
+    """``(model, tokenizer, stop ids)``; spread over GPUs where there are any, in ``dtype``
+    (``auto``: ``resolve_dtype``); the tokenizer pads on the left, as batched generation needs."""
     from fusechat.data import check_finite_weights, load_model, load_tokenizer, resolve_dtype
 
     tok = load_tokenizer(model_path, "the model's tokenizer")
@@ -30,7 +30,7 @@ def load_chat_model(model_path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    model = load_model(model_path, dtype=getattr(torch, resolve_dtype("auto")),
+    model = load_model(model_path, dtype=getattr(torch, resolve_dtype(dtype)),
                        device_map="auto" if cuda else None).eval()  # fmt: skip
     check_finite_weights(model, model_path)
     return model, tok, stop_token_ids(tok, model)

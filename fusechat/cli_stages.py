@@ -1,5 +1,6 @@
-"""The stage commands (``capture``, ``align``, ``fuse``, ``train``, ``merge``): their options are
-derived from the stage's config (``fusechat.configs``), so a setting is declared once."""
+"""The stage commands (``capture``, ``align``, ``fuse``, ``train``, ``merge``; implicit fusion's
+``sample``, ``score``, ``pairs``): their options are derived from the stage's config
+(``fusechat.configs``), so a setting is declared once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from fusechat.configs import (
     DataSpec,
     FuseConfig,
     LoraConfig,
+    PairsConfig,
+    SampleConfig,
+    ScoreConfig,
     TrainConfig,
     TrainJob,
     add_options,
@@ -168,6 +172,81 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """sample N responses per prompt from one model (implicit fusion, FuseChat-3.0)
+
+    For each conversation of a prompt set, its messages up to the last user turn are rendered
+    with the model's template (named, or the tokenizer's chat_template) and N responses are
+    sampled with transformers generate (temperature, top-p; the model's own generation
+    config is set aside but for its stop tokens). Rows without a user turn are skipped and
+    reported (--strict: the first fails). Output is sharded with a manifest (tokens
+    generated, share ended by a stop token); each shard samples from its own seed derived
+    from --seed, so an interrupted run resumes at the first missing shard with the same
+    responses.
+    """
+    from fusechat.implicit import sample_stage
+
+    _required(args, model="model", data="path")
+    cfg = from_options(SampleConfig, option_values(args, SampleConfig))
+    data = from_options(DataSpec, option_values(args, DataSpec), DATA_FLAGS)
+    _found(model=cfg.model, data=data.path)
+    return _print_stats(args.out, sample_stage(cfg, data, args.out, args.overwrite))
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    """give every sampled response a reward (toy rule judge, or a Hugging Face reward model)
+
+    Read one sample folder per source model (the same prompts and shards) and score every
+    response: toy (1 where the toy rule judge accepts the response for one of the row's
+    right values, 'answers', else 0) or hf (a sequence-classification reward model with one
+    label; the conversation in its chat template, its logit is the reward). Writes the
+    responses with their rewards, sharded, and per model the reward statistics.
+    """
+    from fusechat.implicit import score_stage
+
+    cfg = from_options(ScoreConfig, option_values(args, ScoreConfig))
+    _found(reward_model=cfg.reward_model)
+    return _print_stats(args.out, score_stage(args.samples, args.out, cfg, args.overwrite))
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    """build the SFT set and the preference pairs from scored responses (TRL's formats)
+
+    Split the prompts between SFT and preference training by a hash of each prompt
+    (--sft-share, the paper's 4:6). SFT: per prompt the highest-reward response over every
+    model (ties: the first model given to score, then the first sample; with the toy reward
+    only a right one). Pairs: per prompt and model, that model's best response against its
+    worst, kept when the reward gap lies in [--min-gap, --max-gap]. Writes sft.jsonl
+    ({"messages"}) and dpo.jsonl ({"prompt", "chosen", "rejected"}, conversational) with a
+    manifest of counts and reward statistics.
+    """
+    from fusechat.implicit import pairs_stage
+
+    cfg = from_options(PairsConfig, option_values(args, PairsConfig))
+    return _print_stats(args.out, pairs_stage(args.scores, args.out, cfg, args.overwrite))
+
+
+def add_implicit_commands(sub) -> None:
+    s = add_command(sub, "sample", _cmd_sample)
+    add_options(s, SampleConfig)
+    add_options(s, DataSpec, flags=DATA_FLAGS)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--overwrite", **OVERWRITE)
+
+    c = add_command(sub, "score", _cmd_score)
+    c.add_argument("--samples", required=True, nargs="+",
+                   help="sample folders, one per source model (their order breaks ties)")  # fmt: skip
+    c.add_argument("--out", required=True, help="output folder")
+    add_options(c, ScoreConfig)
+    c.add_argument("--overwrite", **OVERWRITE)
+
+    p = add_command(sub, "pairs", _cmd_pairs)
+    p.add_argument("--scores", required=True, help="the score folder")
+    p.add_argument("--out", required=True, help="output folder (sft.jsonl, dpo.jsonl)")
+    add_options(p, PairsConfig)
+    p.add_argument("--overwrite", **OVERWRITE)
+
+
 def add_stage_commands(sub) -> None:
     c = add_command(sub, "capture", _cmd_capture)
     add_options(c, CaptureConfig, flags=CAPTURE_FLAGS)
@@ -209,3 +288,5 @@ def add_stage_commands(sub) -> None:
     m.add_argument("--lora-merge-dtype", help="dtype for applying LoRA adapters (default: auto)")
     m.add_argument("--no-plot", action="store_true", help="skip the VaRM heat map PNG")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    add_implicit_commands(sub)

@@ -201,6 +201,100 @@ class FuseConfig(Config):
     )
 
 
+# --------------------------------------------------------------------------- implicit fusion
+
+
+class SampleSettings(Config):
+    """One model's sampling (FuseChat-3.0: 5 responses per prompt, temperature 0.8, top-p
+    0.95); nothing else of the model's generation_config.json applies but its stop tokens."""
+
+    n: PositiveInt = Field(5, description="responses per prompt")
+    temperature: Annotated[float, Field(gt=0)] = Field(0.8, description="sampling temperature")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.95, description="nucleus sampling: the smallest set of tokens holding this mass"
+    )
+    max_new_tokens: PositiveInt = Field(2048, description="tokens per response at most")
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = Field(
+        0, description="sampling seed; each shard draws from its own seed derived from it"
+    )
+
+
+class SampleConfig(SampleSettings):
+    """``fusechat sample``: one model's responses to a prompt set."""
+
+    model: Annotated[str, Field(min_length=1, description="model folder or hub id")]
+    template: Template = Field(
+        "tokenizer",
+        description="conversation template the prompts are rendered with (tokenizer: the "
+        "tokenizer's chat_template, the model's own format)",
+    )
+    dtype: Dtype = Field("auto", description="auto: bf16 on GPUs that support it, else float32")
+    batch_size: PositiveInt = Field(
+        16,
+        description="prompts per generate call (each with n sequences); part of the output's "
+        "key: the random numbers a response draws depend on the batch it is in",
+    )
+    shard_rows: PositiveInt = Field(256, description="prompts per shard")
+
+
+REWARD_NAMES = ("toy", "hf")  # fusechat.implicit.REWARDS holds each one's class
+
+
+class ScoreConfig(Config):
+    """``fusechat score``: one reward for every response."""
+
+    SPEED = frozenset({"batch_size"})
+    reward: Literal[REWARD_NAMES] = Field(  # type: ignore[valid-type]
+        description="toy: 1 where the toy rule judge accepts the response for one of the row's "
+        "answers, else 0 (a correctness check); hf: a Hugging Face reward model's score"
+    )
+    reward_model: str | None = Field(
+        None,
+        description="hf: the reward model (a sequence classifier with one label), folder or hub id",
+    )
+    template: Template = Field(
+        "tokenizer",
+        description="hf: how the reward model reads a conversation (tokenizer: its own "
+        "chat_template)",
+    )
+    max_length: PositiveInt = Field(
+        4096, description="hf: tokens per conversation; a longer one keeps its end (the response)"
+    )
+    dtype: Dtype = Field("auto", description="hf: auto: bf16 on GPUs that support it, else float32")
+    batch_size: PositiveInt = Field(8, description="hf: conversations per forward pass")
+
+    @model_validator(mode="after")
+    def _model_for_hf(self) -> ScoreConfig:
+        if self.reward == "hf" and not self.reward_model:
+            raise ValueError("reward hf needs a reward model (--reward-model)")
+        if self.reward != "hf" and self.reward_model:
+            raise ValueError(f"reward {self.reward} reads no reward model (--reward-model is "
+                             "for reward hf)")  # fmt: skip
+        return self
+
+
+class PairsConfig(Config):
+    """``fusechat pairs``: the SFT set and the preference pairs (FuseChat-3.0, WRPO)."""
+
+    min_gap: Annotated[float, Field(ge=0)] = Field(
+        0.01, description="a pair's reward gap (best - worst of one model) at least this"
+    )
+    max_gap: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="and at most this (default: no bound; the paper's 0.1 for ArmoRM)"
+    )
+    sft_share: Probability = Field(
+        0.4,
+        description="share of the prompts for SFT, the rest for preference pairs (the "
+        "paper's 4:6), chosen by a hash of each prompt",
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> PairsConfig:
+        if self.max_gap is not None and self.max_gap < self.min_gap:
+            raise ValueError(f"max_gap {self.max_gap} is below min_gap {self.min_gap}")
+        return self
+
+
 # --------------------------------------------------------------------------- train
 
 

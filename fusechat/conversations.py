@@ -34,13 +34,15 @@ class LoadReport:
     kept: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
     numbers: list[int] = field(default_factory=list)  # each kept conversation's row number
+    fields: list[dict] = field(default_factory=list)  # each kept row's asked-for extra fields
 
 
-def normalize_row(row: dict, fmt: str = "auto") -> list[Message]:
+def normalize_row(row: dict, fmt: str = "auto", prompts: bool = False) -> list[Message]:
     """Convert one row (OpenAI ``messages`` or ShareGPT ``conversations``) to messages.
 
     Raises ValueError with the reason when the row is malformed: unknown role, non-text
-    content, no assistant turn, or turns that do not alternate user/assistant.
+    content, no assistant turn, or turns that do not alternate user/assistant. With
+    ``prompts`` (a prompt set, what sampling reads) a row needs a user turn, not an answer.
     """
     if not isinstance(row, dict):
         raise ValueError("row is not an object")
@@ -72,7 +74,9 @@ def normalize_row(row: dict, fmt: str = "auto") -> list[Message]:
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
             raise ValueError(f"turn {i} is {m['role']!r}, expected {want!r} (turns must alternate)")
-    if not any(m["role"] == "assistant" for m in body):
+    if prompts and not body:
+        raise ValueError("no user turn")
+    if not prompts and not any(m["role"] == "assistant" for m in body):
         raise ValueError("no assistant turn")
     return msgs
 
@@ -147,11 +151,18 @@ class _BadJson:
 
 
 def load_conversations(
-    path: str | Path, fmt: str = "auto", strict: bool = False, max_rows: int | None = None
+    path: str | Path,
+    fmt: str = "auto",
+    strict: bool = False,
+    max_rows: int | None = None,
+    prompts: bool = False,
+    fields: tuple[str, ...] = (),
 ) -> tuple[list[list[Message]], LoadReport]:
     """Load a chat corpus: a file, a saved dataset folder, or a hub dataset id such as
     ``FuseAI/FuseChat-Mixture`` (its train split). Malformed rows are skipped and reported by
-    row number (1-based), or, with ``strict``, the first one raises."""
+    row number (1-based), or, with ``strict``, the first one raises. ``prompts``: rows need
+    a user turn, not an answer (``normalize_row``); ``fields``: each kept row's values of these
+    other columns (those it has) go to ``report.fields``, in the conversations' order."""
     hub = is_hub_id(path)
     path = Path(path)
     if not path.exists() and not hub:
@@ -166,8 +177,10 @@ def load_conversations(
         try:
             if isinstance(row, _BadJson):
                 raise ValueError(row.reason)
-            convs.append(normalize_row(row, fmt))
+            convs.append(normalize_row(row, fmt, prompts))
             report.numbers.append(n)
+            if fields:
+                report.fields.append({k: row[k] for k in fields if k in row})
         except ValueError as e:
             if strict:
                 raise FusechatError(f"{path}: row {n}: {e}") from None

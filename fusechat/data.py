@@ -212,17 +212,20 @@ def resolve_dtype(name: str) -> str:
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
-def load_model(path: str, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, failing with one line: a
+def load_model(path: str, auto_class=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` (or ``auto_class``'s, e.g.
+    ``AutoModelForSequenceClassification`` for a reward model), failing with one line: a
     missing folder, a truncated or damaged weights file, a config transformers cannot read,
     and weights that do not match the config (a tensor missing, left over or of another shape:
-    transformers would initialise the missing ones at random and go on)."""
+    transformers would initialise the missing ones at random and go on: a causal LM read as a
+    reward model would get a random score head)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_found(path, "model")
+    auto_class = auto_class or AutoModelForCausalLM
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
         raise FusechatError(f"{path}: cannot load the model ({first_line(e)})") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):

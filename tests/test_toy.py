@@ -75,13 +75,31 @@ def test_one_sentence_tokenizes_three_different_ways(toy_world):
     assert any(len(t) == 3 and t[0] == "Ġ" and t[1:].isdigit() for t in toks["nh2-mixtral-mini"])
 
 
-def test_sources_beat_the_pivot_on_their_own_skill(toy_world):
+def test_sources_are_complementary_and_beat_the_pivot_on_their_own_skill(toy_world):
     table = json.loads((toy_world / "skills.json").read_text())
     specialty = {"nh2-mixtral-mini": "facts", "nh2-solar-mini": "glossary"}
     for source, skill in specialty.items():
-        # "clearly": at least 30% lower held-out loss than the pivot
-        assert table[source][skill] < 0.7 * table["openchat-mini"][skill], (source, table)
+        other = next(s for s in specialty if s != source)
+        # each source clearly best at its skill: half the other source's loss or less, and
+        # below the pivot's (which knows every item, with the frequencies wrong)
+        assert table[source][skill] <= 0.5 * table[other][skill], (source, table)
+        assert table[source][skill] < table["openchat-mini"][skill], (source, table)
     assert table["openchat-mini"]["arithmetic"] < min(table[s]["arithmetic"] for s in specialty)
+
+
+def test_the_pivot_knows_every_item_with_some_frequencies_reversed():
+    from fusechat.toy.corpus import make_world
+    from fusechat.toy.models import known_world
+
+    world = make_world(0)
+    pivot = known_world(world, SPECS[0])
+    assert pivot.planets == world.planets and pivot.words == world.words
+    flipped = [w for w in world.words if pivot.glossary[w] != world.glossary[w]]
+    assert flipped == world.words[-len(flipped) :] and len(flipped) == round(0.4 * 48)
+    assert all(pivot.glossary[w] == world.glossary[w][::-1] for w in flipped)
+    assert all(pivot.facts[p]["moon"] == world.facts[p]["moon"][::-1] for p in world.planets)
+    mixtral = known_world(world, SPECS[1])  # no reversal: a source knows the frequencies
+    assert all(mixtral.facts[p] == world.facts[p] for p in mixtral.planets)
 
 
 def test_specs_cover_the_three_architectures():

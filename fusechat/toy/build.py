@@ -99,7 +99,10 @@ def _model_key(spec: ToyModelSpec, cfg: ToyConfig) -> str:
     # the models learn from fresh pretraining samples: the corpus sizes never shape them
     sizes = ("n_train", "n_heldout_per_skill", "n_questions_per_skill")
     shaping = {k: v for k, v in asdict(cfg).items() if k not in sizes}
-    return fingerprint({"v": BUILD_VERSION, "spec": asdict(spec), "cfg": shaping,
+    described = asdict(spec)
+    if not spec.reversed:  # at its default, a model built before the setting existed is current
+        del described["reversed"]
+    return fingerprint({"v": BUILD_VERSION, "spec": described, "cfg": shaping,
                         "world": world_fingerprint(cfg.seed)})  # fmt: skip
 
 

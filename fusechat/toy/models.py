@@ -11,10 +11,13 @@ it knows (``knows``: the share of this world's planets and words; it never sees 
 The sources are complementary, as FuseChat's premise has them: each knows every item of its
 specialty and only the common third of the other's (Mixtral: every planet, a third of the
 words; Llama: every word, a third of the planets), so each pairwise target has something of
-its own to inherit and a merge has two things to combine. The pivot is best at arithmetic
-and knows the common third of the planets and words, with general competence (copying names,
-the answer forms) from another world of the same language. None of them sees the fusion
-corpus.
+its own to inherit and a merge has two things to combine. The pivot is a broad chat model, as
+a pretrained one is: best at arithmetic, it knows every planet and word, but learned how often
+each value is said the wrong way round (every planet's, 40% of the words'), as from another
+usage. What a source can teach it is that calibration: the right mass on every value, also on
+values the corpus's few samples of an item never show, which no amount of fine-tuning on the
+corpus alone recovers. Fine-tuning then moves the pivot a little (it learns frequencies, not
+new items), as fine-tuning a pretrained chat model does. None of them sees the fusion corpus.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class ToyModelSpec:
     mix: dict[str, float]  # skill weights of its pretraining data
     knows: dict[str, float]  # share of the planets (facts) and words (glossary) it learns
     steps: int  # pretraining steps of fresh conversations
+    # share of the known planets / words (the last ones, sorted) whose values it learned in
+    # reverse order of likelihood: it knows those items, not how often each value is said
+    reversed: dict[str, float] = field(default_factory=dict)
     lr: float = 3e-3  # peak learning rate (the deeper Llama learns best at 1e-3)
     config: dict = field(default_factory=dict)
 
@@ -58,7 +64,11 @@ SPECS = (
         vocab_size=700,
         templates=("openchat",),
         mix={"arithmetic": 3.0, "facts": 1.0, "glossary": 1.0},
-        knows={"facts": 1 / 3, "glossary": 1 / 3, "generic": 1.0},
+        knows={"facts": 1.0, "glossary": 1.0},
+        # every planet's values the wrong way round, 40% of the words': the room each
+        # source has to teach comes out about equal per character (facts answers hold
+        # single-valued attributes too)
+        reversed={"facts": 1.0, "glossary": 0.4},
         steps=1500,
         config=dict(
             hidden_size=192,
@@ -130,13 +140,21 @@ def build_model(spec: ToyModelSpec, tokenizer, seed: int) -> PreTrainedModel:
 
 def known_world(world, spec: ToyModelSpec):
     """What a model learns about: the first share (``spec.knows``) of the sorted planets and
-    words (every model knows the same common third), and with ``generic`` another world."""
+    words (every model knows the same common third), the last share (``spec.reversed``) of
+    those with their values in reverse order of likelihood, and with ``generic`` another
+    world."""
     from fusechat.toy.corpus import GENERIC_SEED, make_world
 
-    known = world.subset(
-        world.planets[: round(len(world.planets) * spec.knows.get("facts", 1.0))],
-        world.words[: round(len(world.words) * spec.knows.get("glossary", 1.0))],
-    )
+    def share(items: list[str], skill: str, table: dict[str, float]) -> list[str]:
+        return items[: round(len(items) * table.get(skill, 1.0))]
+
+    known = world.subset(share(world.planets, "facts", spec.knows),
+                         share(world.words, "glossary", spec.knows))  # fmt: skip
+    flip_p = set(share(known.planets[::-1], "facts", {"facts": 0.0, **spec.reversed}))
+    flip_w = set(share(known.words[::-1], "glossary", {"glossary": 0.0, **spec.reversed}))
+    known.facts = {p: {a: v[::-1] for a, v in attrs.items()} if p in flip_p else attrs
+                   for p, attrs in known.facts.items()}  # fmt: skip
+    known.glossary = {w: v[::-1] if w in flip_w else v for w, v in known.glossary.items()}
     return known.union(make_world(GENERIC_SEED)) if spec.knows.get("generic") else known
 
 

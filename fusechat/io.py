@@ -165,23 +165,6 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def content_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str | None:
-    """BLAKE2b of every file name, size and byte of a local file or folder, streamed (about
-    1 GB/s: some 15 s for a 7B model); None for what is not a local path (a hub id, whose name
-    is its identity). Not name, size and mtime alone: ``cp -p``, ``rsync -a`` or an in-place
-    rewrite can keep all three while the weights change."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in _files(path):
-        h.update(f"{name}\0{p.stat().st_size}\0".encode())  # the size: where one file ends
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
 def check_apart(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
     """An output that is, contains or lies inside one of its step's inputs is refused: writing
     or clearing it (``--overwrite``) would destroy what the step is about to read. Inputs that

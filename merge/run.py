@@ -23,7 +23,7 @@ from fusechat.io import (
     MANIFEST,
     atomic_dir,
     check_apart,
-    content_fingerprint,
+    file_fingerprint,
     fingerprint,
     looks_local,
     read_json,
@@ -371,7 +371,10 @@ def _merge_key(raw: dict, cfg, random_seed: int) -> tuple[str, str]:
     path merges anew, even when it kept its size and modification time."""
     inputs = _inputs(cfg)
     same_merge = fingerprint({"config": raw, "version": 1, "random_seed": random_seed})
-    key = fingerprint({"merge": same_merge, "inputs": {p: content_fingerprint(p) for p in inputs}})
+    # the inputs' bytes (a hub id, no local path, is its own identity): cp -p or rsync -a can
+    # keep a rewritten file's name, size and mtime
+    digests = {p: file_fingerprint(p) if Path(p).exists() else None for p in inputs}
+    key = fingerprint({"merge": same_merge, "inputs": digests})
     return same_merge, key
 
 

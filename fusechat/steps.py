@@ -232,7 +232,7 @@ def _evaluate(step: Step) -> None:
 
     qs = load_questions(expand(e.questions), e.max_questions)
     model, tok, stops = load_chat_model(model_path)  # once, for both measures
-    answers = generate_answers(model, tok, stops, qs, e.max_new_tokens)
+    answers = generate_answers(model, tok, stops, qs, e.max_new_tokens, e.batch_size)
     scores = {**score(qs, answers), **nll_by_skill(model, tok, qs)}
     result = {"key": step.fp, "model": model_path, "scores": scores,
               "answers": [{"id": q["id"], "answer": a} for q, a in zip(qs, answers, strict=True)]}  # fmt: skip

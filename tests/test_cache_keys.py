@@ -111,6 +111,7 @@ CHANGES = {
     "eval.questions": ("CORPUS_COPY", []),
     "eval.max_questions": ("10", []),
     "eval.max_new_tokens": ("16", []),
+    "eval.batch_size": ("8", []),  # in the key: left padding may move a greedy tie
     "eval.judge.base_url": ("http://127.0.0.1:9/v1", ["eval.judge={base_url: x, model: j}"]),
     "eval.judge.model": ("j2", ["eval.judge={base_url: x, model: j}"]),
     "eval.judge.api_key_env": ("K2", ["eval.judge={base_url: x, model: j}"]),

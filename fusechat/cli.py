@@ -118,7 +118,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from fusechat.study import format_table, run_study
 
     worlds = args.world_seeds or (list(range(args.worlds)) if args.worlds else [])
-    result = run_study(args.recipe, args.seeds, args.set, worlds)
+    result = run_study(args.recipe, args.seeds, args.set, worlds, args.self_distillation)
     print(format_table(result))
     print(f"study folder: {result['folder']}")
     print(json.dumps(study_json(result)))
@@ -153,7 +153,10 @@ def study_json(result: dict) -> dict:
         "delta_cosine": {k: round(v["mean"], 4) for k, v in w.get("delta_cosine", {}).items()},
         "interpolation": {k: [round(y, 5) for y in v] for k, v in w.get("lines", {}).items()},
         "same_tokens_per_step": result["same_tokens_per_step"],
-    }  # fmt: skip
+    } | ({"control": {"name": c["name"], "vs_clm": brief(c["vs_clm"]),
+                      "targets": {t: brief(r["vs_control"]) for t, r in c["targets"].items()},
+                      "merges": {m: brief(r) for m, r in c["merges"].items()}}}
+         if (c := result.get("control")) else {})  # fmt: skip
 
 
 def _add_study_command(sub) -> None:
@@ -172,6 +175,13 @@ def _add_study_command(sub) -> None:
         nargs="+",
         metavar="SEED",
         help="toy worlds by seed, instead of --worlds (e.g. 3 4 5)",
+    )
+    s.add_argument(
+        "--self-distillation",
+        action="store_true",
+        help="also run each pair with the pivot as its only source (self-distillation at the "
+        "recipe's lambda, same rows, steps and seed) and compare every target and merge with "
+        "it: what the sources add over the pivot's own distributions",
     )
     _add_set_option(s)
 

@@ -156,6 +156,17 @@ def analyse(runs: dict) -> dict:
             "token_efficiency": mean_std(reached) if reached else None,
             "token_efficiency_per_pair": ratios,
         }
+    control = next((n for n, r in roles.items() if r == "control"), None)
+    if control:  # what the sources add over the pivot's own distributions
+        out["control"] = {
+            "name": control,
+            "vs_clm": paired(_gains(runs, control, clm)),
+            "targets": {t: {"vs_control": paired(_gains(runs, t, control)),
+                            "by_skill": {k[len(NLL) + 1 :]: paired(_gains(runs, t, control, k))["mean"]
+                                         for k in skills}}
+                        for t in targets},
+            "merges": {m: paired(_gains(runs, m, control)) for m in merges},
+        }  # fmt: skip
     if targets:
         best = min(targets, key=lambda t: models[t][NLL]["mean"])
         out["best_target"] = best
@@ -226,6 +237,17 @@ def format_table(result: dict) -> str:
         lines.append(f"  {m} over the best target ({result['best_target']}): "
                      f"{_paired_text(r['vs_best_target'])}: "
                      f"{_verdict(r['at_least_as_good'], 'at least as good', 'worse')}")  # fmt: skip
+    c = result.get("control")
+    if c:
+        lines.append(
+            f"  {c['name']} (the pivot its own source) over CLM: {_paired_text(c['vs_clm'])}"
+        )
+        for t, r in c["targets"].items():
+            skill = max(r["by_skill"], key=r["by_skill"].get) if r["by_skill"] else None
+            lines.append(f"  {t} over {c['name']}: {_paired_text(r['vs_control'])}"
+                         + (f"; largest gain on {skill}" if skill else ""))  # fmt: skip
+        for m, r in c["merges"].items():
+            lines.append(f"  {m} over {c['name']}: {_paired_text(r)}")
     w = result.get("weights")
     if w:
         rel = ", ".join(f"{k} {v['mean']:.3f}" for k, v in w["relative_delta"].items())
@@ -251,7 +273,11 @@ def plot(runs: dict, result: dict, png: Path) -> None:
     fig, axes = plt.subplots(1, 2 if w else 1, figsize=(12 if w else 7, 4), squeeze=False)
     ax = axes[0][0]
     lo = None
-    for name in [result["clm"], *result["targets"]]:
+    for name in [
+        result["clm"],
+        *result["targets"],
+        *[c["name"] for c in [result.get("control")] if c],
+    ]:
         curves = [r["curves"][name] for r in runs.values() if r.get("curves", {}).get(name)]
         if not curves:
             continue
@@ -313,6 +339,29 @@ def world_overrides(raw: dict, world: int) -> list[str]:
     return out
 
 
+CONTROL = "self-distillation"
+
+
+def self_source(recipe: str, overrides: Sequence[str]) -> list[str]:
+    """The override that makes the pivot its only source: MinCE of two equal distributions is
+    the pivot's own, so its target is plain self-distillation at the recipe's lambda, trained
+    on the same rows, order, steps and seed as the pair's targets (and no merge: one target)."""
+    from fusechat.recipe import load_recipe
+
+    pivot = load_recipe(recipe, overrides).models.pivot
+    return [f"models.sources=[{{path: {json.dumps(pivot.resolved)}, name: {pivot.label}-self}}]"]
+
+
+def add_control(summary: dict, control: dict) -> None:
+    """Put the control run's one target into the pair's summary as ``CONTROL`` (role
+    ``control``), with its curve; its CLM baseline and pivot are the pair's own (the same
+    steps, so the same cached folders)."""
+    name = next(n for n, m in control["models"].items() if m["role"] == "target")
+    summary["models"][CONTROL] = {**control["models"][name], "role": "control"}
+    summary["scores"][CONTROL] = control["scores"][name]
+    summary.setdefault("curves", {})[CONTROL] = read_curve(control["models"][name]["path"])
+
+
 def _weight_figures(summary: dict, heldout: str, cache: Path) -> dict:
     """``weightspace.weight_figures`` for one run's pivot and pairwise targets, on the
     held-out set; cached by the models' and the set's identities."""
@@ -338,11 +387,14 @@ def run_study(
     seeds: Sequence[int],
     overrides: Sequence[str] = (),
     worlds: Sequence[int] = (),
+    self_distillation: bool = False,
 ) -> dict:
     """Run the recipe once per (world, seed) pair and analyse (writes ``study.json``,
     ``table.txt`` and ``study.png`` under the recipe's run folder, in a folder named after
     what was run). ``worlds``: toy world seeds, each built here (cached) and the recipe's toy
-    paths moved to it; none: the recipe as it is, one world."""
+    paths moved to it; none: the recipe as it is, one world. ``self_distillation``: also run
+    each pair with the pivot as its only source (``self_source``), the control that tells
+    what the sources add over the pivot's own distributions."""
     from fusechat.io import fingerprint
     from fusechat.recipe import expand, load_recipe, read_yaml
     from fusechat.run import format_summary, run_recipe
@@ -380,6 +432,9 @@ def run_study(
                                  if m["role"] in ("clm", "target")}  # fmt: skip
             if heldout:
                 summary["weights"] = _weight_figures(summary, expand(heldout), root)
+            if self_distillation:
+                add_control(summary, run_recipe(recipe, overrides=[*ov, *self_source(recipe, ov)],
+                                                quiet=True))  # fmt: skip
             print(f"{label}:\n{format_summary(summary)}")
             runs[label] = summary
     result = analyse(runs)
@@ -389,7 +444,9 @@ def run_study(
     paths = sorted(m["path"] for r in runs.values() for m in r["models"].values())
     # named by what was run (the models' folders carry their step keys): a study of a
     # changed recipe never overwrites the report of another
-    folder = root / f"study-{fingerprint([list(overrides), list(runs), paths])[:10]}"
+    folder = (
+        root / f"study-{fingerprint([list(overrides), list(runs), paths, self_distillation])[:10]}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "study.json", {**result, "runs": runs})
     if result["clm"] and (result["weights"] or any(

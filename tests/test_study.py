@@ -1,10 +1,14 @@
 """The study's statistics on hand-made run summaries, and --set overrides."""
 
+from pathlib import Path
+
 import pytest
 
 from fusechat.errors import FusechatError
 from fusechat.recipe import apply_override
 from fusechat.study import analyse, mean_std, same_tokens, token_efficiency, tokens_to_reach
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_tokens_to_reach_interpolates_and_reports_never():
@@ -149,3 +153,45 @@ def test_the_table_shows_every_model_by_skill():
     r = analyse(runs)["targets"]["t1"]["by_skill"]
     assert r == pytest.approx({"facts": 0.05, "glossary": 0.20})
     assert "largest gain on glossary" in table
+
+
+def test_the_self_distillation_control_is_paired_like_the_targets(tmp_path):
+    """The control run's one target joins its pair as ``self-distillation``; each target and
+    merge is compared with it pair by pair, and the table says so."""
+    from fusechat.study import CONTROL, add_control, format_table
+
+    runs = {}
+    for i, (clm, t1, t2, merge, selfd) in enumerate(
+        [
+            (0.30, 0.20, 0.29, 0.25, 0.28),
+            (0.32, 0.22, 0.31, 0.24, 0.30),
+            (0.31, 0.25, 0.32, 0.26, 0.30),
+        ]
+    ):
+        run = _run(clm, t1, t2, merge)
+        control = {"models": {"pivot": {"role": "pivot", "path": ""}, "clm": {"role": "clm", "path": ""},
+                              "pivot--pivot-self": {"role": "target", "path": str(tmp_path)}},
+                   "scores": {"pivot--pivot-self": {"nll/char": selfd, "average": 5.1}}}  # fmt: skip
+        add_control(run, control)
+        runs[i] = run
+    assert runs[0]["models"][CONTROL]["role"] == "control" and runs[0]["curves"][CONTROL] is None
+    c = analyse(runs)["control"]
+    assert c["name"] == CONTROL
+    assert c["vs_clm"]["per_pair"] == pytest.approx([0.02, 0.02, 0.01])
+    # t2 is worse than the control in every pair, though it beats CLM in two
+    assert c["targets"]["t2"]["vs_control"]["per_pair"] == pytest.approx([-0.01, -0.01, -0.02])
+    assert c["merges"]["varm"]["per_pair"] == pytest.approx([0.03, 0.06, 0.04])
+    table = format_table(analyse(runs))
+    assert f"{CONTROL} (the pivot its own source) over CLM: +0.0167" in table
+    assert f"varm over {CONTROL}: +0.0433" in table
+    assert CONTROL not in analyse(runs)["targets"]  # a control is not a pairwise target
+
+
+def test_self_source_makes_the_pivot_the_only_source():
+    from fusechat.recipe import load_recipe
+    from fusechat.study import self_source
+
+    recipe = str(RECIPES / "mini.yaml")
+    r = load_recipe(recipe, self_source(recipe, []))
+    assert [s.resolved for s in r.models.sources] == [r.models.pivot.resolved]
+    assert r.models.sources[0].label == f"{r.models.pivot.label}-self"

@@ -1,6 +1,6 @@
 """The stage commands (``capture``, ``align``, ``fuse``, ``train``, ``merge``; implicit fusion's
-``sample``, ``score``, ``pairs``): their options are derived from the stage's config
-(``fusechat.configs``), so a setting is declared once."""
+``sample``, ``score``, ``pairs``, ``sft``, ``dpo``): their options are derived from the stage's
+config (``fusechat.configs``), so a setting is declared once."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from fusechat.configs import (
     CaptureConfig,
     CaptureJob,
     DataSpec,
+    DpoConfig,
     FuseConfig,
     LoraConfig,
     PairsConfig,
     SampleConfig,
     ScoreConfig,
+    SftConfig,
     TrainConfig,
     TrainJob,
     add_options,
@@ -226,6 +228,62 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     return _print_stats(args.out, pairs_stage(args.scores, args.out, cfg, args.overwrite))
 
 
+def _with_lora(args: argparse.Namespace, cls: type) -> dict:
+    """The options of ``cls`` that were given, the ``--lora-*`` ones as its ``lora`` section."""
+    values = option_values(args, cls)
+    lora = option_values(args, LoraConfig, "lora_")
+    if lora:
+        values["lora"] = lora
+    return values
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    """fine-tune a model on the SFT set's assistant turns (TRL SFTTrainer; FuseChat-3.0)
+
+    Supervised fine-tuning on a pairs folder's sft.jsonl (or any JSONL of {"messages"} rows):
+    the loss on the assistant turns only, each conversation rendered with the model's chat
+    template or a named one (--template; it becomes the trained model's chat_template). Full
+    fine-tuning, or a LoRA merged into the weights at the end. Defaults are FuseChat-3.0's for
+    Llama-3.1-8B-Instruct (lr 5e-6, 3 epochs, batch 128, 2048 tokens, warm-up 0.1, cosine).
+    Checkpoints go to OUT.ckpt and a rerun resumes from the last one; OUT, an ordinary Hugging
+    Face model folder, appears only when training is complete, and a rerun with the same data
+    file, model and settings reuses it. Runs under accelerate launch / torchrun unchanged.
+    """
+    from fusechat.prefer import sft_stage
+
+    cfg = from_options(SftConfig, _with_lora(args, SftConfig))
+    _found(model=args.model, data=args.data)
+    return _print_stats(args.out, sft_stage(args.model, args.data, args.out, cfg, args.overwrite))
+
+
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    """preference-optimise a model on the pairs, against itself as reference (TRL DPOTrainer)
+
+    Direct preference optimisation on a pairs folder's dpo.jsonl (or any JSONL of
+    conversational {"prompt", "chosen", "rejected"} rows); the reference is the starting
+    model (with a LoRA: the model with its adapter off). --loss sigmoid is DPO; length_normalized
+    takes each response's mean per-token log-ratio instead of its sum (FuseChat-3.0 for
+    Llama-3.1-8B-Instruct, with --beta 10); TRL's other losses pass through by name. Defaults:
+    lr 8e-7, 1 epoch, beta 0.01, batch 128. Checkpoints, resume, reuse and the output folder
+    as for sft.
+    """
+    from fusechat.prefer import dpo_stage
+
+    cfg = from_options(DpoConfig, _with_lora(args, DpoConfig))
+    _found(model=args.model, data=args.data)
+    return _print_stats(args.out, dpo_stage(args.model, args.data, args.out, cfg, args.overwrite))
+
+
+def _add_prefer_command(sub, name: str, func, cls: type, data_help: str) -> None:
+    t = add_command(sub, name, func)
+    t.add_argument("--model", required=True, help="the starting model: folder or hub id")
+    t.add_argument("--data", required=True, help=data_help)
+    t.add_argument("--out", required=True, help="output model folder")
+    add_options(t, cls)
+    add_options(t, LoraConfig, prefix="lora_")
+    t.add_argument("--overwrite", **OVERWRITE)
+
+
 def add_implicit_commands(sub) -> None:
     s = add_command(sub, "sample", _cmd_sample)
     add_options(s, SampleConfig)
@@ -245,6 +303,11 @@ def add_implicit_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (sft.jsonl, dpo.jsonl)")
     add_options(p, PairsConfig)
     p.add_argument("--overwrite", **OVERWRITE)
+
+    _add_prefer_command(sub, "sft", _cmd_sft, SftConfig,
+                        "a pairs folder (its sft.jsonl) or a JSONL of {\"messages\"} rows")  # fmt: skip
+    _add_prefer_command(sub, "dpo", _cmd_dpo, DpoConfig, "a pairs folder (its dpo.jsonl) or "
+                        "a JSONL of {\"prompt\", \"chosen\", \"rejected\"} rows")  # fmt: skip
 
 
 def add_stage_commands(sub) -> None:

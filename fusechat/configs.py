@@ -330,6 +330,12 @@ Seed = Annotated[int, Field(ge=0, lt=2**32, description="data order and initiali
                                                         "(numpy's range, 0 to 2**32 - 1)")]  # fmt: skip
 
 
+def _steps_rule(v: int) -> int:
+    if v == 0 or v < -1:
+        raise ValueError("must be -1 (train for epochs) or at least 1")
+    return v
+
+
 class TrainSettings(Config):
     """Training shared by the recipe and ``fusechat train`` (defaults: the FuseChat paper's,
     7B on 8 GPUs)."""
@@ -393,9 +399,7 @@ class TrainSettings(Config):
     @field_validator("max_steps")
     @classmethod
     def _steps(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError("must be -1 (train for epochs) or at least 1")
-        return v
+        return _steps_rule(v)
 
 
 class TrainConfig(TrainSettings):
@@ -411,6 +415,79 @@ class TrainJob(Config):
     model: str
     data: str
     out: str
+
+
+# --------------------------------------------------------------------------- sft, dpo
+
+
+class PreferSettings(Config):
+    """What ``fusechat sft`` and ``fusechat dpo`` (TRL's trainers, implicit fusion) share;
+    defaults are FuseChat-3.0's for Llama-3.1-8B-Instruct where the paper gives them."""
+
+    template: Template = Field(
+        "tokenizer",
+        description="conversation template (tokenizer: the model's own chat_template); a named "
+        "one becomes the trained model's chat_template",
+    )
+    lr: Annotated[float, Field(gt=0)] = Field(5e-6, description="learning rate")
+    epochs: Annotated[float, Field(gt=0)] = Field(3.0, description="passes over the data")
+    max_steps: int = Field(-1, description="optimizer steps; -1: as many as epochs make")
+    batch_size: PositiveInt = Field(
+        128, description="effective batch (rows): micro batch x accumulation x processes"
+    )
+    micro_batch_size: PositiveInt = Field(4, description="rows per device and forward pass")
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="warm-up share")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    max_length: PositiveInt = Field(
+        2048, description="tokens per sequence (prompt and response); longer ones keep their start"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the weights' dtype in training (bfloat16 also computes in bf16); auto: "
+        "bfloat16 on GPUs that support it, else float32",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="recompute activations (less memory, slower)"
+    )
+    save_steps: PositiveInt = Field(200, description="checkpoint interval")
+    logging_steps: PositiveInt = Field(10, description="log interval")
+    seed: Seed = 0
+    lora: LoraConfig | None = Field(None, description="a LoRA instead of full fine-tuning")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return _steps_rule(v)
+
+
+class SftConfig(PreferSettings):
+    """``fusechat sft``: supervised fine-tuning on the assistant turns (TRL SFTTrainer)."""
+
+
+# DPO loss names: fusechat's -> TRL's DPOConfig.loss_type (the rest pass through unchanged)
+DPO_LOSSES = ("sigmoid", "length_normalized", "hinge", "ipo", "nca_pair", "bco_pair",
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")  # fmt: skip
+
+
+class DpoConfig(PreferSettings):
+    """``fusechat dpo``: preference optimisation against the starting model (TRL DPOTrainer)."""
+
+    lr: Annotated[float, Field(gt=0)] = Field(8e-7, description="learning rate")
+    epochs: Annotated[float, Field(gt=0)] = Field(1.0, description="passes over the pairs")
+    beta: Annotated[float, Field(gt=0)] = Field(
+        0.01,
+        description="how far the model may move from the reference (FuseChat-3.0: 0.01 with "
+        "sigmoid; 10 with length_normalized for Llama-3.1-8B)",
+    )
+    loss: Literal[DPO_LOSSES] = Field(  # type: ignore[valid-type]
+        "sigmoid",
+        description="sigmoid: DPO, -log sigmoid(beta * (chosen - rejected log-ratio to the "
+        "reference, summed over tokens)); length_normalized: the same over each response's "
+        "per-token mean (TRL's sigmoid_norm); the others: TRL's loss_type of that name",
+    )
 
 
 def job_command(launcher: list[str], stage: str, job: Config, job_file: Path) -> list[str]:

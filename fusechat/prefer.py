@@ -285,15 +285,11 @@ def trl_args(cls, cfg: PreferSettings, ckpt: Path, world: int, **extra):
 def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg) -> dict:
     """Train (resuming from the last whole checkpoint in ``ckpt``) and save the model whole."""
     from fusechat.ranks import Ranks
-    from fusechat.train import _save, last_complete_checkpoint
+    from fusechat.train import _save, resume_point
 
     world = Ranks.from_env().world
     t0 = time.perf_counter()
-    last = last_complete_checkpoint(ckpt) if trainer.is_world_process_zero() else None
-    trainer.accelerator.wait_for_everyone()  # rank 0 has removed a cut-off checkpoint
-    last = last_complete_checkpoint(ckpt)
-    if last:
-        log.info("resuming from %s", last)
+    last = resume_point(trainer, ckpt)
     with warnings.catch_warnings():  # TRL 1.16 calls transformers 5's deprecated names for
         # activation checkpointing around the reference's forward: nothing a user can change
         warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated",

@@ -249,6 +249,18 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def resume_point(trainer, ckpt: Path) -> str | None:
+    """The checkpoint every rank resumes from: rank 0 first removes a cut-off one
+    (``last_complete_checkpoint``), then all read the same folder."""
+    if trainer.is_world_process_zero():
+        last_complete_checkpoint(ckpt)
+    trainer.accelerator.wait_for_everyone()
+    last = last_complete_checkpoint(ckpt)
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
 def train(
     model_path: str,
     data: str | os.PathLike,
@@ -285,11 +297,7 @@ def train(
     ckpt = _checkpoint_folder(out, key, overwrite, ranks.rank)
     trainer = _trainer(cfg, model, tokenizer, rows, ckpt, ranks.world)
     t0 = time.perf_counter()
-    last = last_complete_checkpoint(ckpt) if trainer.is_world_process_zero() else None
-    trainer.accelerator.wait_for_everyone()  # rank 0 has removed a cut-off checkpoint
-    last = last_complete_checkpoint(ckpt)
-    if last:
-        log.info("resuming from %s", last)
+    last = resume_point(trainer, ckpt)
     try:
         result = trainer.train(resume_from_checkpoint=last)
     except FusechatError:  # closes the progress bar before the one line prints

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 export FUSECHAT_CACHE ?= $(HOME)/.cache/fusechat
 
-.PHONY: install demo test lint clean test-vllm mutation
+.PHONY: install demo test lint clean test-vllm mutation docs
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -53,3 +53,8 @@ mutation: $(STAMP)
 		END {k = n["killed"] + n["timeout"]; \
 		printf "mutation score: %d of %d detected (%.1f%%; %d by timeout)\n", k, t, 100 * k / t, n["timeout"]}' \
 		mutants/results.txt | tee mutants/score.txt
+
+# The CLI reference, docs/cli.md, from the argparse parsers (tests/test_cli_reference.py fails
+# when it is stale).
+docs: $(STAMP)
+	$(PY) -m fusechat.cli_reference > docs/cli.md.tmp && mv docs/cli.md.tmp docs/cli.md

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fusechat.errors import FusechatError
+from fusechat.errors import FusechatError, first_line
 
 _WORD = re.compile(r"[\w']+")
 
@@ -72,6 +72,20 @@ def rule_judge(question: str, answer: str, reference: str) -> tuple[int, str]:
     return score, f"[[{score}]] {hits}/{len(key)} answer words"
 
 
+def _prompt(tok, question: dict, n: int) -> str:
+    """A question in the model's own chat template; a template that refuses it (Jinja
+    ``raise_exception``) is one line naming the question."""
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(question["messages"], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+    except TemplateError as e:
+        raise FusechatError(f"question {n} ({question.get('id', '?')}): "
+                            f"{tok.name_or_path}: the chat template refused it ({first_line(e)})"
+                            ) from None  # fmt: skip
+
+
 @torch.no_grad()
 def generate_answers(
     model, tok, stops: Sequence[int], questions: Sequence[dict], max_new_tokens: int = 32,
@@ -83,10 +97,7 @@ def generate_answers(
     answers = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i : i + batch_size]
-        texts = [
-            tok.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
-            for q in chunk
-        ]
+        texts = [_prompt(tok, q, i + j) for j, q in enumerate(chunk)]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(
             **enc,

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fusechat.data import Encoded, collate, encode
+from fusechat.data import Encoded, TemplateRefused, collate, encode
+from fusechat.errors import FusechatError
 from fusechat.losses import predicts_label, token_nll
 
 
@@ -29,6 +30,17 @@ def nll_per_char(
     return total_nll / max(total_chars, 1)
 
 
+def _encoded(row: dict, tokenizer, template: str, n: int) -> Encoded:
+    """A measured row must render: a set the template refuses in part would not measure every
+    model on the same text, so a refusal is one line naming the row, not a skip."""
+    try:
+        return encode(row["messages"], tokenizer, template)
+    except TemplateRefused as e:
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise FusechatError(f"held-out row {n}: {name}: the chat template refused it ({e})"
+                            ) from None  # fmt: skip
+
+
 @torch.no_grad()
 def nll_and_chars(
     model, tokenizer, rows: Sequence[dict], template: str = "tokenizer", batch_size: int = 64
@@ -39,9 +51,8 @@ def nll_and_chars(
     device = next(model.parameters()).device
     total_nll, total_chars = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        encs: list[Encoded] = [
-            encode(r["messages"], tokenizer, template) for r in rows[i : i + batch_size]
-        ]
+        encs: list[Encoded] = [_encoded(r, tokenizer, template, i + j)
+                               for j, r in enumerate(rows[i : i + batch_size])]  # fmt: skip
         batch = {k: v.to(device) for k, v in collate(encs, tokenizer.pad_token_id).items()}
         total_nll += learned_nll(model, batch).sum().item()
         total_chars += sum(end - start for e in encs for start, end in e.assistant_spans)

@@ -373,3 +373,39 @@ def test_which_paths_are_local(path, local, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
     assert looks_local(path) is local
     assert is_hub_id(path) is (not local and "/" in path)
+
+
+def test_a_refusing_template_is_one_line_naming_the_row_in_evaluation(toy_world):
+    """Held-out loss and the toy answers measure every model on the same text: a row the
+    model's template refuses is one line naming it, not a skip and not a traceback."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusechat.errors import FusechatError
+    from fusechat.eval.toy import generate_answers
+    from fusechat.heldout import nll_and_chars
+
+    tok = AutoTokenizer.from_pretrained(toy_world / "openchat-mini")
+    tok.chat_template = MISTRAL_V01_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini")
+    ok = {"messages": [{"role": "user", "content": "Compute 2 plus 3."},
+                       {"role": "assistant", "content": "5"}]}  # fmt: skip
+    refused = {
+        "id": "q-sys",
+        "messages": [{"role": "system", "content": "Be brief."}, *ok["messages"]],
+    }
+    with pytest.raises(
+        FusechatError,
+        match=r"^held-out row 1: .*openchat-mini: the chat template refused it \(Conversation roles",
+    ):
+        nll_and_chars(model, tok, [ok, refused], "tokenizer")
+    question = {"id": "q-sys", "messages": refused["messages"][:2]}
+    with pytest.raises(
+        FusechatError, match=r"^question 1 \(q-sys\): .*openchat-mini: the chat template refused it"
+    ):
+        generate_answers(
+            model,
+            tok,
+            [tok.eos_token_id],
+            [{"id": "q0", "messages": ok["messages"][:1]}, question],
+            4,
+        )

@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except SafetensorError as e:  # writing weights on a full disk (EFBIG), not an OSError
         if debug:
             raise
-        print(f"fusechat: error: cannot write weights ({first_line(e)})", file=sys.stderr)
+        out = getattr(args, "out", None)  # safetensors names no file: the output it went to
+        where = f"{out}: " if out else ""
+        print(f"fusechat: error: {where}cannot write weights ({first_line(e)})", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

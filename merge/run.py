@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fusechat.cards import merge_card, write_card
 from fusechat.errors import FusechatError, first_line
 from fusechat.io import (
     MANIFEST,
@@ -407,6 +408,13 @@ def _varm_report(report: dict, weights: dict, params: dict, png: Path | None) ->
     report["heatmap"] = png.name if png is not None and heatmap(weights, png) else None
 
 
+def _mergekit_dtype_noise(record: logging.LogRecord) -> bool:
+    """mergekit 0.1.5 sets ``torch_dtype`` on the merged config, which transformers 5 warns
+    about: a dependency's internals, nothing a user can act on, and a second stderr line
+    beside a one-line error."""
+    return "`torch_dtype` is deprecated" not in record.getMessage()
+
+
 def run(
     config: str | os.PathLike,
     out: str | os.PathLike,
@@ -466,6 +474,7 @@ def run(
     # mergekit keeps one open loader per model for the whole process: a model rewritten since
     # an earlier merge in this process would be read from the replaced file
     LoaderCache().loaders.clear()
+    logging.getLogger("transformers.configuration_utils").addFilter(_mergekit_dtype_noise)
     with atomic_dir(out) as tmp:
         try:
             run_merge(cfg, str(tmp), options)
@@ -483,6 +492,8 @@ def run(
         if weights:
             _varm_report(report, weights, params, tmp / "varm_weights.png" if plot else None)
         write_json(tmp / REPORT, report)
+        # fusechat's card replaces mergekit's (which names the temporary folder)
+        write_card(tmp, merge_card(out.name, report, raw))
     scratch.cleanup()
     log.info("merged %s into %s in %.1f s", cfg.merge_method, out, report["seconds"])
     return report

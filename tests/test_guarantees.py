@@ -443,3 +443,18 @@ def test_a_full_disk_names_the_shard_it_could_not_write(w, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"fusechat: error: {out / shard_name(0)}: File too large"), lines
     assert not list(out.glob(".*.tmp")) and not (out / shard_name(0)).exists()
+
+
+def test_a_full_disk_while_merging_names_the_output(w, tmp_path):
+    """safetensors' own error names no file: the line names the output folder it was writing."""
+    import subprocess
+    import sys
+
+    cfg = merge_yaml(tmp_path / "lin.yaml", w["d"] / "target", w["toy"] / "openchat-mini")
+    out = tmp_path / "m-full"
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(1 << 20), "merge", str(cfg),
+                        str(out), "--no-plot"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [x for x in r.stderr.splitlines() if x.strip() and "%|" not in x and " INFO " not in x]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"fusechat: error: {out}: cannot write weights ("), lines
+    assert not out.exists()

@@ -282,8 +282,10 @@ def trl_args(cls, cfg: PreferSettings, ckpt: Path, world: int, **extra):
     )  # fmt: skip
 
 
-def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg) -> dict:
-    """Train (resuming from the last whole checkpoint in ``ckpt``) and save the model whole."""
+def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg,
+         model: str) -> dict:  # fmt: skip
+    """Train (resuming from the last whole checkpoint in ``ckpt``) and save the model whole,
+    with its card (``model`` its base)."""
     from fusechat.ranks import Ranks
     from fusechat.train import _save, resume_point
 
@@ -301,7 +303,9 @@ def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg)
              "effective_batch": trainer.args.gradient_accumulation_steps
              * cfg.micro_batch_size * world, "processes": world, "resumed_from": last,
              "last_log": logged[-1] if logged else None}  # fmt: skip
-    return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None)
+    card = {"base_model": model, "data": stats["data"]}
+    return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None,
+                 card)  # fmt: skip
 
 
 def _callbacks(ckpt: Path) -> list:
@@ -337,7 +341,7 @@ def sft_stage(model: str, data: str | os.PathLike, out: str | os.PathLike,
     trainer = SFTTrainer(model=_model(model, cfg), args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora),
                          callbacks=_callbacks(ckpt))  # fmt: skip
-    return _fit(trainer, tokenizer, out, ckpt, key, {**counts, "data": str(path)}, cfg)
+    return _fit(trainer, tokenizer, out, ckpt, key, {**counts, "data": str(path)}, cfg, model)
 
 
 def dpo_trainer(model: str, tokenizer, rows: Sequence[dict], cfg: DpoConfig, ckpt: Path,
@@ -377,4 +381,4 @@ def dpo_stage(model: str, data: str | os.PathLike, out: str | os.PathLike,
     ckpt = _checkpoint_folder(out, key, overwrite, ranks.rank)
     trainer = dpo_trainer(model, tokenizer, [r for _, r in rows], cfg, ckpt, ranks.world)
     stats = {"pairs": len(rows), "data": str(path)}
-    return _fit(trainer, tokenizer, out, ckpt, key, stats, cfg)
+    return _fit(trainer, tokenizer, out, ckpt, key, stats, cfg, model)

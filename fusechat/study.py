@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusechat.cards import study_card, write_card
 from fusechat.errors import FusechatError
 from fusechat.io import write_atomic, write_json
 
@@ -454,5 +455,6 @@ def run_study(
         plot(runs, result, folder / "study.png")
         result["plot"] = str(folder / "study.png")
     write_atomic(folder / "table.txt", format_table(result) + "\n")
+    write_card(folder, study_card(folder.name, recipe, result, format_table(result)))
     result["folder"] = str(folder)
     return result

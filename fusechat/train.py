@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusechat.cards import write_training_card
 from fusechat.configs import LoraConfig, TrainConfig
 from fusechat.errors import FusechatError
 from fusechat.io import (
@@ -313,7 +314,9 @@ def train(
         "processes": ranks.world,
         "resumed_from": last,
     }  # fmt: skip
-    return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None)
+    card = {"base_model": model_path, "data": str(data)}
+    return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None,
+                 card)  # fmt: skip
 
 
 def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraConfig | None):
@@ -408,8 +411,10 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
     )  # fmt: skip
 
 
-def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool) -> dict:
-    """The trained model in ``out``, renamed into place whole, with its manifest.
+def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool,
+          card: dict | None = None) -> dict:  # fmt: skip
+    """The trained model in ``out``, renamed into place whole, with its manifest and, given
+    ``card`` (``base_model``, ``data``), its model card (``fusechat.cards``).
 
     Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then adds
     tokenizer, logs and manifest and renames the folder into place."""
@@ -433,6 +438,8 @@ def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool)
     if log_path.exists():
         shutil.copy(log_path, staging / "train_log.jsonl")
         plot_losses(log_path, staging / "loss.png")
+    if card is not None:  # named as the folder will be, not as the temporary one
+        write_training_card(staging, out.name, manifest, card, log_path)
     write_json(staging / "manifest.json", manifest)
     if out.exists():
         shutil.rmtree(out)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from fusechat.cli import main
 from fusechat.configs import DpoConfig, SftConfig
@@ -201,6 +202,8 @@ def test_sft_trains_reuses_and_retrains_with_other_settings(tiny, tmp_path, caps
     assert _differ(start, first)
     assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATES["openchat"].jinja
     assert not (tmp_path / "sft.ckpt").exists() and (out / "train_log.jsonl").exists()
+    card = ModelCard.load(out / "README.md")  # its model card, the start model its base
+    assert card.data.base_model == tiny["chat"] and "sft" in card.data.tags
     # the answers became likelier (the loss is on them)
     tok = chat_tokenizer(tiny["chat"], "openchat")
     before, after = (AutoModelForCausalLM.from_pretrained(f) for f in (tiny["chat"], out))
@@ -257,6 +260,9 @@ def test_dpo_raises_the_chosen_margin_and_reuses(tiny, tmp_path, capsys):
     assert main(argv) == 0
     stats = _stats(capsys)
     assert (stats["steps"], stats["pairs"]) == (6, 8) and "rewards/margins" in stats["last_log"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == tiny["chat"] and "dpo" in card.data.tags
+    assert "beta 0.5" in (out / "README.md").read_text()
     after = _margins(out, tok, DPO)
     assert sum(after) > sum(before) + 1
     assert sum(a > b for a, b in zip(after, before, strict=True)) >= 6

@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     debug = os.environ.get("FUSECHAT_DEBUG", "") not in ("", "0")
+    if not debug:  # huggingface_hub logs each retry of an unreachable hub (20-odd lines): the
+        # one line that matters is ours, when it gives up
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
     from safetensors import SafetensorError
 
     try:

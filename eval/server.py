@@ -25,6 +25,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 BODY_TIMEOUT = 30.0  # seconds for a request's body to arrive whole
@@ -219,6 +220,10 @@ class _Api:
             size = await asyncio.wait_for(read(), BODY_TIMEOUT)
         except asyncio.TimeoutError:
             raise _Reject(408, f"request body not received within {BODY_TIMEOUT:g} s") from None
+        except (
+            ClientDisconnect
+        ):  # gone before its body arrived: an answer nobody reads, no traceback
+            raise _Reject(400, "client disconnected before the request body arrived") from None
         if size > self.max_body:
             raise _Reject(413, f"request body over {self.max_body} bytes (the server's limit)")
         body = b"".join(chunks)

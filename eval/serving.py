@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -137,8 +138,48 @@ def serve(model: str, backend: str = "auto", host: str = "127.0.0.1", port: int 
     from fusechat.eval.server import create_app
 
     app = create_app(model, name, api_key, max_batch=max_batch)
+    logging.getLogger("asyncio").addFilter(AcceptLimitLog(open_files_limit()))
     uvicorn.Server(server_config(app, host, port, max_connections)).run()
     return 0
+
+
+def open_files_limit() -> int | None:
+    """The process's open-file limit, its soft limit first raised to the hard one (each
+    connection holds a file; a server at the limit cannot accept, however capped)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+class AcceptLimitLog(logging.Filter):
+    """At the open-file limit asyncio logs a traceback for every failed ``accept()`` (tens of
+    thousands of lines a minute, while the requests already accepted are served): one warning
+    line instead, at most every ``every`` seconds."""
+
+    def __init__(self, limit: int | None, every: float = 30.0, clock=time.monotonic):
+        super().__init__()
+        self.limit, self.every, self.clock, self.last = limit, every, clock, None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every:
+            return False
+        self.last = now
+        limit = f" ({self.limit})" if self.limit else ""
+        record.msg, record.args = (f"at the open-file limit{limit}: new connections wait until "
+                                   "others close (raise ulimit -n or lower --max-connections)"), ()  # fmt: skip
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 @contextlib.contextmanager

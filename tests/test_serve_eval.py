@@ -167,6 +167,35 @@ def test_a_body_that_stalls_gets_408_and_others_are_served(server, monkeypatch):
         s.close()
 
 
+def test_the_open_file_limit_is_one_warning_line_per_interval():
+    """asyncio's traceback for each failed accept() at the open-file limit becomes one
+    warning line, at most every 30 s; other records pass untouched."""
+    import logging
+
+    from fusechat.eval.serving import AcceptLimitLog
+
+    now = [100.0]
+    f = AcceptLimitLog(300, every=30.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            import sys
+
+            return logging.LogRecord("asyncio", logging.ERROR, "", 0, msg, (), sys.exc_info())
+
+    first = record("socket.accept() out of system resource\nsocket: <fd=6>")
+    assert f.filter(first) and first.levelname == "WARNING" and first.exc_info is None
+    assert first.getMessage().startswith("at the open-file limit (300): new connections wait")
+    now[0] += 5
+    assert not f.filter(record("socket.accept() out of system resource"))
+    other = record("Task exception was never retrieved")
+    assert f.filter(other) and other.exc_info is not None and other.levelname == "ERROR"
+    now[0] += 30
+    assert f.filter(record("socket.accept() out of system resource"))
+
+
 def _status(url: str, body: bytes) -> int:
     """The HTTP status of one POST (any body: uvicorn's own 503 is plain text)."""
     import urllib.error

@@ -177,12 +177,30 @@ def get_template(name: str) -> Template | None:
 # --------------------------------------------------------------------------- tokenization
 
 
+def check_config_json(path: str) -> None:
+    """A local model's ``config.json``, when there is one, must be a JSON object: transformers
+    reports a list or broken JSON as a ``**`` type error that names no file."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        value = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FusechatError(f"{cfg}: not valid JSON ({first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise FusechatError(f"{cfg}: not a JSON object (a {type(value).__name__})")
+
+
 def load_tokenizer(path: str, what: str = "tokenizer"):
     """``AutoTokenizer.from_pretrained(path)``, failing with one line that names ``what``; a
     missing local-looking path is never looked up on the hub."""
     from transformers import AutoTokenizer
 
     check_found(path, what)
+    check_config_json(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:

@@ -39,6 +39,8 @@ def world(toy_world, tmp_path_factory) -> dict[str, Path]:
     model = shutil.copytree(toy_world / "openchat-mini", d / "truncated-model")
     w = model / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    listy_cfg = shutil.copytree(toy_world / "openchat-mini", d / "list-config")
+    (listy_cfg / "config.json").write_text("[1, 2]")
     listy = shutil.copytree(caps["openchat-mini"], d / "list-manifest")
     (listy / "manifest.json").write_text("[1, 2]")
     edited = shutil.copytree(caps["openchat-mini"], d / "edited")
@@ -253,6 +255,14 @@ CASES = {
     # models
     "truncated model weights": (capture_cmd("{d}/truncated-model"), "truncated-model"),
     "missing model folder": (capture_cmd("{d}/no-model"), "no-model"),
+    "config.json a JSON list": (
+        capture_cmd("{d}/list-config"),
+        "list-config/config.json: not a JSON object",
+    ),
+    "serve: config.json a JSON list": (
+        ["serve", "{d}/list-config", "--backend", "hf"],
+        "list-config/config.json: not a JSON object",
+    ),
     # stage folders
     "align --pivot is a model folder": (align_cmd("{toy}/openchat-mini"), "not a capture output"),
     "manifest of the wrong shape": (align_cmd("{d}/list-manifest"), "manifest"),

@@ -249,6 +249,9 @@ def test_an_endpoint_that_fails_is_named():
 
 def test_a_model_that_cannot_load_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{")
+    with pytest.raises(FusechatError, match=r"config\.json: not valid JSON"):
+        create_app(str(tmp_path), "broken")
+    (tmp_path / "config.json").write_text("{}")  # JSON, but no model there
     with pytest.raises(FusechatError, match="cannot load the model"):
         create_app(str(tmp_path), "broken")
 

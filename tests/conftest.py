@@ -89,6 +89,17 @@ def stage_rows(folder: Path, stage: str) -> list[dict]:
     return [r for _, rows in StageReader(folder, stage).shards() for r in rows]
 
 
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``fusechat ARGV`` in-process: exit status 2 and one stderr line, no traceback."""
+    from fusechat.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def sparse_dict(ids, probs) -> dict[int, float]:
     """A sparse distribution as {id: mass}, padding dropped and repeated ids summed."""
     out: dict[int, float] = {}

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import stage_rows
+from conftest import cli_error, stage_rows
 
 from fusechat.cli import main
 from fusechat.configs import PairsConfig, SampleConfig, ScoreConfig
@@ -415,27 +415,23 @@ def test_toy_rewards_give_right_sft_answers_and_right_against_wrong_pairs(tiny, 
 # --------------------------------------------------------------------------- bad inputs
 
 
-def _err(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_bad_inputs_are_one_line(tiny, samples, tmp_path, capsys):
     base = ["sample", "--model", tiny["chat"], "--template", "openchat", "--max-new-tokens", "2"]
     no_user = tmp_path / "no-user.jsonl"
     no_user.write_text(json.dumps({"messages": [S]}) + "\n" + json.dumps(ROWS[1]) + "\n")
-    err = _err(capsys, [*base, "--data", str(no_user), "--out", str(tmp_path / "a"), "--strict"])
+    err = cli_error(
+        capsys, [*base, "--data", str(no_user), "--out", str(tmp_path / "a"), "--strict"]
+    )
     assert err.endswith("row 1: no user turn")
     only = tmp_path / "only.jsonl"
     only.write_text(json.dumps({"messages": [A("hello")]}) + "\n")
-    err = _err(capsys, [*base, "--data", str(only), "--out", str(tmp_path / "b")])
+    err = cli_error(capsys, [*base, "--data", str(only), "--out", str(tmp_path / "b")])
     assert "no usable conversations" in err
-    err = _err(capsys, [*base, "--data", tiny["data"], "--out", str(tmp_path / "c"), "--n", "0"])
+    err = cli_error(
+        capsys, [*base, "--data", tiny["data"], "--out", str(tmp_path / "c"), "--n", "0"]
+    )
     assert "--n: Input should be greater than 0" in err
-    err = _err(capsys, [*base, "--data", tiny["data"], "--out", str(tmp_path / "c"),
+    err = cli_error(capsys, [*base, "--data", tiny["data"], "--out", str(tmp_path / "c"),
                         "--top-p", "1.5"])  # fmt: skip
     assert "--top-p: Input should be less than or equal to 1" in err
     # the toy reward on rows without their right values
@@ -446,7 +442,7 @@ def test_bad_inputs_are_one_line(tiny, samples, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["prompts"], out["responses"]) == (4, 8)
     hf = ["--reward", "hf", "--reward-model", tiny["rm"], "--dtype", "float32"]
-    err = _err(capsys, ["score", "--samples", str(tmp_path / "plain"), *hf, "--out",
+    err = cli_error(capsys, ["score", "--samples", str(tmp_path / "plain"), *hf, "--out",
                         str(tmp_path / "d")])  # fmt: skip
     assert err.endswith("rm: the reward model's tokenizer has no chat_template; name a template "
                         "(--template)")  # fmt: skip
@@ -456,28 +452,28 @@ def test_bad_inputs_are_one_line(tiny, samples, tmp_path, capsys):
                  "--min-gap", "0", "--sft-share", "0.5"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompts"] == 4 and out["sft_rows"] + out["pairs"] == 4
-    err = _err(capsys, ["score", "--samples", str(tmp_path / "plain"), "--reward", "toy",
+    err = cli_error(capsys, ["score", "--samples", str(tmp_path / "plain"), "--reward", "toy",
                         "--out", str(tmp_path / "d")])  # fmt: skip
     assert err.endswith("row 1: no 'answers' (reward toy checks a response against the row's "
                         "right values, as the toy's held-out and question rows list them)")  # fmt: skip
     # samples of different corpora, rewards without their model or with the wrong one
     score = ["score", "--out", str(tmp_path / "e")]
-    err = _err(capsys, [*score, "--samples", str(samples["s0"]), str(tmp_path / "plain"),
+    err = cli_error(capsys, [*score, "--samples", str(samples["s0"]), str(tmp_path / "plain"),
                         "--reward", "toy"])  # fmt: skip
     assert "sampled from another corpus" in err
-    err = _err(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf"])
+    err = cli_error(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf"])
     assert "reward hf needs a reward model (--reward-model)" in err
-    err = _err(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf",
+    err = cli_error(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf",
                         "--reward-model", tiny["rm2"], "--template", "openchat"])  # fmt: skip
     assert "a reward model has one label; this one has 2" in err
-    err = _err(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf",
+    err = cli_error(capsys, [*score, "--samples", str(samples["s0"]), "--reward", "hf",
                         "--reward-model", tiny["chat"]])  # fmt: skip
     assert "not a sequence classifier (architecture LlamaForCausalLM)" in err
-    err = _err(capsys, ["score", "--samples", str(tmp_path / "nowhere"), "--reward", "toy",
+    err = cli_error(capsys, ["score", "--samples", str(tmp_path / "nowhere"), "--reward", "toy",
                         "--out", str(tmp_path / "f")])  # fmt: skip
     assert "no such sample folder" in err
-    err = _err(capsys, ["pairs", "--scores", str(samples["s0"]), "--out", str(tmp_path / "g")])
+    err = cli_error(capsys, ["pairs", "--scores", str(samples["s0"]), "--out", str(tmp_path / "g")])
     assert "is a sample output, expected score" in err
-    err = _err(capsys, ["pairs", "--scores", str(samples["s0"]), "--out", str(tmp_path / "g"),
+    err = cli_error(capsys, ["pairs", "--scores", str(samples["s0"]), "--out", str(tmp_path / "g"),
                         "--min-gap", "0.5", "--max-gap", "0.1"])  # fmt: skip
     assert "max_gap 0.1 is below min_gap 0.5" in err

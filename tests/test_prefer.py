@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import cli_error
 from huggingface_hub import ModelCard
 
 from fusechat.cli import main
@@ -101,14 +102,6 @@ def _margins(folder, tok, rows) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return [_logp(model, tok, r["prompt"], r["chosen"]) - _logp(model, tok, r["prompt"],
                                                                r["rejected"]) for r in rows]  # fmt: skip
-
-
-def _err(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def _stats(capsys) -> dict:
@@ -214,7 +207,7 @@ def test_sft_trains_reuses_and_retrains_with_other_settings(tiny, tmp_path, caps
     manifest = (out / "manifest.json").read_text()
     assert main(argv) == 0 and (out / "manifest.json").read_text() == manifest
     other = [*argv[:-4], "--lr", "2e-2", "--save-steps", "100", "--lora-r", "4"]
-    err = _err(capsys, other)
+    err = cli_error(capsys, other)
     assert err.endswith("holds a sft run with other inputs or settings (lora, lr); use "
                         "--overwrite or another folder")  # fmt: skip
     assert main([*other, "--overwrite"]) == 0
@@ -290,7 +283,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny, tmp_path, capsys):
     def err(cmd: list[str], name: str, rows=None, text: str = "") -> str:
         if rows is not None or text:
             (d / name).write_text(_jsonl(rows or []) + text)
-        return _err(capsys, [*cmd, "--data", str(d / name)])
+        return cli_error(capsys, [*cmd, "--data", str(d / name)])
 
     assert err(sft, "missing.jsonl").endswith(f"--data: {d / 'missing.jsonl'}: not found")
     assert err(sft, "empty.jsonl", text="\n").endswith("empty.jsonl: empty: no rows to train on")
@@ -306,18 +299,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny, tmp_path, capsys):
         dpo, "g.jsonl", [{**DPO[0], "chosen": "The answer."}])  # fmt: skip
     # the model's tokenizer has no chat template and none is named
     no_template = [a for a in dpo if a not in ("--template", "openchat")]
-    assert _err(capsys, [*no_template, "--data", str(tiny["pairs"])]).endswith(
+    assert cli_error(capsys, [*no_template, "--data", str(tiny["pairs"])]).endswith(
         "chat: the tokenizer has no chat_template; name a template "
         "(--template openchat|chatml|mistral)")  # fmt: skip
     # a folder that is no pairs output; settings out of range
     (d / "notpairs").mkdir()
     assert "not a finished pairs output" in err(sft, "notpairs")
     pairs = ["--data", str(tiny["pairs"])]
-    assert "--beta: Input should be greater than 0" in _err(capsys, [*dpo, *pairs, "--beta", "0"])
-    assert "--max-steps: must be -1" in _err(capsys, [*sft, *pairs, "--max-steps", "0"])
+    assert "--beta: Input should be greater than 0" in cli_error(
+        capsys, [*dpo, *pairs, "--beta", "0"]
+    )
+    assert "--max-steps: must be -1" in cli_error(capsys, [*sft, *pairs, "--max-steps", "0"])
     assert not (d / "o").exists() and not (d / "o.ckpt").exists()
     # an output folder that some other step wrote
     (d / "o").mkdir()
     (d / "o" / "x.txt").write_text("x")
-    assert _err(capsys, [*sft, *pairs]).endswith("o: exists and is not a sft output; choose "
+    assert cli_error(capsys, [*sft, *pairs]).endswith("o: exists and is not a sft output; choose "
                                                  "another folder")  # fmt: skip

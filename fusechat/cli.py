@@ -156,7 +156,12 @@ def study_json(result: dict) -> dict:
     } | ({"control": {"name": c["name"], "vs_clm": brief(c["vs_clm"]),
                       "targets": {t: brief(r["vs_control"]) for t, r in c["targets"].items()},
                       "merges": {m: brief(r) for m, r in c["merges"].items()}}}
-         if (c := result.get("control")) else {})  # fmt: skip
+         if (c := result.get("control")) else {}) | ({"implicit": {
+            m: {"vs_clm": brief(r["vs_clm"]),
+                "vs_best_target": r["vs_best_target"] and brief(r["vs_best_target"]),
+                "vs_merges": {g: brief(v) for g, v in r["vs_merges"].items()}}
+            for m, r in result["implicit"].items()}, "budget": result["budget"]}
+            if result.get("implicit") else {})  # fmt: skip
 
 
 def _add_study_command(sub) -> None:

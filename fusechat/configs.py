@@ -205,7 +205,7 @@ class FuseConfig(Config):
 
 
 class SampleSettings(Config):
-    """One model's sampling (FuseChat-3.0: 5 responses per prompt, temperature 0.8, top-p
+    """How every model samples (FuseChat-3.0: 5 responses per prompt, temperature 0.8, top-p
     0.95); nothing else of the model's generation_config.json applies but its stop tokens."""
 
     n: PositiveInt = Field(5, description="responses per prompt")
@@ -214,6 +214,17 @@ class SampleSettings(Config):
         0.95, description="nucleus sampling: the smallest set of tokens holding this mass"
     )
     max_new_tokens: PositiveInt = Field(2048, description="tokens per response at most")
+    template: Template = Field(
+        "tokenizer",
+        description="conversation template the prompts are rendered with (tokenizer: the "
+        "tokenizer's chat_template, the model's own format)",
+    )
+    batch_size: PositiveInt = Field(
+        16,
+        description="prompts per generate call (each with n sequences); part of the output's "
+        "key: the random numbers a response draws depend on the batch it is in",
+    )
+    shard_rows: PositiveInt = Field(256, description="prompts per shard")
     seed: Annotated[int, Field(ge=0, lt=2**32)] = Field(
         0, description="sampling seed; each shard draws from its own seed derived from it"
     )
@@ -223,18 +234,7 @@ class SampleConfig(SampleSettings):
     """``fusechat sample``: one model's responses to a prompt set."""
 
     model: Annotated[str, Field(min_length=1, description="model folder or hub id")]
-    template: Template = Field(
-        "tokenizer",
-        description="conversation template the prompts are rendered with (tokenizer: the "
-        "tokenizer's chat_template, the model's own format)",
-    )
     dtype: Dtype = Field("auto", description="auto: bf16 on GPUs that support it, else float32")
-    batch_size: PositiveInt = Field(
-        16,
-        description="prompts per generate call (each with n sequences); part of the output's "
-        "key: the random numbers a response draws depend on the batch it is in",
-    )
-    shard_rows: PositiveInt = Field(256, description="prompts per shard")
 
 
 REWARD_NAMES = ("toy", "hf")  # fusechat.implicit.REWARDS holds each one's class
@@ -454,7 +454,6 @@ class PreferSettings(Config):
     )
     save_steps: PositiveInt = Field(200, description="checkpoint interval")
     logging_steps: PositiveInt = Field(10, description="log interval")
-    seed: Seed = 0
     lora: LoraConfig | None = Field(None, description="a LoRA instead of full fine-tuning")
 
     @field_validator("max_steps")
@@ -466,14 +465,16 @@ class PreferSettings(Config):
 class SftConfig(PreferSettings):
     """``fusechat sft``: supervised fine-tuning on the assistant turns (TRL SFTTrainer)."""
 
+    seed: Seed = 0
+
 
 # DPO loss names: fusechat's -> TRL's DPOConfig.loss_type (the rest pass through unchanged)
 DPO_LOSSES = ("sigmoid", "length_normalized", "hinge", "ipo", "nca_pair", "bco_pair",
               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")  # fmt: skip
 
 
-class DpoConfig(PreferSettings):
-    """``fusechat dpo``: preference optimisation against the starting model (TRL DPOTrainer)."""
+class DpoSettings(PreferSettings):
+    """Preference optimisation against the starting model (TRL DPOTrainer)."""
 
     lr: Annotated[float, Field(gt=0)] = Field(8e-7, description="learning rate")
     epochs: Annotated[float, Field(gt=0)] = Field(1.0, description="passes over the pairs")
@@ -488,6 +489,12 @@ class DpoConfig(PreferSettings):
         "reference, summed over tokens)); length_normalized: the same over each response's "
         "per-token mean (TRL's sigmoid_norm); the others: TRL's loss_type of that name",
     )
+
+
+class DpoConfig(DpoSettings):
+    """``fusechat dpo``: one preference-optimisation run."""
+
+    seed: Seed = 0
 
 
 def job_command(launcher: list[str], stage: str, job: Config, job_file: Path) -> list[str]:

@@ -103,14 +103,20 @@ def estimate_lines(recipe) -> list[str]:
     n_src = len(recipe.models.sources)
     how = "counted" if exact else "bound: rows x max length" if rows else "unknown offline"
     lines = [f"estimate: {rows:,} conversations, {tokens:,} pivot tokens ({how})"]
-    if not rows:
+    if not rows and (recipe.explicit or recipe.train.clm_baseline):
         tokens = 1000 * recipe.capture.max_length
-        lines.append("  (sizes below per 1,000 conversations of capture.max_length tokens)")
-    lines.append(f"  capture  pivot {_size(tokens * per['capture'])}, {n_src} sources x "
-                 f"{_size(tokens * per['capture_source'])} ({per['capture']} / "
-                 f"{per['capture_source']} bytes per position; sources' vocabularies may differ)")  # fmt: skip
-    lines.append(f"  align    {n_src} x {_size(tokens * per['align'])}")
-    lines.append(f"  fuse     {n_src} x {_size(tokens * per['fuse'])}")
+        lines.append("  (capture sizes per 1,000 conversations of capture.max_length tokens)")
+    if recipe.explicit:
+        lines.append(f"  capture  pivot {_size(tokens * per['capture'])}, {n_src} sources x "
+                     f"{_size(tokens * per['capture_source'])} ({per['capture']} / "
+                     f"{per['capture_source']} bytes per position; sources' vocabularies may "
+                     "differ)")  # fmt: skip
+        lines.append(f"  align    {n_src} x {_size(tokens * per['align'])}")
+        lines.append(f"  fuse     {n_src} x {_size(tokens * per['fuse'])}")
+    elif recipe.train.clm_baseline:
+        lines.append(f"  capture  pivot {_size(tokens * per['capture'])} (the CLM baseline's)")
+    if recipe.implicit:
+        lines += implicit_lines(recipe, rows)
     from fusechat.data import resolve_dtype
 
     for m in recipe.models.all:
@@ -121,3 +127,41 @@ def estimate_lines(recipe) -> list[str]:
             + (" (auto on this machine)" if m.dtype == "auto" else ""))  # fmt: skip
         lines.append(f"  model    {m.label}: {what}")
     return lines
+
+
+def implicit_lines(recipe, rows: int) -> list[str]:
+    """Implicit fusion's sizes: responses and tokens sampled (at most ``max_new_tokens`` each),
+    the SFT rows and preference pairs at most, and the pivot's training memory (full
+    fine-tuning with AdamW: bf16 weights and gradients, fp32 master weights and two moments,
+    16 bytes per parameter; DPO adds its reference, 2 bytes per parameter)."""
+    from fusechat.recipe import expand
+
+    im = recipe.implicit
+    if im.prompts:
+        path = Path(expand(im.prompts))
+        if path.is_file() and path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                rows = sum(1 for line in f if line.strip())
+        else:
+            rows = 0
+    samplers = len(recipe.models.sources) + im.include_pivot
+    n, per = im.sample.n, ""
+    if not rows:
+        rows, per = 1000, " (per 1,000 prompts: the prompt count is unknown offline)"
+    sft, dpo = round(rows * im.pairs.sft_share), rows - round(rows * im.pairs.sft_share)
+    out = [f"  sample   {samplers} models x {rows:,} prompts x {n} = {samplers * rows * n:,} "
+           f"responses, at most {_count(samplers * rows * n * im.sample.max_new_tokens)} tokens "
+           f"generated{per}",  # fmt: skip
+           f"  pairs    SFT at most {sft:,} rows, DPO at most {dpo * samplers:,} pairs "
+           f"({im.pairs.sft_share:.0%} of the prompts for SFT)"]  # fmt: skip
+    mem = model_memory(expand(recipe.models.pivot.path), "bfloat16")
+    if mem is not None and im.sft is not None and im.sft.lora is None:
+        out.append(f"  sft      full fine-tuning of {_count(mem[0])} parameters: ~"
+                   f"{_size(16 * mem[0])} of weights, gradients and AdamW state (before "
+                   "activations; sharded by FSDP/ZeRO over the processes)")  # fmt: skip
+    if mem is not None and im.dpo is not None and im.dpo.lora is None:
+        out.append(f"  dpo      the same plus the reference model, ~{_size(18 * mem[0])}")
+    if mem is None:
+        out.append("  sft/dpo  the pivot's config is not available offline: full fine-tuning "
+                   "needs ~16 bytes per parameter (DPO ~18) before activations")  # fmt: skip
+    return out

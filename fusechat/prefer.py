@@ -258,7 +258,7 @@ def peft_config(lora: LoraConfig | None):
                            task_type="CAUSAL_LM")  # fmt: skip
 
 
-def trl_args(cls, cfg: PreferSettings, ckpt: Path, world: int, **extra):
+def trl_args(cls, cfg: SftConfig | DpoConfig, ckpt: Path, world: int, **extra):
     """TRL's ``SFTConfig`` / ``DPOConfig`` (TrainingArguments) from ``cfg``."""
     import torch
 

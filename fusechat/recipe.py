@@ -21,9 +21,14 @@ from fusechat.configs import (
     CaptureSection,
     Config,
     DataSpec,
+    DpoSettings,
     FuseConfig,
     ModelSettings,
+    PairsConfig,
     PositiveInt,
+    PreferSettings,
+    SampleSettings,
+    ScoreConfig,
     Seed,
     Template,
     TrainSettings,
@@ -161,17 +166,44 @@ class EvalSection(_Section):
         return self
 
 
+class ImplicitSection(_Section):
+    """Implicit fusion (FuseChat-3.0): every source samples responses to the prompts, a reward
+    scores them, the pivot is fine-tuned on the best (``sft``) and then preference-trained on
+    each source's best against its worst (``dpo``). The recipe's ``seed`` seeds both
+    trainings; the sampling has its own (``sample.seed``), so a study's seeds share the samples
+    as they share the captures. A training set to null is skipped (``sft: null``: DPO from the
+    pivot)."""
+
+    prompts: str | None = None  # the prompt set (default: data.path), read like data
+    include_pivot: bool = False  # the pivot samples too (on-policy responses, as WRPO's)
+    sample: SampleSettings = SampleSettings()
+    score: ScoreConfig
+    pairs: PairsConfig = PairsConfig()
+    sft: PreferSettings | None = PreferSettings()
+    dpo: DpoSettings | None = DpoSettings()
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> ImplicitSection:
+        if self.sft is None and self.dpo is None:
+            raise ValueError("sft and dpo are both null: implicit fusion would train nothing")
+        return self
+
+
 class Recipe(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
     run_dir: str = "runs"
     seed: Seed = 0
     models: Models
     data: Data
+    # explicit fusion (FuseChat): capture, align, fuse, one target per source, merges; false
+    # leaves the pivot's capture alone, for the CLM baseline (implicit fusion only)
+    explicit: bool = True
     capture: CaptureSection = CaptureSection()
     align: AlignConfig = AlignConfig()
     fuse: FuseConfig = FuseConfig()
     train: TrainSection = TrainSection()
     merge: MergeSection = MergeSection()
+    implicit: ImplicitSection | None = None
     eval: EvalSection = EvalSection()
 
     @property
@@ -189,21 +221,31 @@ class Recipe(_Section):
             f"  data   {self.data.path} (format {self.data.format}, rendered with "
             f"'{self.render_template}' for every model)"
         )
-        c, a, f = self.capture, self.align, self.fuse
-        lines.append(
-            f"  capture top-{c.k}, max length {c.max_length} ({c.overflow}), backend {c.backend}"
-        )
-        how = f"inside source tokens: {a.inside}" if a.method == "text" else a.sequence
-        lines.append(f"  align  {a.method} ({how})")
-        lines.append(f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source")
-        t = self.train
-        lines.append(
-            f"  train  lambda {t.lam}, lr {t.lr}, {t.epochs if t.max_steps < 0 else t.max_steps} "
-            f"{'epochs' if t.max_steps < 0 else 'steps'}, batch {t.batch_size}"
-            + (f", LoRA r={t.lora.r}" if t.lora else "")
-            + (", plus the CLM-only baseline" if t.clm_baseline else "")
-        )
-        lines.append(f"  merge  {', '.join(m.name for m in self.merge.methods)}")
+        c, a, f, t = self.capture, self.align, self.fuse, self.train
+        if self.explicit:
+            how = f"inside source tokens: {a.inside}" if a.method == "text" else a.sequence
+            lines += [
+                f"  capture top-{c.k}, max length {c.max_length} ({c.overflow}), backend "
+                f"{c.backend}",
+                f"  align  {a.method} ({how})",
+                f"  fuse   {f.method} (cross-entropy per {f.ce_norm}), pairwise per source",
+                f"  train  lambda {t.lam}, lr {t.lr}, "
+                f"{t.epochs if t.max_steps < 0 else t.max_steps} "
+                f"{'epochs' if t.max_steps < 0 else 'steps'}, batch {t.batch_size}"
+                + (f", LoRA r={t.lora.r}" if t.lora else "")
+                + (", plus the CLM-only baseline" if t.clm_baseline else ""),
+                f"  merge  {', '.join(m.name for m in self.merge.methods)}",
+            ]  # fmt: skip
+        elif t.clm_baseline:
+            lines.append(f"  train  the CLM-only baseline on the pivot's capture, lr {t.lr}")
+        if i := self.implicit:
+            lines.append(
+                f"  implicit {i.sample.n} samples per prompt per "
+                f"{'model' if i.include_pivot else 'source'}, reward {i.score.reward}, "
+                f"SFT share {i.pairs.sft_share}"
+                + ("" if i.sft is None else f", SFT lr {i.sft.lr}")
+                + ("" if i.dpo is None else f", DPO {i.dpo.loss} beta {i.dpo.beta} lr {i.dpo.lr}")
+            )
         if self.eval.kind != "none":
             lines.append(f"  eval   {self.eval.kind} on {self.eval.questions}")
         return lines

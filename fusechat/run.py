@@ -19,7 +19,10 @@ from fusechat.configs import (
     CaptureConfig,
     CaptureSettings,
     DataSpec,
+    DpoConfig,
     ModelSettings,
+    SampleConfig,
+    SftConfig,
     TrainConfig,
     TrainSettings,
 )
@@ -30,13 +33,27 @@ from fusechat.io import (
     is_hub_id,
     model_fingerprint,
     read_json,
+    read_manifest,
     write_json,
 )
 from fusechat.recipe import Recipe, expand, load_recipe
-from fusechat.steps import CaptureStep, EvalStep, MergeStep, Step, TrainStep, run_step
+from fusechat.steps import (
+    CaptureStep,
+    DpoStep,
+    EvalStep,
+    MergeStep,
+    PairsStep,
+    SampleStep,
+    ScoreStep,
+    SftStep,
+    Step,
+    TrainStep,
+    run_step,
+)
 
 log = logging.getLogger(__name__)
-STAGES = ("capture", "align", "fuse", "train", "merge", "eval")
+STAGES = ("capture", "align", "fuse", "train", "merge", "sample", "score", "pairs", "sft", "dpo",
+          "eval")  # fmt: skip
 
 
 def check_merge(recipe: Recipe, source: str) -> None:
@@ -52,19 +69,20 @@ def check_models(recipe: Recipe, network: bool = True) -> None:
     ``network`` is False, as in a dry run): one line otherwise."""
     from transformers import AutoConfig
 
-    for m in recipe.models.all:
-        if Path(m.resolved).is_dir():
+    named = [(f"models: {m.label}", m.path) for m in recipe.models.all]
+    if recipe.implicit and recipe.implicit.score.reward_model:
+        named.append(("implicit.score.reward_model", recipe.implicit.score.reward_model))
+    for where, path in named:
+        if Path(expand(path)).is_dir():
             continue
-        if not is_hub_id(m.path):
-            raise FusechatError(f"models: {m.label}: {m.resolved}: no such folder")
+        if not is_hub_id(path):
+            raise FusechatError(f"{where}: {expand(path)}: no such folder")
         if not network:
             continue
         try:
-            AutoConfig.from_pretrained(m.path)
+            AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise FusechatError(
-                f"models: {m.label}: {m.path}: unreachable ({first_line(e)})"
-            ) from None
+            raise FusechatError(f"{where}: {path}: unreachable ({first_line(e)})") from None
 
 
 def _rendering(recipe: Recipe) -> tuple[str, str | None]:
@@ -74,13 +92,13 @@ def _rendering(recipe: Recipe) -> tuple[str, str | None]:
     return tpl, (recipe.models.pivot.resolved if tpl == "tokenizer" else None)
 
 
-def _data_id(recipe: Recipe) -> str:
-    data_path = expand(recipe.data.path)
+def _data_id(path: str, field: str = "data.path") -> str:
+    data_path = expand(path)
     if Path(data_path).exists():
         return file_fingerprint(data_path)
-    if is_hub_id(recipe.data.path):
-        return fingerprint({"hub": recipe.data.path})  # a hub dataset, loaded by datasets
-    raise FusechatError(f"data.path: {data_path}: corpus not found")
+    if is_hub_id(path):
+        return fingerprint({"hub": path})  # a hub dataset, loaded by datasets
+    raise FusechatError(f"{field}: {data_path}: corpus not found")
 
 
 def _captures(recipe: Recipe, root: Path, ids: dict[str, str]) -> dict[str, Step]:
@@ -89,10 +107,11 @@ def _captures(recipe: Recipe, root: Path, ids: dict[str, str]) -> dict[str, Step
     pivot = recipe.models.pivot.label
     data = DataSpec(**recipe.data.model_dump(include=set(DataSpec.model_fields)))
     data = data.model_copy(update={"path": expand(data.path)})
-    data_id, c = _data_id(recipe), recipe.capture
+    data_id, c = _data_id(recipe.data.path), recipe.capture
     shared = c.model_dump(include=set(CaptureSettings.model_fields))
     caps = {}
-    for m in recipe.models.all:
+    # without explicit fusion only the pivot's capture is needed (the CLM baseline's data)
+    for m in recipe.models.all if recipe.explicit else [recipe.models.pivot]:
         # the pivot's candidates are its own tokens: nothing to map, no lookahead
         cfg = CaptureConfig(**shared, **m.model_dump(include=set(ModelSettings.model_fields)),
                             model=m.resolved, template=template, render_with=render_with)  # fmt: skip
@@ -143,29 +162,71 @@ def _evals(recipe: Recipe, root: Path, ids: dict, produced: list[tuple[Step, str
     ]  # fmt: skip
 
 
+def _implicit(recipe: Recipe, root: Path, ids: dict) -> list[Step]:
+    """Implicit fusion (FuseChat-3.0): each sampling model's responses to the prompts, their
+    rewards, the SFT set and pairs, then SFT of the pivot and DPO (from the SFT model)."""
+    im, pivot = recipe.implicit, recipe.models.pivot
+    data = DataSpec(**{**recipe.data.model_dump(include=set(DataSpec.model_fields)),
+                       "path": expand(im.prompts or recipe.data.path)})  # fmt: skip
+    data_id = _data_id(im.prompts or recipe.data.path, "implicit.prompts")
+    samplers = [*([pivot] if im.include_pivot else []), *recipe.models.sources]
+    samples = [
+        Step("sample", m.label,
+             SampleStep(config=SampleConfig(**im.sample.model_dump(), model=m.resolved,
+                                            dtype=m.dtype),
+                        data=data, model_id=ids[m.label], data_id=data_id), root=root)
+        for m in samplers
+    ]  # fmt: skip
+    reward = im.score.reward_model and expand(im.score.reward_model)
+    score = ScoreStep(config=im.score.model_copy(update={"reward_model": reward}),
+                      reward_model_id=model_fingerprint(reward) if reward else None)  # fmt: skip
+    scores = Step("score", pivot.label, score, tuple(samples), root)
+    pairs = Step("pairs", pivot.label, PairsStep(config=im.pairs), (scores,), root)
+    steps = [*samples, scores, pairs]
+    start = {"model": pivot.resolved, "model_id": ids[pivot.label]}
+    if im.sft is not None:
+        sft = SftConfig(**im.sft.model_dump(), seed=recipe.seed)
+        steps.append(Step("sft", f"{pivot.label}-sft", SftStep(config=sft, **start), (pairs,),
+                          root))  # fmt: skip
+    if im.dpo is not None:
+        dpo = DpoStep(config=DpoConfig(**im.dpo.model_dump(), seed=recipe.seed),
+                      **(start if im.sft is None else {}))  # fmt: skip
+        name = f"{pivot.label}-{'dpo' if im.sft is None else 'sft-dpo'}"
+        inputs = (pairs,) if im.sft is None else (pairs, steps[-1])  # DPO from the SFT model
+        steps.append(Step("dpo", name, dpo, inputs, root))
+    return steps
+
+
 def plan(recipe: Recipe, root: Path) -> list[Step]:
     """Every step of the recipe, in order, with keys and output folders; nothing runs."""
     ids = {m.label: model_fingerprint(m.resolved) for m in recipe.models.all}
     caps = _captures(recipe, root, ids)
     pivot = recipe.models.pivot
     pcap = caps[pivot.label]
+    sources = recipe.models.sources if recipe.explicit else []
     aligned = {s.label: Step("align", s.label, recipe.align, (pcap, caps[s.label]), root)
-               for s in recipe.models.sources}  # fmt: skip
+               for s in sources}  # fmt: skip
     fused = {n: Step("fuse", n, recipe.fuse, (pcap, al), root) for n, al in aligned.items()}
     targets = _trains(recipe, root, ids, pcap, fused)
+    if not recipe.explicit and not recipe.train.clm_baseline:
+        caps, targets = {}, {}  # nothing reads the pivot's capture
     # merge: each method over the fused targets (not the baseline), base = the pivot
-    fusion = tuple(targets[f"{pivot.label}--{s.label}"] for s in recipe.models.sources)
+    fusion = tuple(targets[f"{pivot.label}--{s.label}"] for s in sources)
     merges = [
         Step("merge", f"{pivot.label}-{spec.name}",
              MergeStep(spec=spec, dtype=recipe.merge.dtype, pivot=pivot.resolved,
                        pivot_id=ids[pivot.label], seed=recipe.seed), fusion, root)
         for spec in (recipe.merge.methods if len(fusion) > 1 else [])
     ]  # fmt: skip
-    steps = [*caps.values(), *aligned.values(), *fused.values(), *targets.values(), *merges]
+    implicit = _implicit(recipe, root, ids) if recipe.implicit else []
+    steps = [*caps.values(), *aligned.values(), *fused.values(), *targets.values(), *merges,
+             *implicit]  # fmt: skip
     if recipe.eval.kind != "none":
         produced = [(st, "clm" if n == f"{pivot.label}-clm" else "target")
                     for n, st in targets.items()]  # fmt: skip
-        steps += _evals(recipe, root, ids, produced + [(m, "merge") for m in merges])
+        produced += [(m, "merge") for m in merges]
+        produced += [(st, "implicit") for st in implicit if st.stage in ("sft", "dpo")]
+        steps += _evals(recipe, root, ids, produced)
     return steps
 
 
@@ -240,15 +301,24 @@ def run_recipe(
     return summary
 
 
+# what a step's record says it cost (a study's budget): tokens sampled, what was trained on
+BUDGET = ("tokens_generated", "responses", "rows", "pairs", "steps", "seconds")
+
+
 def summarize(steps: list[Step], times: dict[str, float]) -> dict:
-    """Scores per evaluated model, each model's role and folder, seconds per step."""
-    scores, models = {}, {}
+    """Scores per evaluated model, each model's role and folder, seconds per step, and each
+    training and sampling step's cost (``BUDGET``, from its record)."""
+    scores, models, budget = {}, {}, {}
     for s in steps:
+        if s.stage in ("train", "sample", "sft", "dpo") and s.done():
+            stats = (read_manifest(s.out) or {}).get("stats") or {}
+            budget[f"{s.stage}/{s.name}"] = {k: stats[k] for k in BUDGET
+                                             if isinstance(stats.get(k), int | float)}  # fmt: skip
         if s.stage == "eval" and s.done():
             scores[s.name] = read_json(s.out)["scores"]
             models[s.name] = {"role": s.role,
                               "path": str(s.inputs[0].out) if s.inputs else read_json(s.out)["model"]}  # fmt: skip
-    return {"scores": scores, "models": models, "seconds": times}
+    return {"scores": scores, "models": models, "seconds": times, "budget": budget}
 
 
 def format_summary(summary: dict) -> str:

@@ -24,6 +24,11 @@ from fusechat.configs import (
     CaptureSettings,
     Config,
     DataSpec,
+    DpoConfig,
+    PairsConfig,
+    SampleConfig,
+    ScoreConfig,
+    SftConfig,
     TrainConfig,
     TrainJob,
     job_command,
@@ -93,7 +98,52 @@ class EvalStep(Config):
                 "questions": self.questions_id}  # fmt: skip
 
 
-VERSIONS = {"merge": 1, "eval": 2}  # the stages' output formats (the others: their modules')
+class SampleStep(Config):
+    config: SampleConfig  # every field shapes the responses (batch_size: the random draws)
+    data: DataSpec
+    model_id: str
+    data_id: str
+
+    def key(self) -> dict:
+        return {"sample": self.config.model_dump(exclude={"model"}), "model": self.model_id,
+                "data": self.data_id, "max_rows": self.data.max_rows,
+                "format": self.data.format, "strict": self.data.strict}  # fmt: skip
+
+
+class ScoreStep(Config):
+    config: ScoreConfig
+    reward_model_id: str | None = None  # the reward model by its fingerprint, not its path
+
+    def key(self) -> dict:
+        return {"score": self.config.model_dump(exclude={"reward_model", *self.config.SPEED}),
+                "reward_model": self.reward_model_id}  # fmt: skip
+
+
+class PairsStep(Config):
+    config: PairsConfig
+
+    def key(self) -> dict:
+        return {"pairs": self.config.key()}
+
+
+class SftStep(Config):
+    SPEED = frozenset({"model"})
+    config: SftConfig
+    model: str | None = None  # the starting model: an input model (by ``model_id``), or None:
+    model_id: str | None = None  # the output of this step's second input (SFT before DPO)
+
+    def key(self) -> dict:
+        return {"config": self.config.key(), "model": self.model_id}
+
+
+class DpoStep(SftStep):
+    config: DpoConfig
+
+
+# the stages' output formats: the runner's own, else the module that writes them
+VERSIONS = {"merge": 1, "eval": 2}
+MODULES = {"sample": "implicit", "score": "implicit", "pairs": "implicit", "sft": "prefer",
+           "dpo": "prefer"}  # fmt: skip
 
 
 def stage_version(stage: str) -> int:
@@ -101,7 +151,7 @@ def stage_version(stage: str) -> int:
         return VERSIONS[stage]
     import importlib
 
-    return importlib.import_module(f"fusechat.{stage}").VERSION
+    return importlib.import_module(f"fusechat.{MODULES.get(stage, stage)}").VERSION
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +161,7 @@ class Step:
     settings: Config
     inputs: tuple[Step, ...] = ()
     root: Path = field(default=Path("."), repr=False)
-    role: str = ""  # eval steps: pivot, source, target, clm (the baseline) or merge
+    role: str = ""  # eval steps: pivot, source, target, clm (the baseline), merge or implicit
 
     @cached_property
     def key(self) -> dict:
@@ -239,8 +289,39 @@ def _evaluate(step: Step) -> None:
     write_json(step.out, result)
 
 
+def _sample(step: Step) -> None:
+    from fusechat.implicit import sample_stage
+
+    sample_stage(step.settings.config, step.settings.data, step.out)
+
+
+def _score(step: Step) -> None:
+    from fusechat.implicit import score_stage
+
+    score_stage([s.out for s in step.inputs], step.out, step.settings.config)
+
+
+def _pairs(step: Step) -> None:
+    from fusechat.implicit import pairs_stage
+
+    (scores,) = step.inputs
+    pairs_stage(scores.out, step.out, step.settings.config)
+
+
+def _prefer(step: Step) -> None:
+    """SFT or DPO on the pairs folder (the first input), from the given model or the second
+    input's output."""
+    from fusechat.prefer import dpo_stage, sft_stage
+
+    s = step.settings
+    pairs, *start = step.inputs
+    model = s.model if s.model is not None else str(start[0].out)
+    (sft_stage if step.stage == "sft" else dpo_stage)(model, pairs.out, step.out, s.config)
+
+
 ACTIONS = {"capture": _capture, "align": _align, "fuse": _fuse, "train": _train,
-           "merge": _merge, "eval": _evaluate}  # fmt: skip
+           "merge": _merge, "sample": _sample, "score": _score, "pairs": _pairs,
+           "sft": _prefer, "dpo": _prefer, "eval": _evaluate}  # fmt: skip
 
 
 def run_step(step: Step) -> None:

@@ -100,6 +100,17 @@ def cli_error(capsys, argv: list[str]) -> str:
     return err
 
 
+def edit_recipe(raw: dict, edits: dict) -> dict:
+    """``raw`` with each dotted path of ``edits`` (``train.lr``) set to its value."""
+    for path, value in edits.items():
+        node = raw
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    return raw
+
+
 def sparse_dict(ids, probs) -> dict[int, float]:
     """A sparse distribution as {id: mass}, padding dropped and repeated ids summed."""
     out: dict[int, float] = {}

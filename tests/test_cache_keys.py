@@ -117,7 +117,36 @@ CHANGES = {
     "eval.judge.api_key_env": ("K2", ["eval.judge={base_url: x, model: j}"]),
     "eval.serve_backend": ("hf", []),
     "eval.concurrency": ("2", []),
+    "explicit": ("false", []),
 }
+# implicit fusion's settings, each with the section present (the toy reward)
+IMPLICIT = "implicit={score: {reward: toy}}"
+PRE_LORA = {"implicit.sft": "implicit={score: {reward: toy}, sft: {lora: {}}}",
+            "implicit.dpo": "implicit={score: {reward: toy}, dpo: {lora: {}}}"}  # fmt: skip
+HF = 'implicit={score: {reward: hf, reward_model: "${FUSECHAT_CACHE}/toy/openchat-mini"}}'
+_PREFER = {"template": "chatml", "lr": "1.0e-4", "epochs": "2", "max_steps": "7",
+           "batch_size": "8", "micro_batch_size": "8", "warmup_ratio": "0.2",
+           "scheduler": "linear", "weight_decay": "0.1", "max_length": "128", "dtype": "bfloat16",
+           "gradient_checkpointing": "false", "save_steps": "7", "logging_steps": "3"}  # fmt: skip
+_LORA = {"r": "4", "alpha": "8", "dropout": "0.1", "target_modules": "[q_proj]"}
+CHANGES |= {
+    "implicit.prompts": ("CORPUS_COPY", [IMPLICIT]),
+    "implicit.include_pivot": ("true", [IMPLICIT]),
+    **{f"implicit.sample.{k}": (v, [IMPLICIT]) for k, v in {
+        "n": "2", "temperature": "0.5", "top_p": "0.5", "max_new_tokens": "8",
+        "template": "chatml", "batch_size": "4", "shard_rows": "8", "seed": "3"}.items()},
+    "implicit.score.reward": ("hf", [IMPLICIT], [HF]),  # hf needs its model in the same change
+    "implicit.score.reward_model": ("SOURCE_COPY", [HF]),
+    **{f"implicit.score.{k}": (v, [HF]) for k, v in {
+        "template": "chatml", "max_length": "64", "dtype": "float32"}.items()},
+    **{f"implicit.pairs.{k}": (v, [IMPLICIT]) for k, v in {
+        "min_gap": "0.2", "max_gap": "0.5", "sft_share": "0.5"}.items()},
+    **{f"implicit.{t}.{k}": (v, [IMPLICIT]) for t in ("sft", "dpo") for k, v in _PREFER.items()},
+    "implicit.dpo.beta": ("0.5", [IMPLICIT]),
+    "implicit.dpo.loss": ("ipo", [IMPLICIT]),
+    **{f"implicit.{t}.lora.{k}": (v, [PRE_LORA[f"implicit.{t}"]])
+       for t in ("sft", "dpo") for k, v in _LORA.items()},
+}  # fmt: skip
 ALLOWED = {
     "name": "names the run folder; step keys are content addressed",
     "run_dir": "where the run folder is; step keys are content addressed",
@@ -128,6 +157,8 @@ ALLOWED = {
     "align.workers": "processes sharing the shards: byte-identical output (test_capture)",
     "fuse.workers": "processes sharing the shards: byte-identical output (test_capture)",
     "train.launcher": "the same training under accelerate launch (equal at step 1, test_train)",
+    "implicit.score.batch_size": "reward model rows per forward pass, left-padded with "
+    "position ids from each row's first token: the reward a response gets alone (test_implicit)",
 }
 
 
@@ -170,14 +201,17 @@ def _diff(a: dict, b: dict) -> set[str]:
 @pytest.mark.parametrize("leaf", sorted(CHANGES))
 def test_a_changed_setting_changes_some_step_key(base, leaf):
     raw, root, subst = base
-    value, pre = CHANGES[leaf]
+    value, pre, *also = CHANGES[leaf]
     value = subst.get(value, value)
     before = _keys(raw, pre, root)
-    after = _keys(raw, [*pre, f"{leaf}={value}"], root)
+    after = _keys(raw, [*pre, *(also[0] if also else []), f"{leaf}={value}"], root)
     changed = _diff(before, after)
     assert changed, f"{leaf}: no step key changed"
     if leaf.startswith(("eval.", "merge.")):  # settings of late stages never touch capture
         assert not any(k.startswith(("capture/", "align/", "fuse/", "train/")) for k in changed)
+    if leaf.startswith("implicit."):  # implicit fusion never touches explicit fusion's steps
+        explicit = ("capture/", "align/", "fuse/", "train/", "merge/")
+        assert not any(k.startswith(explicit) for k in changed), changed
 
 
 @pytest.mark.parametrize("leaf", sorted(ALLOWED))
@@ -186,13 +220,14 @@ def test_an_allowed_setting_changes_no_key(base, leaf):
     value = {"name": "mini2", "run_dir": str(root / "elsewhere"), "models.pivot.name": "piv",
              "models.sources[0].name": "mix", "capture.batch_tokens": "1024",
              "align.workers": "2", "fuse.workers": "2", "capture.processes": "2",
-             "train.launcher": "acc.yaml"}[leaf]  # fmt: skip
-    before = _keys(raw, [], root)
-    after = _keys(raw, [f"{leaf}={value}"], root)
+             "train.launcher": "acc.yaml", "implicit.score.batch_size": "3"}[leaf]  # fmt: skip
+    pre = [IMPLICIT] if leaf.startswith("implicit.") else []
+    before = _keys(raw, pre, root)
+    after = _keys(raw, [*pre, f"{leaf}={value}"], root)
     # keys are equal step by step (renamed steps compared by position in the plan)
     assert list(before.values()) == list(after.values()), leaf
     # ...and yet the setting has its effect: it reaches the steps that run with it
-    steps = [_steps(raw, o) for o in ([], [f"{leaf}={value}"])]
+    steps = [_steps(raw, o) for o in (pre, [*pre, f"{leaf}={value}"])]
     assert steps[0] != steps[1], f"{leaf}: reaches no step"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import edit_recipe
 
 from fusechat.cli import main
 from fusechat.recipe import Recipe
@@ -38,13 +39,7 @@ def _mini(tmp_path: Path, **edits) -> dict:
     raw["data"]["max_rows"] = 160
     raw["train"].update(max_steps=6, batch_size=16, micro_batch_size=16, save_steps=3)
     raw["eval"]["max_questions"] = 24
-    for path, value in edits.items():
-        node = raw
-        *head, last = path.split(".")
-        for k in head:
-            node = node[k]
-        node[last] = value
-    return raw
+    return edit_recipe(raw, edits)
 
 
 def _fps(raw: dict, root: Path) -> dict[str, str]:

@@ -6,7 +6,14 @@ import pytest
 
 from fusechat.errors import FusechatError
 from fusechat.recipe import apply_override
-from fusechat.study import analyse, mean_std, same_tokens, token_efficiency, tokens_to_reach
+from fusechat.study import (
+    analyse,
+    format_table,
+    mean_std,
+    same_tokens,
+    token_efficiency,
+    tokens_to_reach,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -78,7 +85,6 @@ def test_one_pair_gives_no_verdict():
     t1 = r["targets"]["t1"]
     assert t1["vs_clm"]["ci"] is None and t1["beats_clm"] is None
     assert r["merges"]["varm"]["at_least_as_good"] is None
-    from fusechat.study import format_table
 
     assert "no verdict from one pair" in format_table(r) and "beats CLM" not in format_table(r)
 
@@ -195,3 +201,35 @@ def test_self_source_makes_the_pivot_the_only_source():
     r = load_recipe(recipe, self_source(recipe, []))
     assert [s.resolved for s in r.models.sources] == [r.models.pivot.resolved]
     assert r.models.sources[0].label == f"{r.models.pivot.label}-self"
+    assert r.implicit is None
+    # with implicit fusion in the recipe, the control leaves it out (the pair's own run has it)
+    recipe = str(RECIPES / "implicit-mini.yaml")
+    assert load_recipe(recipe).implicit is not None
+    assert load_recipe(recipe, self_source(recipe, [])).implicit is None
+
+
+def test_implicit_models_are_paired_with_clm_the_best_target_and_each_merge():
+    runs = {}
+    for label, (clm, t1, t2, merge, sft) in {
+        "w0/s0": (0.30, 0.20, 0.29, 0.25, 0.33), "w0/s1": (0.32, 0.22, 0.31, 0.24, 0.31),
+        "w1/s0": (0.31, 0.25, 0.32, 0.26, 0.36)}.items():  # fmt: skip
+        run = _run(clm, t1, t2, merge)
+        run["scores"]["sft"] = {"nll/char": sft, "average": 4.0}
+        run["models"]["sft"] = {"role": "implicit", "path": ""}
+        run["budget"] = {"sample/src": {"tokens_generated": 100 + len(runs), "seconds": 2.0},
+                         "sft/sft": {"rows": 10, "steps": 3}}  # fmt: skip
+        runs[label] = run
+    r = analyse(runs)
+    im = r["implicit"]["sft"]
+    # CLM minus implicit: -0.03, +0.01, -0.05; t1 (the best target) minus it: -0.13, -0.09, -0.11
+    assert im["vs_clm"]["mean"] == pytest.approx(-0.07 / 3) and im["vs_clm"]["won"] == 1
+    assert im["vs_best_target"]["mean"] == pytest.approx(-0.11) and im["vs_best_target"]["won"] == 0
+    assert im["vs_merges"]["varm"]["mean"] == pytest.approx((-0.08 - 0.07 - 0.10) / 3)
+    assert r["budget"] == {"sample/src": {"tokens_generated": 101.0, "seconds": 2.0},
+                           "sft/sft": {"rows": 10.0, "steps": 3.0}}  # fmt: skip
+    table = format_table(r)
+    assert (
+        "sft (implicit) over CLM: -0.0233 nats/char" in table
+        and "sft (implicit) over varm" in table
+    )
+    assert "budget (mean per pair): sample/src tokens_generated 101" in table

@@ -28,6 +28,11 @@ def test_corpus_is_deterministic_and_heldout_sums_are_new():
         if r["skill"] == "arithmetic":  # number pairs that training never shows
             x, y = map(int, re.findall(r"\d+", r["messages"][0]["content"]))
             assert (x, y) not in train_pairs
+    # the prompt rows are the training rows plus every right value of their last question
+    assert [{"skill": r["skill"], "messages": r["messages"]} for r in a["prompts"]] == a["train"]
+    for r in a["prompts"]:
+        assert any(v in r["messages"][-1]["content"] for v in r["answers"])
+    assert any(len(r["answers"]) > 1 for r in a["prompts"])
     assert value_probs(4) == (0.4, 0.3, 0.2, 0.1)
     assert sum(value_probs(6)) == pytest.approx(1.0)
     assert all(len(f["moon"]) == 6 and len(f["color"]) == 4 for f in world.facts.values())

@@ -3,6 +3,8 @@
 Layout of ``OUT``::
 
     corpus/train.jsonl        the fusion corpus (1,500 conversations, sampled answers)
+    corpus/prompts.jsonl      the same conversations with each last question's right values
+                              ('answers': implicit fusion's correctness check)
     corpus/heldout.jsonl      the held-out set of training's curve (fresh samples)
     corpus/questions.jsonl    the toy question set of evaluation (fresh samples, other draws;
                               every right answer listed)
@@ -41,6 +43,8 @@ from fusechat.toy.tokenizers import train_tokenizer
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 9  # bump when the builder's output changes for the same configuration
+# the corpus's own format (2: prompts.jsonl): a bump rewrites the corpus, not the models
+CORPUS_VERSION = 2
 EVAL_TEMPLATE = "openchat"  # the capture setting: every model reads the pivot's format
 
 
@@ -77,6 +81,7 @@ def _build_corpus(out: Path, cfg: ToyConfig) -> dict[str, list[dict]]:
     key = fingerprint(
         {
             "v": BUILD_VERSION,
+            "corpus": CORPUS_VERSION,
             "seed": cfg.seed,
             "n": cfg.n_train,
             "h": cfg.n_heldout_per_skill,
@@ -196,7 +201,8 @@ def build_toy_world(out: str | Path, cfg: ToyConfig = ToyConfig()) -> dict[str, 
     """Build (or reuse) the toy world under ``out`` and return its skill table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    key = fingerprint({"v": BUILD_VERSION, "cfg": asdict(cfg), "specs": [asdict(s) for s in SPECS],
+    key = fingerprint({"v": BUILD_VERSION, "corpus": CORPUS_VERSION, "cfg": asdict(cfg),
+                       "specs": [asdict(s) for s in SPECS],
                        "world": world_fingerprint(cfg.seed)})  # fmt: skip
     manifest = read_manifest(out)
     if manifest and manifest.get("key") == key and all((out / s.name).is_dir() for s in SPECS):

@@ -21,7 +21,8 @@ rows and failed on the unseen pairing alike (held-out value NLL 2.97 nats per an
 0.62 on training rows), which measured the student's generalisation over phrasings, something
 no teacher distribution on the corpus can show, and tripled the seed noise. Each row is
 ``{"skill", "messages"}`` in OpenAI format; held-out rows add ``reference`` (the sampled
-answer) and ``answers`` (every right value: the rule judge accepts any).
+answer) and ``answers`` (every right value: the rule judge accepts any); the prompt rows are the
+training rows with ``answers`` of their last question (implicit fusion's reward checks them).
 """
 
 from __future__ import annotations
@@ -185,30 +186,33 @@ def qa(
 
 def conversation(world: World, rng: random.Random, mix: dict[str, float]) -> dict:
     """One training conversation (a quarter two-turn, a tenth with a system prompt), skills
-    drawn with weights ``mix``."""
+    drawn with weights ``mix``; ``answers``: every right value of its last question."""
     skills = [s for s in SKILLS if mix.get(s, 0) > 0]
     weights = [mix[s] for s in skills]
     skill = _pick(rng, skills, weights)
     msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.1 else []
     for turn in range(2 if rng.random() < 0.25 else 1):
         s = _pick(rng, skills, weights) if turn else skill
-        q, a, _ = qa(world, s, rng, False)
+        q, a, vals = qa(world, s, rng, False)
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return {"skill": skill, "messages": msgs}
+    return {"skill": skill, "messages": msgs, "answers": list(vals)}
 
 
 def make_corpus(
     seed: int, n_train: int, n_heldout_per_skill: int, n_questions_per_skill: int = 0
 ) -> dict[str, list[dict]]:
-    """The fusion corpus (``train``: ``n_train`` conversations, skills uniform), the held-out
-    set that training's curve reads (``heldout``: ``n_heldout_per_skill`` single-turn rows per
-    skill) and the toy question set that evaluation reads (``questions``:
-    ``n_questions_per_skill`` rows per skill); both fresh samples, each from its own draws."""
+    """The fusion corpus (``train``: ``n_train`` conversations, skills uniform), the same
+    conversations with the right values of each last question (``prompts``: what implicit
+    fusion's correctness check reads), the held-out set that training's curve reads
+    (``heldout``: ``n_heldout_per_skill`` single-turn rows per skill) and the toy question set
+    that evaluation reads (``questions``: ``n_questions_per_skill`` rows per skill); both fresh
+    samples, each from its own draws."""
     world = make_world(seed)
     rng = random.Random(seed + 1)
     uniform = dict.fromkeys(SKILLS, 1.0)
-    train = [conversation(world, rng, uniform) for _ in range(n_train)]
-    out = {"train": train}
+    prompts = [conversation(world, rng, uniform) for _ in range(n_train)]
+    out = {"train": [{"skill": r["skill"], "messages": r["messages"]} for r in prompts],
+           "prompts": prompts}  # fmt: skip
     for split, n, tag in (
         ("heldout", n_heldout_per_skill, ""),
         ("questions", n_questions_per_skill, "questions-"),

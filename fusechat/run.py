@@ -37,6 +37,7 @@ from fusechat.io import (
     write_json,
 )
 from fusechat.recipe import Recipe, expand, load_recipe
+from fusechat.steps import STAGES as STAGE_KINDS
 from fusechat.steps import (
     CaptureStep,
     DpoStep,
@@ -52,8 +53,7 @@ from fusechat.steps import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("capture", "align", "fuse", "train", "merge", "sample", "score", "pairs", "sft", "dpo",
-          "eval")  # fmt: skip
+STAGES = tuple(STAGE_KINDS)  # pipeline order
 
 
 def check_merge(recipe: Recipe, source: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,18 +141,15 @@ class DpoStep(SftStep):
     config: DpoConfig
 
 
-# the stages' output formats: the runner's own, else the module that writes them
-VERSIONS = {"merge": 1, "eval": 2}
-MODULES = {"sample": "implicit", "score": "implicit", "pairs": "implicit", "sft": "prefer",
-           "dpo": "prefer"}  # fmt: skip
-
-
 def stage_version(stage: str) -> int:
-    if stage in VERSIONS:
-        return VERSIONS[stage]
+    """The format version of a stage's output: the runner's own, or the ``VERSION`` of the
+    module that writes it (``STAGES``)."""
+    kind = STAGES[stage]
+    if isinstance(kind.version, int):
+        return kind.version
     import importlib
 
-    return importlib.import_module(f"fusechat.{MODULES.get(stage, stage)}").VERSION
+    return importlib.import_module(f"fusechat.{kind.version}").VERSION
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,10 +317,24 @@ def _prefer(step: Step) -> None:
     (sft_stage if step.stage == "sft" else dpo_stage)(model, pairs.out, step.out, s.config)
 
 
-ACTIONS = {"capture": _capture, "align": _align, "fuse": _fuse, "train": _train,
-           "merge": _merge, "sample": _sample, "score": _score, "pairs": _pairs,
-           "sft": _prefer, "dpo": _prefer, "eval": _evaluate}  # fmt: skip
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a recipe: what runs a step of it, and its output format's version (an
+    int: the runner writes the output; a name: the module whose ``VERSION`` it is)."""
+
+    run: Callable[[Step], None]
+    version: int | str
+
+
+# every stage, in pipeline order: the runner, the CLI's --only/--from and the keys read it
+STAGES: dict[str, Stage] = {
+    "capture": Stage(_capture, "capture"), "align": Stage(_align, "align"),
+    "fuse": Stage(_fuse, "fuse"), "train": Stage(_train, "train"), "merge": Stage(_merge, 1),
+    "sample": Stage(_sample, "implicit"), "score": Stage(_score, "implicit"),
+    "pairs": Stage(_pairs, "implicit"), "sft": Stage(_prefer, "prefer"),
+    "dpo": Stage(_prefer, "prefer"), "eval": Stage(_evaluate, 2),
+}  # fmt: skip
 
 
 def run_step(step: Step) -> None:
-    ACTIONS[step.stage](step)
+    STAGES[step.stage].run(step)

@@ -95,6 +95,8 @@ def fusion_losses(
     each position's terms (a continuation of a source's alternative by that alternative's
     probability: the expected loss over the source's continuations); the counts stay counts.
     """
+    if kind not in ("ce", "kl"):  # the config allows no other; a caller's typo is not CE
+        raise ValueError(f"fusion loss kind {kind!r}: ce or kl")
     pred = predicts_label(labels_mask)
     local = pred.sum().clamp(min=1)
     scaled = pred.float() if position_weight is None else pred.float() * position_weight

@@ -160,3 +160,9 @@ def test_position_weight_scales_each_positions_terms():
                          lam=0.5)[0] for p in (1, 2, 3)]  # fmt: skip
     want = (per[0] * 1.0 + per[1] * 0.25 + per[2] * 1.0) / 3  # positions 0, 1, 2 predict them
     torch.testing.assert_close(loss, want)
+
+
+def test_an_unknown_fusion_kind_is_refused_not_taken_for_ce():
+    logits, ids = torch.zeros(1, 3, 5), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="'kl2'"):
+        fusion_losses(logits, ids, torch.ones(1, 3, dtype=torch.bool), kind="kl2")

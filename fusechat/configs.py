@@ -336,17 +336,11 @@ def _steps_rule(v: int) -> int:
     return v
 
 
-class TrainSettings(Config):
-    """Training shared by the recipe and ``fusechat train`` (defaults: the FuseChat paper's,
-    7B on 8 GPUs)."""
+class OptimSettings(Config):
+    """What every training shares, fusion (``fusechat train``) and TRL's (``sft``, ``dpo``):
+    the optimizer, its schedule, the batch, checkpoints and logging (defaults: the FuseChat
+    paper's, 7B on 8 GPUs)."""
 
-    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = Field(
-        0.9, description="weight of the causal-LM loss; 1 is plain SFT, the CLM baseline"
-    )
-    temperature: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="teacher temperature on the fused target"
-    )
-    fusion_loss: Literal["ce", "kl"] = Field("ce", description="the fusion term")
     lr: Annotated[float, Field(gt=0)] = Field(5e-6, description="learning rate")
     epochs: Annotated[float, Field(gt=0)] = Field(3.0, description="passes over the data")
     max_steps: int = Field(-1, description="optimizer steps; -1: as many as epochs make")
@@ -363,18 +357,36 @@ class TrainSettings(Config):
     gradient_checkpointing: bool = Field(
         True, description="recompute activations (less memory, slower)"
     )
+    save_steps: PositiveInt = Field(200, description="checkpoint interval")
+    logging_steps: PositiveInt = Field(10, description="log interval")
+    lora: LoraConfig | None = Field(None, description="a LoRA instead of full fine-tuning")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        return _steps_rule(v)
+
+
+class TrainSettings(OptimSettings):
+    """Training shared by the recipe and ``fusechat train`` (defaults: the FuseChat paper's,
+    7B on 8 GPUs)."""
+
+    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = Field(
+        0.9, description="weight of the causal-LM loss; 1 is plain SFT, the CLM baseline"
+    )
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="teacher temperature on the fused target"
+    )
+    fusion_loss: Literal["ce", "kl"] = Field("ce", description="the fusion term")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where supported, else fp32"
     )
-    save_steps: PositiveInt = Field(200, description="checkpoint interval")
-    logging_steps: PositiveInt = Field(10, description="log interval")
     heldout: str | None = Field(
         None,
         description="held-out conversations: their loss (nats/char) is logged with the "
         "tokens trained on, at the start and every eval-steps",
     )
     eval_steps: NonNegativeInt = Field(0, description="held-out curve interval (0: off)")
-    lora: LoraConfig | None = Field(None, description="a LoRA instead of full fine-tuning")
     extra: dict = Field(
         {}, description='more TrainingArguments as JSON, e.g. {"deepspeed": "ds.json"}'
     )
@@ -396,11 +408,6 @@ class TrainSettings(Config):
                 raise ValueError(f"{k!r} is not a TrainingArguments field")
         return v
 
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return _steps_rule(v)
-
 
 class TrainConfig(TrainSettings):
     """One training run (``fusechat train``)."""
@@ -420,7 +427,7 @@ class TrainJob(Config):
 # --------------------------------------------------------------------------- sft, dpo
 
 
-class PreferSettings(Config):
+class PreferSettings(OptimSettings):
     """What ``fusechat sft`` and ``fusechat dpo`` (TRL's trainers, implicit fusion) share;
     defaults are FuseChat-3.0's for Llama-3.1-8B-Instruct where the paper gives them."""
 
@@ -429,18 +436,7 @@ class PreferSettings(Config):
         description="conversation template (tokenizer: the model's own chat_template); a named "
         "one becomes the trained model's chat_template",
     )
-    lr: Annotated[float, Field(gt=0)] = Field(5e-6, description="learning rate")
-    epochs: Annotated[float, Field(gt=0)] = Field(3.0, description="passes over the data")
-    max_steps: int = Field(-1, description="optimizer steps; -1: as many as epochs make")
-    batch_size: PositiveInt = Field(
-        128, description="effective batch (rows): micro batch x accumulation x processes"
-    )
-    micro_batch_size: PositiveInt = Field(4, description="rows per device and forward pass")
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="warm-up share")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="learning-rate schedule"
-    )
-    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
     max_length: PositiveInt = Field(
         2048, description="tokens per sequence (prompt and response); longer ones keep their start"
     )
@@ -449,17 +445,6 @@ class PreferSettings(Config):
         description="the weights' dtype in training (bfloat16 also computes in bf16); auto: "
         "bfloat16 on GPUs that support it, else float32",
     )
-    gradient_checkpointing: bool = Field(
-        True, description="recompute activations (less memory, slower)"
-    )
-    save_steps: PositiveInt = Field(200, description="checkpoint interval")
-    logging_steps: PositiveInt = Field(10, description="log interval")
-    lora: LoraConfig | None = Field(None, description="a LoRA instead of full fine-tuning")
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        return _steps_rule(v)
 
 
 class SftConfig(PreferSettings):

@@ -237,7 +237,7 @@ class SampleConfig(SampleSettings):
     dtype: Dtype = Field("auto", description="auto: bf16 on GPUs that support it, else float32")
 
 
-REWARD_NAMES = ("toy", "hf")  # fusechat.implicit.REWARDS holds each one's class
+REWARD_NAMES = ("toy", "hf")  # fusechat.rewards.REWARDS holds each one's class
 
 
 class ScoreConfig(Config):

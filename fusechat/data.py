@@ -346,3 +346,27 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict:
         attn[i, :k] = 1
         lab[i, :k] = torch.tensor(e.labels_mask)
     return {"input_ids": ids, "attention_mask": attn, "labels_mask": lab}
+
+
+def render_text(messages: Sequence[Message], tokenizer, template: str, generation: bool
+                ) -> tuple[str, bool]:  # fmt: skip
+    """The text a model reads and whether its tokenizer is to add its special tokens: a named
+    template's rendering (plus the assistant prefix when ``generation``), BOS left to the
+    tokenizer as ``fusechat.data.encode`` does; or the tokenizer's chat_template, which writes
+    its special tokens itself. A template that refuses the conversation raises
+    ``TemplateRefused``."""
+    tpl = get_template(template)
+    if tpl is not None:
+        text = render(messages, tpl).text
+        return (text + tpl.assistant_prefix if generation else text), True
+    if not getattr(tokenizer, "chat_template", None):
+        raise FusechatError(f"tokenizer {tokenizer.name_or_path!r} has no chat_template; name a "
+                            "template (--template)")  # fmt: skip
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=generation)  # fmt: skip
+    except TemplateError as e:
+        raise TemplateRefused(first_line(e)) from None
+    return text, False

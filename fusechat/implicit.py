@@ -17,7 +17,7 @@ not token ids: what comes next (rewards, the TRL sets, the target's training) re
 reads it without the sampling model's tokenizer.
 
 ``score`` reads one sample folder per source (the same corpus and shards), gives every response a
-reward (``REWARDS``: ``toy``, the toy rule judge's verdict on the row's right values; ``hf``, a
+reward (``fusechat.rewards.REWARDS``: ``toy``, the toy rule judge's verdict on the row's right values; ``hf``, a
 sequence-classification reward model's logit) and writes shard ``s`` with every model's
 responses to its prompts, ordered by prompt, model (the order the folders were given) and sample:
 the sample rows plus ``row.model`` and ``row.reward`` (float64).
@@ -37,15 +37,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
 from fusechat.configs import DataSpec, PairsConfig, SampleConfig, ScoreConfig
-from fusechat.data import Message, TemplateRefused, get_template, render
-from fusechat.errors import FusechatError, first_line
+from fusechat.data import Message, TemplateRefused, render_text
+from fusechat.errors import FusechatError
+from fusechat.rewards import REWARDS, Candidate
 
 log = logging.getLogger(__name__)
 
@@ -123,191 +122,6 @@ def sft_side(prompt: Sequence[Message], sft_share: float) -> bool:
     blob = json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
     h = hashlib.blake2b(blob.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64 < sft_share
-
-
-def toy_reward(question: str, response: str, answers: Sequence[str]) -> float:
-    """1.0 when the toy rule judge (``fusechat.eval.toy.rule_judge``) gives the response its
-    full mark for one of the right values (every answer word of the value in it), else 0.0."""
-    from fusechat.eval.toy import rule_judge
-
-    return float(any(rule_judge(question, response, str(a))[0] == 10 for a in answers))
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def render_text(messages: Sequence[Message], tokenizer, template: str, generation: bool
-                ) -> tuple[str, bool]:  # fmt: skip
-    """The text a model reads and whether its tokenizer is to add its special tokens: a named
-    template's rendering (plus the assistant prefix when ``generation``), BOS left to the
-    tokenizer as ``fusechat.data.encode`` does; or the tokenizer's chat_template, which writes
-    its special tokens itself. A template that refuses the conversation raises
-    ``TemplateRefused``."""
-    tpl = get_template(template)
-    if tpl is not None:
-        text = render(messages, tpl).text
-        return (text + tpl.assistant_prefix if generation else text), True
-    if not getattr(tokenizer, "chat_template", None):
-        raise FusechatError(f"tokenizer {tokenizer.name_or_path!r} has no chat_template; name a "
-                            "template (--template)")  # fmt: skip
-    from jinja2 import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=generation)  # fmt: skip
-    except TemplateError as e:
-        raise TemplateRefused(first_line(e)) from None
-    return text, False
-
-
-# --------------------------------------------------------------------------- rewards
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A response to score: its prompt, its text, the corpus row's fields the reward asked for."""
-
-    prompt: list[Message]
-    response: str
-    fields: dict
-
-
-class ToyReward:
-    """The toy world's correctness check: ``toy_reward`` against the row's ``answers``."""
-
-    fields: ClassVar[tuple[str, ...]] = ("answers",)
-    pass_mark: ClassVar[float | None] = 1.0  # a correctness check: 1 is right
-
-    def __init__(self, cfg: ScoreConfig):
-        self.cfg = cfg
-
-    def identity(self) -> dict:
-        return {}
-
-    def check(self, fields: Sequence[dict], numbers: Sequence[int], data: str) -> None:
-        for f, n in zip(fields, numbers, strict=True):
-            answers = f.get("answers")
-            if not isinstance(answers, list) or not answers:
-                raise FusechatError(
-                    f"{data}: row {n}: no 'answers' (reward toy checks a response against the "
-                    "row's right values, as the toy's held-out and question rows list them)"
-                )
-
-    def load(self) -> None:
-        pass
-
-    def score(self, cands: Sequence[Candidate]) -> list[float]:
-        return [toy_reward(c.prompt[-1]["content"], c.response, c.fields["answers"])
-                for c in cands]  # fmt: skip
-
-
-class HFReward:
-    """A Hugging Face reward model (``AutoModelForSequenceClassification``, one label): the
-    conversation, prompt and response, rendered with its template; the reward is the label's
-    logit at the last token. Batches are left-padded with position ids counted from each
-    row's first real token, so a response gets the score it gets alone."""
-
-    fields: ClassVar[tuple[str, ...]] = ()
-    pass_mark: ClassVar[float | None] = None
-
-    def __init__(self, cfg: ScoreConfig):
-        self.cfg = cfg
-        self.path = str(cfg.reward_model)
-        self.model = self.tokenizer = None
-        self.truncated = 0
-
-    def identity(self) -> dict:
-        from fusechat.io import model_fingerprint
-
-        return {"reward_model_fingerprint": model_fingerprint(self.path)}
-
-    def check(self, fields: Sequence[dict], numbers: Sequence[int], data: str) -> None:
-        """Before the output folder is made and any weights load: a one-label classifier, and
-        a chat template where it is to render with its own."""
-        from fusechat.data import load_tokenizer
-
-        check_reward_config(self.path)
-        tok = load_tokenizer(self.path, "the reward model's tokenizer")
-        if self.cfg.template == "tokenizer" and not getattr(tok, "chat_template", None):
-            raise FusechatError(f"{self.path}: the reward model's tokenizer has no chat_template; "
-                                "name a template (--template)")  # fmt: skip
-
-    def load(self) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from fusechat.data import check_finite_weights, load_model, load_tokenizer, resolve_dtype
-
-        self.tokenizer = load_tokenizer(self.path, "the reward model's tokenizer")
-        cuda = torch.cuda.is_available()
-        model = load_model(self.path, AutoModelForSequenceClassification,
-                           dtype=getattr(torch, resolve_dtype(self.cfg.dtype)),
-                           device_map="auto" if cuda else None).eval()  # fmt: skip
-        check_finite_weights(model, self.path)
-        # left padding puts every row's last token in the last column: no pad id can be taken
-        # for it (a pad id equal to the EOS that ends a conversation would pick the one before)
-        model.config.get_text_config().pad_token_id = -1
-        self.model = model
-
-    def encode(self, cand: Candidate) -> list[int]:
-        conv = [*cand.prompt, {"role": "assistant", "content": cand.response}]
-        try:
-            text, special = render_text(conv, self.tokenizer, self.cfg.template, generation=False)
-        except TemplateRefused as e:
-            raise FusechatError(f"{self.path}: the chat template refused a conversation ({e})"
-                                ) from None  # fmt: skip
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        if len(ids) > self.cfg.max_length:
-            self.truncated += 1
-            ids = ids[-self.cfg.max_length :]
-        return ids
-
-    def score(self, cands: Sequence[Candidate]) -> list[float]:
-        import torch
-
-        encoded = [self.encode(c) for c in cands]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        device = self.model.get_input_embeddings().weight.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = [0.0] * len(encoded)
-        for b in range(0, len(order), self.cfg.batch_size):
-            chunk = order[b : b + self.cfg.batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device)).logits  # fmt: skip
-            for r, i in enumerate(chunk):
-                out[i] = float(logits[r, 0].float())
-        return out
-
-
-def check_reward_config(path: str) -> None:
-    """A reward model's config: a sequence classifier (its architecture says so, where it
-    names one) with one label; else one line, before any weights load."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise FusechatError(f"{path}: cannot read the reward model's config ({first_line(e)})"
-                            ) from None  # fmt: skip
-    arch = list(getattr(config, "architectures", None) or [])
-    if arch and not any(a.endswith("ForSequenceClassification") for a in arch):
-        raise FusechatError(f"{path}: not a sequence classifier (architecture {arch[0]}); "
-                            "reward hf reads a reward model with one label")  # fmt: skip
-    if config.num_labels != 1:
-        raise FusechatError(f"{path}: a reward model has one label; this one has "
-                            f"{config.num_labels}")  # fmt: skip
-
-
-# adding a reward: a class with the methods above, here, and its name in configs.REWARD_NAMES
-REWARDS: dict[str, type] = {"toy": ToyReward, "hf": HFReward}
 
 
 # --------------------------------------------------------------------------- shared

@@ -15,9 +15,6 @@ from fusechat.cli import main
 from fusechat.configs import PairsConfig, SampleConfig, ScoreConfig
 from fusechat.errors import FusechatError
 from fusechat.implicit import (
-    REWARDS,
-    Candidate,
-    HFReward,
     best_index,
     pairs_stage,
     preference_pair,
@@ -30,8 +27,8 @@ from fusechat.implicit import (
     sft_side,
     shard_seed,
     text_of,
-    toy_reward,
 )
+from fusechat.rewards import REWARDS, Candidate, HFReward, toy_reward
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -118,8 +115,7 @@ def test_a_prompt_reads_the_same_named_or_through_the_tokenizers_template(mistra
     chat_template (BOS written by it) give the same text, ending at the assistant prefix."""
     import copy
 
-    from fusechat.data import TEMPLATES
-    from fusechat.implicit import render_text
+    from fusechat.data import TEMPLATES, render_text
 
     tok = copy.deepcopy(mistral_tokenizer)
     tok.chat_template = None  # another test of the session may have given it one

@@ -196,13 +196,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    """give every sampled response a reward (toy rule judge, or a Hugging Face reward model)
+    """give every sampled response a reward (toy check, a reward model, or a judge endpoint)
 
     Read one sample folder per source model (the same prompts and shards) and score every
     response: toy (1 where the toy rule judge accepts the response for one of the row's
-    right values, 'answers', else 0) or hf (a sequence-classification reward model with one
-    label; the conversation in its chat template, its logit is the reward). Writes the
-    responses with their rewards, sharded, and per model the reward statistics.
+    right values, 'answers', else 0), hf (a sequence-classification reward model with one
+    label; the conversation in its chat template, its logit is the reward) or judge (an
+    OpenAI-compatible chat endpoint rates it 1-10 at temperature 0, read as [[rating]]; an
+    unrated response gets 0 and is counted). Writes the responses with their rewards,
+    sharded, and per model the reward statistics.
     """
     from fusechat.implicit import score_stage
 

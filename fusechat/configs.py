@@ -237,16 +237,17 @@ class SampleConfig(SampleSettings):
     dtype: Dtype = Field("auto", description="auto: bf16 on GPUs that support it, else float32")
 
 
-REWARD_NAMES = ("toy", "hf")  # fusechat.rewards.REWARDS holds each one's class
+REWARD_NAMES = ("toy", "hf", "judge")  # fusechat.rewards.REWARDS holds each one's class
 
 
 class ScoreConfig(Config):
     """``fusechat score``: one reward for every response."""
 
-    SPEED = frozenset({"batch_size"})
+    SPEED = frozenset({"batch_size", "concurrency"})
     reward: Literal[REWARD_NAMES] = Field(  # type: ignore[valid-type]
         description="toy: 1 where the toy rule judge accepts the response for one of the row's "
-        "answers, else 0 (a correctness check); hf: a Hugging Face reward model's score"
+        "answers, else 0 (a correctness check); hf: a Hugging Face reward model's score; "
+        "judge: an OpenAI-compatible chat endpoint's 1-10 rating"
     )
     reward_model: str | None = Field(
         None,
@@ -262,6 +263,23 @@ class ScoreConfig(Config):
     )
     dtype: Dtype = Field("auto", description="hf: auto: bf16 on GPUs that support it, else float32")
     batch_size: PositiveInt = Field(8, description="hf: conversations per forward pass")
+    judge_url: str | None = Field(
+        None, description="judge: the endpoint's base URL (e.g. http://127.0.0.1:8000/v1)"
+    )
+    judge_model: str | None = Field(None, description="judge: the model name it serves")
+    judge_api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="judge: the environment variable holding its API key (unset: no key)",
+    )
+    concurrency: PositiveInt = Field(8, description="judge: requests in flight")
+
+    def key(self) -> dict:
+        """Without the key's location (a secret's address, not a setting) and, for the other
+        rewards, without the judge's fields (their keys as before the judge existed)."""
+        k = self.model_dump(exclude=set(self.SPEED) | {"judge_api_key_env"})
+        if self.reward != "judge":
+            del k["judge_url"], k["judge_model"]
+        return k
 
     @model_validator(mode="after")
     def _model_for_hf(self) -> ScoreConfig:
@@ -270,6 +288,12 @@ class ScoreConfig(Config):
         if self.reward != "hf" and self.reward_model:
             raise ValueError(f"reward {self.reward} reads no reward model (--reward-model is "
                              "for reward hf)")  # fmt: skip
+        if self.reward == "judge" and not (self.judge_url and self.judge_model):
+            raise ValueError("reward judge needs judge_url and judge_model (--judge-url, "
+                             "--judge-model)")  # fmt: skip
+        if self.reward != "judge" and (self.judge_url or self.judge_model):
+            raise ValueError(f"reward {self.reward} asks no judge (--judge-url and "
+                             "--judge-model are for reward judge)")  # fmt: skip
         return self
 
 

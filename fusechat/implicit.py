@@ -389,6 +389,7 @@ def score_stage(
             "responses": sum(len(xs) for xs in per_model),
             "models": models,
             "truncated": getattr(reward, "truncated", 0),
+            "unrated": getattr(reward, "unrated", 0),
             "seconds": round(time.perf_counter() - run["t0"], 2) if run["new"] else 0.0,
             "data": data,
         }

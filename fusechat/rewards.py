@@ -168,4 +168,81 @@ def check_reward_config(path: str) -> None:
                             f"{config.num_labels}")  # fmt: skip
 
 
-REWARDS: dict[str, type] = {"toy": ToyReward, "hf": HFReward}
+JUDGE_SYSTEM = "You are an impartial judge of an AI assistant's answers."
+JUDGE_PROMPT = (
+    "Rate the assistant's last answer to the conversation below for helpfulness, relevance, "
+    "accuracy, depth and detail. Be as objective as possible. After a short explanation, give "
+    "the rating, an integer from 1 to 10, in this format: [[rating]], e.g. [[5]].\n\n"
+    "[The conversation]\n{conversation}\n\n[The assistant's answer]\n{response}"
+)
+
+
+def judge_request(cand: Candidate) -> str:
+    """The judge's user message for one response: the conversation as ``ROLE: text`` lines
+    and the response (FastChat's single-answer grading, one prompt for every turn count)."""
+    conv = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in cand.prompt)
+    return JUDGE_PROMPT.format(conversation=conv, response=cand.response)
+
+
+class JudgeReward:
+    """An OpenAI-compatible chat endpoint (a served model, or GPT-4 as in MT-Bench) rates each
+    response 1-10 at temperature 0, read as FastChat reads a rating (``[[x]]``, else ``[x]``).
+    A response the judge gives no rating gets 0, below every rating, and is counted
+    (``unrated`` in the manifest): it is never chosen, and a pair holds it only as the
+    rejected side. Requests are retried on connection errors, timeouts, 5xx and 429."""
+
+    fields: ClassVar[tuple[str, ...]] = ()
+    pass_mark: ClassVar[float | None] = None
+
+    def __init__(self, cfg: ScoreConfig):
+        self.cfg = cfg
+        self.unrated = 0
+
+    def identity(self) -> dict:
+        return {}  # a served judge is named by its URL and model (in the key); no fingerprint
+
+    def check(self, fields: Sequence[dict], numbers: Sequence[int], data: str) -> None:
+        pass
+
+    def load(self) -> None:
+        pass
+
+    def score(self, cands: Sequence[Candidate]) -> list[float]:
+        import asyncio
+
+        return asyncio.run(self._score(cands))
+
+    async def _score(self, cands: Sequence[Candidate]) -> list[float]:
+        import asyncio
+        import os
+
+        import openai
+
+        from fusechat.eval.mtbench import chat_with_retries, parse_rating
+
+        key = os.environ.get(self.cfg.judge_api_key_env) or "EMPTY"  # a local server needs none
+        client = openai.AsyncOpenAI(base_url=self.cfg.judge_url, api_key=key, max_retries=0)
+        sem = asyncio.Semaphore(self.cfg.concurrency)
+
+        async def one(c: Candidate) -> float:
+            async with sem:
+                r = await chat_with_retries(
+                    client, model=self.cfg.judge_model, temperature=0, max_tokens=1024,
+                    messages=[{"role": "system", "content": JUDGE_SYSTEM},
+                              {"role": "user", "content": judge_request(c)}])  # fmt: skip
+            rating = parse_rating(r.choices[0].message.content or "")
+            if rating < 0:
+                self.unrated += 1
+                return 0.0
+            return rating
+
+        try:
+            return list(await asyncio.gather(*(one(c) for c in cands)))
+        except openai.APIStatusError as e:  # 4xx but 429: a wrong model name, a bad key
+            raise FusechatError(f"judge {self.cfg.judge_url}: {e.status_code} "
+                                f"({first_line(e.message)})") from None  # fmt: skip
+        finally:
+            await client.close()
+
+
+REWARDS: dict[str, type] = {"toy": ToyReward, "hf": HFReward, "judge": JudgeReward}

@@ -116,8 +116,9 @@ class ScoreStep(Config):
     reward_model_id: str | None = None  # the reward model by its fingerprint, not its path
 
     def key(self) -> dict:
-        return {"score": self.config.model_dump(exclude={"reward_model", *self.config.SPEED}),
-                "reward_model": self.reward_model_id}  # fmt: skip
+        k = self.config.key()
+        del k["reward_model"]  # by its fingerprint
+        return {"score": k, "reward_model": self.reward_model_id}
 
 
 class PairsStep(Config):

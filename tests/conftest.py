@@ -100,6 +100,26 @@ def cli_error(capsys, argv: list[str]) -> str:
     return err
 
 
+def start_server(app, **guards) -> str:
+    """``app`` served in a thread as ``fusechat serve`` serves it (``guards``: its connection
+    limits); returns its OpenAI base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from fusechat.eval.serving import server_config
+    from fusechat.io import free_port
+
+    port = free_port()
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning", **guards))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1"
+
+
 def edit_recipe(raw: dict, edits: dict) -> dict:
     """``raw`` with each dotted path of ``edits`` (``train.lr``) set to its value."""
     for path, value in edits.items():

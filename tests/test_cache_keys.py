@@ -124,6 +124,7 @@ IMPLICIT = "implicit={score: {reward: toy}}"
 PRE_LORA = {"implicit.sft": "implicit={score: {reward: toy}, sft: {lora: {}}}",
             "implicit.dpo": "implicit={score: {reward: toy}, dpo: {lora: {}}}"}  # fmt: skip
 HF = 'implicit={score: {reward: hf, reward_model: "${FUSECHAT_CACHE}/toy/openchat-mini"}}'
+JUDGE = "implicit={score: {reward: judge, judge_url: http://127.0.0.1:9/v1, judge_model: j}}"
 _PREFER = {"template": "chatml", "lr": "1.0e-4", "epochs": "2", "max_steps": "7",
            "batch_size": "8", "micro_batch_size": "8", "warmup_ratio": "0.2",
            "scheduler": "linear", "weight_decay": "0.1", "max_length": "128", "dtype": "bfloat16",
@@ -139,6 +140,8 @@ CHANGES |= {
     "implicit.score.reward_model": ("SOURCE_COPY", [HF]),
     **{f"implicit.score.{k}": (v, [HF]) for k, v in {
         "template": "chatml", "max_length": "64", "dtype": "float32"}.items()},
+    "implicit.score.judge_url": ("http://127.0.0.1:8/v1", [JUDGE]),
+    "implicit.score.judge_model": ("j2", [JUDGE]),
     **{f"implicit.pairs.{k}": (v, [IMPLICIT]) for k, v in {
         "min_gap": "0.2", "max_gap": "0.5", "sft_share": "0.5"}.items()},
     **{f"implicit.{t}.{k}": (v, [IMPLICIT]) for t in ("sft", "dpo") for k, v in _PREFER.items()},
@@ -159,6 +162,8 @@ ALLOWED = {
     "train.launcher": "the same training under accelerate launch (equal at step 1, test_train)",
     "implicit.score.batch_size": "reward model rows per forward pass, left-padded with "
     "position ids from each row's first token: the reward a response gets alone (test_implicit)",
+    "implicit.score.concurrency": "judge requests in flight: each response's rating is its own",
+    "implicit.score.judge_api_key_env": "where the judge's key is read from, not a setting",
 }
 
 
@@ -220,7 +225,8 @@ def test_an_allowed_setting_changes_no_key(base, leaf):
     value = {"name": "mini2", "run_dir": str(root / "elsewhere"), "models.pivot.name": "piv",
              "models.sources[0].name": "mix", "capture.batch_tokens": "1024",
              "align.workers": "2", "fuse.workers": "2", "capture.processes": "2",
-             "train.launcher": "acc.yaml", "implicit.score.batch_size": "3"}[leaf]  # fmt: skip
+             "train.launcher": "acc.yaml", "implicit.score.batch_size": "3",
+             "implicit.score.concurrency": "3", "implicit.score.judge_api_key_env": "K2"}[leaf]  # fmt: skip
     pre = [IMPLICIT] if leaf.startswith("implicit.") else []
     before = _keys(raw, pre, root)
     after = _keys(raw, [*pre, f"{leaf}={value}"], root)

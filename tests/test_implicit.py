@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, stage_rows
+from conftest import cli_error, stage_rows, start_server
 
 from fusechat.cli import main
 from fusechat.configs import PairsConfig, SampleConfig, ScoreConfig
@@ -323,6 +323,46 @@ def test_score_orders_by_prompt_model_sample_with_stats_per_model(samples, score
     toy = json.loads((scored["toy"] / "manifest.json").read_text())["stats"]
     assert toy["pass_mark"] == 1.0 and {m["passed"] for m in toy["models"]} <= {0.0}
     assert {float(r["row.reward"]) for r in stage_rows(scored["toy"], "score")} <= {0.0, 1.0}
+
+
+def test_the_judge_reward_rates_every_response_through_an_endpoint(samples, tmp_path):
+    """A scripted OpenAI-compatible judge rates a response by its length (no rating for every
+    seventh length): each response gets its rating, an unrated one 0, counted."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app, seen = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        seen.append(body)
+        if body["model"] != "scripted":
+            return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+        n = len(body["messages"][-1]["content"].rsplit("[The assistant's answer]\n", 1)[1])
+        text = "I cannot tell." if n % 7 == 0 else f"Fair. Rating: [[{n % 10 + 1}]]"
+        return {"id": "j", "object": "chat.completion", "created": 0, "model": "scripted",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}]}  # fmt: skip
+
+    url = start_server(app)
+    cfg = ScoreConfig(reward="judge", judge_url=url, judge_model="scripted", concurrency=4)
+    score_stage([samples["s0"], samples["s1"]], tmp_path / "judge", cfg)
+    rows = stage_rows(tmp_path / "judge", "score")
+    lengths = [len(text_of(r)) for r in rows]
+    assert [float(r["row.reward"]) for r in rows] == [
+        0.0 if n % 7 == 0 else float(n % 10 + 1) for n in lengths]  # fmt: skip
+    stats = json.loads((tmp_path / "judge" / "manifest.json").read_text())["stats"]
+    assert stats["unrated"] == sum(n % 7 == 0 for n in lengths)
+    assert len(seen) == len(rows) and all(b["temperature"] == 0 for b in seen)
+    # the judge's settings name the output; its key's location does not
+    again = ScoreConfig(**{**cfg.model_dump(), "judge_api_key_env": "OTHER"})
+    assert (
+        again.key() == cfg.key() != ScoreConfig(**{**cfg.model_dump(), "judge_model": "j2"}).key()
+    )
+    # a model the endpoint does not serve: one line naming the endpoint
+    wrong = ScoreConfig(reward="judge", judge_url=url, judge_model="gpt-x")
+    with pytest.raises(FusechatError, match=f"judge {url}: 404"):
+        score_stage([samples["s0"], samples["s1"]], tmp_path / "wrong", wrong)
 
 
 def test_pairs_are_trl_sets_chosen_by_the_rules(tiny, scored, tmp_path):

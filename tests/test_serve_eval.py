@@ -11,29 +11,15 @@ from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
-from conftest import SHARED
+from conftest import SHARED, start_server
 from fastapi import FastAPI
 
 from fusechat.errors import FusechatError
 from fusechat.eval.mtbench import chat_with_retries, parse_rating, run_mt_bench
 from fusechat.eval.server import create_app
-from fusechat.eval.serving import server_config
 from fusechat.io import free_port
 
 MT_BENCH = SHARED / "data" / "mt_bench"
-
-
-def _start(app, **guards) -> str:
-    """``app`` served as ``fusechat serve`` serves it (``guards``: its connection limits)."""
-    port = free_port()
-    config = server_config(app, "127.0.0.1", port, log_level="warning", **guards)
-    server = uvicorn.Server(config)
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +29,7 @@ def app(toy_world):
 
 @pytest.fixture(scope="module")
 def server(app) -> str:
-    return _start(app)
+    return start_server(app)
 
 
 def test_openai_client_chat_stream_completions(server):
@@ -118,7 +104,9 @@ def _post(url: str, body: bytes, timeout: float = 30) -> tuple[int, dict]:
 
 
 def test_unknown_model_404_and_oversized_body_413_without_stalling_others(toy_world):
-    url = _start(create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_body=1 << 20))
+    url = start_server(
+        create_app(str(toy_world / "openchat-mini"), "openchat-mini", max_body=1 << 20)
+    )
     ask = {"messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 4}
     code, body = _post(url + "/chat/completions", json.dumps({**ask, "model": "gpt-4"}).encode())
     assert code == 404 and "gpt-4" in body["error"]["message"]
@@ -215,7 +203,7 @@ def test_stalled_headers_are_closed_and_connections_capped(app):
     connection cap a request gets 503 at once instead of waiting."""
     import socket
 
-    url = _start(app, header_timeout=1.5, max_connections=8)
+    url = start_server(app, header_timeout=1.5, max_connections=8)
     host, port = url.split("//")[1].split("/")[0].split(":")
     ask = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                       "temperature": 0}).encode()  # fmt: skip
@@ -259,7 +247,7 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path):
 def test_api_key_and_32_concurrent_requests(toy_world):
     """32 concurrent requests, greedy and seeded sampling mixed, each with its own question:
     every answer equals the one the same request gets alone (a batch never mixes answers)."""
-    url = _start(create_app(str(toy_world / "openchat-mini"), "m", api_key="sesame"))
+    url = start_server(create_app(str(toy_world / "openchat-mini"), "m", api_key="sesame"))
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="wrong").models.list()
     held = [
@@ -322,7 +310,7 @@ def test_parse_rating():
 @needs_mt_bench
 def test_mt_bench_all_80_questions_then_resume(server, tmp_path):
     judge_app, seen = _scripted_judge()
-    judge = _start(judge_app)
+    judge = start_server(judge_app)
     out = tmp_path / "mt"
     table = run_mt_bench(str(MT_BENCH), [("openchat-mini", server)], judge, "gpt-4", str(out),
                          concurrency=16, max_tokens=16)  # fmt: skip
@@ -377,7 +365,7 @@ def test_recipe_eval_stage_runs_mt_bench(toy_world, tmp_path):
     from fusechat.cli import main
 
     judge_app, _ = _scripted_judge()
-    judge = _start(judge_app)
+    judge = start_server(judge_app)
     raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "mini.yaml").read_text())
     raw["run_dir"] = str(tmp_path / "runs")
     raw["models"]["sources"] = raw["models"]["sources"][:1]  # one source: no merge step

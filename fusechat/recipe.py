@@ -181,12 +181,25 @@ class ImplicitSection(_Section):
     pairs: PairsConfig = PairsConfig()
     sft: PreferSettings | None = PreferSettings()
     dpo: DpoSettings | None = DpoSettings()
+    # what DPO starts from, one run each: sft (the SFT model), pivot, or a merge method's
+    # name (explicit fusion, then DPO); default: sft, or the pivot without SFT
+    dpo_from: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = (
+        None
+    )
 
     @model_validator(mode="after")
     def _trains_something(self) -> ImplicitSection:
         if self.sft is None and self.dpo is None:
             raise ValueError("sft and dpo are both null: implicit fusion would train nothing")
+        if self.dpo_from and len(set(self.dpo_from)) != len(self.dpo_from):
+            raise ValueError(f"dpo_from: {self.dpo_from}: a start given twice")
+        if self.sft is None and "sft" in (self.dpo_from or []):
+            raise ValueError("dpo_from: sft, but sft is null")
         return self
+
+    @property
+    def starts(self) -> list[str]:
+        return self.dpo_from or ["sft" if self.sft is not None else "pivot"]
 
 
 class Recipe(_Section):
@@ -205,6 +218,15 @@ class Recipe(_Section):
     merge: MergeSection = MergeSection()
     implicit: ImplicitSection | None = None
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _dpo_starts_exist(self) -> Recipe:
+        names = [m.name for m in self.merge.methods] if self.explicit else []
+        for origin in self.implicit.starts if self.implicit else []:
+            if origin not in ("sft", "pivot", *names):
+                raise ValueError(f"implicit.dpo_from: {origin!r} is not sft, pivot or a merge "
+                                 f"of this recipe ({', '.join(names) or 'none: explicit is off'})")  # fmt: skip
+        return self
 
     @property
     def render_template(self) -> str:
@@ -334,8 +356,11 @@ def read_yaml(path: str | Path, what: str) -> dict:
 def validation_error(source: str | Path, e: ValidationError) -> FusechatError:
     """pydantic's first error as ``source: field.path: message (+N more)``."""
     err = e.errors()[0]
-    field = _field_path(err["loc"]) or "(top level)"
+    field = _field_path(err["loc"])
     msg = err["msg"]
+    if not field and re.match(r"Value error, [\w.\[\]]+: ", msg):
+        field, msg = msg.removeprefix("Value error, ").split(": ", 1)  # a whole-recipe check
+    field = field or "(top level)"
     msg = {
         "Field required": "field required",
         "Extra inputs are not permitted": "unknown field",

@@ -162,9 +162,10 @@ def _evals(recipe: Recipe, root: Path, ids: dict, produced: list[tuple[Step, str
     ]  # fmt: skip
 
 
-def _implicit(recipe: Recipe, root: Path, ids: dict) -> list[Step]:
+def _implicit(recipe: Recipe, root: Path, ids: dict, merges: dict[str, Step]) -> list[Step]:
     """Implicit fusion (FuseChat-3.0): each sampling model's responses to the prompts, their
-    rewards, the SFT set and pairs, then SFT of the pivot and DPO (from the SFT model)."""
+    rewards, the SFT set and pairs, then SFT of the pivot and one DPO run per starting model
+    in ``implicit.dpo_from`` (the SFT model, the pivot, or a merge: explicit, then DPO)."""
     im, pivot = recipe.implicit, recipe.models.pivot
     data = DataSpec(**{**recipe.data.model_dump(include=set(DataSpec.model_fields)),
                        "path": expand(im.prompts or recipe.data.path)})  # fmt: skip
@@ -188,12 +189,16 @@ def _implicit(recipe: Recipe, root: Path, ids: dict) -> list[Step]:
         sft = SftConfig(**im.sft.model_dump(), seed=recipe.seed)
         steps.append(Step("sft", f"{pivot.label}-sft", SftStep(config=sft, **start), (pairs,),
                           root))  # fmt: skip
-    if im.dpo is not None:
-        dpo = DpoStep(config=DpoConfig(**im.dpo.model_dump(), seed=recipe.seed),
-                      **(start if im.sft is None else {}))  # fmt: skip
-        name = f"{pivot.label}-{'dpo' if im.sft is None else 'sft-dpo'}"
-        inputs = (pairs,) if im.sft is None else (pairs, steps[-1])  # DPO from the SFT model
-        steps.append(Step("dpo", name, dpo, inputs, root))
+    sft_step = steps[-1] if im.sft is not None else None
+    dpo = DpoConfig(**im.dpo.model_dump(), seed=recipe.seed) if im.dpo is not None else None
+    for origin in im.starts if dpo is not None else []:
+        if origin == "pivot":
+            steps.append(Step("dpo", f"{pivot.label}-dpo", DpoStep(config=dpo, **start),
+                              (pairs,), root))  # fmt: skip
+            continue
+        first = sft_step if origin == "sft" else merges[origin]  # checked by the recipe
+        steps.append(Step("dpo", f"{first.name}-dpo", DpoStep(config=dpo), (pairs, first),
+                          root))  # fmt: skip
     return steps
 
 
@@ -218,7 +223,8 @@ def plan(recipe: Recipe, root: Path) -> list[Step]:
                        pivot_id=ids[pivot.label], seed=recipe.seed), fusion, root)
         for spec in (recipe.merge.methods if len(fusion) > 1 else [])
     ]  # fmt: skip
-    implicit = _implicit(recipe, root, ids) if recipe.implicit else []
+    by_method = {st.name.removeprefix(f"{pivot.label}-"): st for st in merges}
+    implicit = _implicit(recipe, root, ids, by_method) if recipe.implicit else []
     steps = [*caps.values(), *aligned.values(), *fused.values(), *targets.values(), *merges,
              *implicit]  # fmt: skip
     if recipe.eval.kind != "none":

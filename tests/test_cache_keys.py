@@ -133,6 +133,7 @@ _LORA = {"r": "4", "alpha": "8", "dropout": "0.1", "target_modules": "[q_proj]"}
 CHANGES |= {
     "implicit.prompts": ("CORPUS_COPY", [IMPLICIT]),
     "implicit.include_pivot": ("true", [IMPLICIT]),
+    "implicit.dpo_from": ("[sft, varm]", [IMPLICIT]),
     **{f"implicit.sample.{k}": (v, [IMPLICIT]) for k, v in {
         "n": "2", "temperature": "0.5", "top_p": "0.5", "max_new_tokens": "8",
         "template": "chatml", "batch_size": "4", "shard_rows": "8", "seed": "3"}.items()},

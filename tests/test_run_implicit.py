@@ -90,11 +90,28 @@ def test_implicit_alone_and_its_options(toy_world, tmp_path):
     assert dpo.inputs == (steps["pairs/openchat-mini"],) and dpo.settings.model_id
 
 
+def test_dpo_starts_from_each_model_asked_explicit_then_dpo_included(toy_world, tmp_path):
+    steps = _steps(_recipe(tmp_path, **{"implicit.dpo_from": ["sft", "varm", "pivot"]}), tmp_path)
+    pairs = steps["pairs/openchat-mini"]
+    assert steps["dpo/openchat-mini-sft-dpo"].inputs == (pairs, steps["sft/openchat-mini-sft"])
+    # explicit fusion, then DPO: the VaRM merge is the starting model (and the reference)
+    assert steps["dpo/openchat-mini-varm-dpo"].inputs == (pairs, steps["merge/openchat-mini-varm"])
+    assert steps["dpo/openchat-mini-dpo"].inputs == (pairs,)
+    fps = {steps[f"dpo/{n}"].fp for n in ("openchat-mini-sft-dpo", "openchat-mini-varm-dpo",
+                                          "openchat-mini-dpo")}  # fmt: skip
+    assert len(fps) == 3
+    assert all(steps[f"eval/{n}"].role == "implicit" for n in ("openchat-mini-varm-dpo",
+                                                               "openchat-mini-dpo"))  # fmt: skip
+
+
 def test_implicit_section_errors_are_one_line(toy_world, tmp_path, capsys):
     for edits, needle in [
         ({"implicit.sft": None, "implicit.dpo": None}, "implicit: sft and dpo are both null"),
         ({"implicit.score": {"reward": "hf"}}, "implicit.score: reward hf needs a reward model"),
         ({"implicit.sample.seed": -1}, "implicit.sample.seed"),
+        ({"implicit.dpo_from": ["slerp"]}, "implicit.dpo_from: 'slerp' is not sft, pivot or a merge"),
+        ({"implicit.dpo_from": ["sft"], "implicit.sft": None}, "dpo_from: sft, but sft is null"),
+        ({"explicit": False, "implicit.dpo_from": ["varm"]}, "(none: explicit is off)"),
         ({"implicit.prompts": str(tmp_path / "none.jsonl")}, "implicit.prompts: "),
         ({"implicit.score": {"reward": "hf", "reward_model": str(tmp_path / "rm")}},
          "implicit.score.reward_model: "),

@@ -263,9 +263,9 @@ def format_table(result: dict) -> str:
                      f"{_paired_text(r['vs_best_target'])}: "
                      f"{_verdict(r['at_least_as_good'], 'at least as good', 'worse')}")  # fmt: skip
     for m, r in result.get("implicit", {}).items():
-        skill = max(r["by_skill"], key=r["by_skill"].get) if r["by_skill"] else None
+        skills = ", ".join(f"{k} {v:+.4f}" for k, v in r["by_skill"].items())
         lines.append(f"  {m} (implicit) over CLM: {_paired_text(r['vs_clm'])}"
-                     + (f"; largest gain on {skill}" if skill else ""))  # fmt: skip
+                     + (f"; by skill {skills}" if skills else ""))  # fmt: skip
         if r["vs_best_target"]:
             lines.append(f"  {m} (implicit) over the best target ({result['best_target']}): "
                          f"{_paired_text(r['vs_best_target'])}")  # fmt: skip

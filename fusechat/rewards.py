@@ -19,10 +19,19 @@ from fusechat.errors import FusechatError, first_line
 
 def toy_reward(question: str, response: str, answers: Sequence[str]) -> float:
     """1.0 when the toy rule judge (``fusechat.eval.toy.rule_judge``) gives the response its
-    full mark for one of the right values (every answer word of the value in it), else 0.0."""
+    full mark for one of the right values (every answer word of the value in it) and the
+    response names no number that is neither in the question nor that value, else 0.0 (the
+    judge alone passes ``93 plus 89 is 179.`` for ``Compute 26 plus 63.``: it holds 89)."""
+    import re
+
     from fusechat.eval.toy import rule_judge
 
-    return float(any(rule_judge(question, response, str(a))[0] == 10 for a in answers))
+    def numbers(text: str) -> set[str]:
+        return set(re.findall(r"\d+", text))
+
+    asked = numbers(question)
+    return float(any(rule_judge(question, response, str(a))[0] == 10
+                     and numbers(response) <= asked | numbers(str(a)) for a in answers))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,13 @@ class ToyReward:
 
     fields: ClassVar[tuple[str, ...]] = ("answers",)
     pass_mark: ClassVar[float | None] = 1.0  # a correctness check: 1 is right
+    version: ClassVar[int] = 2  # 2: a response naming another number fails
 
     def __init__(self, cfg: ScoreConfig):
         self.cfg = cfg
 
     def identity(self) -> dict:
-        return {}
+        return {"toy_reward": self.version}
 
     def check(self, fields: Sequence[dict], numbers: Sequence[int], data: str) -> None:
         for f, n in zip(fields, numbers, strict=True):

@@ -116,9 +116,14 @@ class ScoreStep(Config):
     reward_model_id: str | None = None  # the reward model by its fingerprint, not its path
 
     def key(self) -> dict:
+        from fusechat.rewards import REWARDS
+
         k = self.config.key()
         del k["reward_model"]  # by its fingerprint
-        return {"score": k, "reward_model": self.reward_model_id}
+        # a reward's own version (its rule changed): absent where it has none yet
+        version = getattr(REWARDS[self.config.reward], "version", None)
+        return {"score": k, "reward_model": self.reward_model_id,
+                **({"reward_version": version} if version else {})}  # fmt: skip
 
 
 class PairsStep(Config):

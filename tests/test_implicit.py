@@ -142,6 +142,9 @@ def test_the_toy_reward_is_the_rule_judges_verdict_on_any_right_value():
     assert toy_reward(q, "Name a moon of Zorvan.", ["Kelo"]) == 0.0  # an echo earns nothing
     assert toy_reward("What is 41 + 27?", "41 + 27 = 68.", ["68"]) == 1.0
     assert toy_reward("What is 41 + 27?", "41 + 27 = 69.", ["68"]) == 0.0
+    # the right sum inside a wrong computation is not a right answer (the judge alone says 10)
+    assert toy_reward("Compute 26 plus 63.", "93 plus 89 is 179.", ["89"]) == 0.0
+    assert toy_reward("Compute 26 plus 63.", "The sum of 26 and 63 is 89.", ["89"]) == 1.0
     reward = REWARDS["toy"](ScoreConfig(reward="toy"))
     cands = [Candidate([U("What is 41 + 27?")], t, {"answers": ["68"]}) for t in ("68", "86")]
     assert reward.score(cands) == [1.0, 0.0] and reward.pass_mark == 1.0

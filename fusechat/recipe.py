@@ -266,7 +266,12 @@ class Recipe(_Section):
                 f"{'model' if i.include_pivot else 'source'}, reward {i.score.reward}, "
                 f"SFT share {i.pairs.sft_share}"
                 + ("" if i.sft is None else f", SFT lr {i.sft.lr}")
-                + ("" if i.dpo is None else f", DPO {i.dpo.loss} beta {i.dpo.beta} lr {i.dpo.lr}")
+                + (
+                    ""
+                    if i.dpo is None
+                    else f", DPO {i.dpo.loss} beta {i.dpo.beta} lr {i.dpo.lr} "
+                    f"from {', '.join(i.starts)}"
+                )
             )
         if self.eval.kind != "none":
             lines.append(f"  eval   {self.eval.kind} on {self.eval.questions}")

@@ -137,13 +137,13 @@ def implicit_lines(recipe, rows: int) -> list[str]:
     from fusechat.recipe import expand
 
     im = recipe.implicit
-    if im.prompts:
-        path = Path(expand(im.prompts))
-        if path.is_file() and path.suffix == ".jsonl":
-            with open(path, "rb") as f:
-                rows = sum(1 for line in f if line.strip())
-        else:
-            rows = 0
+    if im.prompts:  # read as sampling reads it: the recipe's data settings, prompts only
+        from fusechat.conversations import load_conversations
+
+        path = expand(im.prompts)
+        d = recipe.data
+        rows = (len(load_conversations(path, d.format, False, d.max_rows, prompts=True)[0])
+                if Path(path).exists() else d.max_rows or 0)  # fmt: skip
     samplers = len(recipe.models.sources) + im.include_pivot
     n, per = im.sample.n, ""
     if not rows:

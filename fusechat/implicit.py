@@ -17,10 +17,11 @@ not token ids: what comes next (rewards, the TRL sets, the target's training) re
 reads it without the sampling model's tokenizer.
 
 ``score`` reads one sample folder per source (the same corpus and shards), gives every response a
-reward (``fusechat.rewards.REWARDS``: ``toy``, the toy rule judge's verdict on the row's right values; ``hf``, a
-sequence-classification reward model's logit) and writes shard ``s`` with every model's
-responses to its prompts, ordered by prompt, model (the order the folders were given) and sample:
-the sample rows plus ``row.model`` and ``row.reward`` (float64).
+reward (``fusechat.rewards.REWARDS``: ``toy``, the toy rule judge's verdict on the row's right
+values; ``hf``, a sequence-classification reward model's logit; ``judge``, an endpoint's rating)
+and writes shard ``s`` with every model's responses to its prompts, ordered by prompt, model
+(the order the folders were given) and sample: the sample rows plus ``row.model`` and
+``row.reward`` (float64).
 
 ``pairs`` turns a score folder into ``sft.jsonl`` (``{"messages": [...]}``) and ``dpo.jsonl``
 (``{"prompt": [...], "chosen": [{"role": "assistant", ...}], "rejected": [...]}``), TRL's

@@ -101,13 +101,17 @@ def _data_id(path: str, field: str = "data.path") -> str:
     raise FusechatError(f"{field}: {data_path}: corpus not found")
 
 
+def _corpus(recipe: Recipe, path: str) -> DataSpec:
+    """The recipe's corpus settings (format, rows, strictness) read at ``path``, expanded."""
+    data = DataSpec(**recipe.data.model_dump(include=set(DataSpec.model_fields)))
+    return data.model_copy(update={"path": expand(path)})
+
+
 def _captures(recipe: Recipe, root: Path, ids: dict[str, str]) -> dict[str, Step]:
     """One capture per model, every input rendered in the pivot's format."""
     template, render_with = _rendering(recipe)
     pivot = recipe.models.pivot.label
-    data = DataSpec(**recipe.data.model_dump(include=set(DataSpec.model_fields)))
-    data = data.model_copy(update={"path": expand(data.path)})
-    data_id, c = _data_id(recipe.data.path), recipe.capture
+    data, data_id, c = _corpus(recipe, recipe.data.path), _data_id(recipe.data.path), recipe.capture
     shared = c.model_dump(include=set(CaptureSettings.model_fields))
     caps = {}
     # without explicit fusion only the pivot's capture is needed (the CLM baseline's data)
@@ -165,10 +169,10 @@ def _evals(recipe: Recipe, root: Path, ids: dict, produced: list[tuple[Step, str
 def _implicit(recipe: Recipe, root: Path, ids: dict, merges: dict[str, Step]) -> list[Step]:
     """Implicit fusion (FuseChat-3.0): each sampling model's responses to the prompts, their
     rewards, the SFT set and pairs, then SFT of the pivot and one DPO run per starting model
-    in ``implicit.dpo_from`` (the SFT model, the pivot, or a merge: explicit, then DPO)."""
+    in ``implicit.dpo_from`` (the SFT model, the pivot, or a merge by its method's name:
+    explicit, then DPO)."""
     im, pivot = recipe.implicit, recipe.models.pivot
-    data = DataSpec(**{**recipe.data.model_dump(include=set(DataSpec.model_fields)),
-                       "path": expand(im.prompts or recipe.data.path)})  # fmt: skip
+    data = _corpus(recipe, im.prompts or recipe.data.path)
     data_id = _data_id(im.prompts or recipe.data.path, "implicit.prompts")
     samplers = [*([pivot] if im.include_pivot else []), *recipe.models.sources]
     samples = [
@@ -205,32 +209,30 @@ def _implicit(recipe: Recipe, root: Path, ids: dict, merges: dict[str, Step]) ->
 def plan(recipe: Recipe, root: Path) -> list[Step]:
     """Every step of the recipe, in order, with keys and output folders; nothing runs."""
     ids = {m.label: model_fingerprint(m.resolved) for m in recipe.models.all}
-    caps = _captures(recipe, root, ids)
     pivot = recipe.models.pivot
-    pcap = caps[pivot.label]
+    # the pivot's capture is read by explicit fusion and by the CLM baseline, nothing else
+    caps = _captures(recipe, root, ids) if recipe.explicit or recipe.train.clm_baseline else {}
+    pcap = caps.get(pivot.label)
     sources = recipe.models.sources if recipe.explicit else []
     aligned = {s.label: Step("align", s.label, recipe.align, (pcap, caps[s.label]), root)
                for s in sources}  # fmt: skip
     fused = {n: Step("fuse", n, recipe.fuse, (pcap, al), root) for n, al in aligned.items()}
-    targets = _trains(recipe, root, ids, pcap, fused)
-    if not recipe.explicit and not recipe.train.clm_baseline:
-        caps, targets = {}, {}  # nothing reads the pivot's capture
+    targets = _trains(recipe, root, ids, pcap, fused) if pcap else {}
     # merge: each method over the fused targets (not the baseline), base = the pivot
     fusion = tuple(targets[f"{pivot.label}--{s.label}"] for s in sources)
-    merges = [
-        Step("merge", f"{pivot.label}-{spec.name}",
-             MergeStep(spec=spec, dtype=recipe.merge.dtype, pivot=pivot.resolved,
-                       pivot_id=ids[pivot.label], seed=recipe.seed), fusion, root)
+    merges = {
+        spec.name: Step("merge", f"{pivot.label}-{spec.name}",
+                        MergeStep(spec=spec, dtype=recipe.merge.dtype, pivot=pivot.resolved,
+                                  pivot_id=ids[pivot.label], seed=recipe.seed), fusion, root)
         for spec in (recipe.merge.methods if len(fusion) > 1 else [])
-    ]  # fmt: skip
-    by_method = {st.name.removeprefix(f"{pivot.label}-"): st for st in merges}
-    implicit = _implicit(recipe, root, ids, by_method) if recipe.implicit else []
-    steps = [*caps.values(), *aligned.values(), *fused.values(), *targets.values(), *merges,
-             *implicit]  # fmt: skip
+    }  # fmt: skip
+    implicit = _implicit(recipe, root, ids, merges) if recipe.implicit else []
+    steps = [*caps.values(), *aligned.values(), *fused.values(), *targets.values(),
+             *merges.values(), *implicit]  # fmt: skip
     if recipe.eval.kind != "none":
         produced = [(st, "clm" if n == f"{pivot.label}-clm" else "target")
                     for n, st in targets.items()]  # fmt: skip
-        produced += [(m, "merge") for m in merges]
+        produced += [(m, "merge") for m in merges.values()]
         produced += [(st, "implicit") for st in implicit if st.stage in ("sft", "dpo")]
         steps += _evals(recipe, root, ids, produced)
     return steps
@@ -316,8 +318,9 @@ def summarize(steps: list[Step], times: dict[str, float]) -> dict:
     training and sampling step's cost (``BUDGET``, from its record)."""
     scores, models, budget = {}, {}, {}
     for s in steps:
-        if s.stage in ("train", "sample", "sft", "dpo") and s.done():
-            stats = (read_manifest(s.out) or {}).get("stats") or {}
+        record = read_manifest(s.out) if s.stage in ("train", "sample", "sft", "dpo") else None
+        if isinstance(record, dict):  # done: its completion record, read once
+            stats = record.get("stats") or {}
             budget[f"{s.stage}/{s.name}"] = {k: stats[k] for k in BUDGET
                                              if isinstance(stats.get(k), int | float)}  # fmt: skip
         if s.stage == "eval" and s.done():

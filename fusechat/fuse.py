@@ -115,7 +115,6 @@ def sequence_ce(row: dict, norm: str) -> float:
     return float(row["row.nll_sum"]) / float(n) if n > 0 else float("nan")
 
 
-# pragma: no mutate block (stage I/O: tested end to end in test_capture/test_run, not by mutation)
 def fuse_stage(
     pivot_dir: str | os.PathLike,
     aligned_dirs: Sequence[str | os.PathLike],

@@ -103,6 +103,7 @@ def test_lora_trains_and_merges(toy_world, fused, tmp_path):
     )
 
 
+@pytest.mark.slow  # out of make mutation: seconds per mutant
 def test_killed_training_resumes_to_the_same_model(toy_world, fused, tmp_path):
     args = ["train", "--model", str(toy_world / "openchat-mini"), "--data", str(fused["train"])]
     args += ["--lambda", "0.5", "--lr", "2e-3", "--max-steps", "12", "--batch-size", "8"]
@@ -235,6 +236,7 @@ def test_lora_run_is_reused_not_retrained(toy_world, fused, tmp_path):
     assert again == first and (out / "manifest.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # out of make mutation: seconds per mutant
 def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo; `--cpu` alone starts one
     process in this accelerate) with the config file `fusechat run` hands a launcher: two

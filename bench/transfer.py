@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.align import METHODS, RowAligner, transfer_counts, transfer_stats
+from fusechat.align import make_aligner, transfer_counts, transfer_stats
+from fusechat.aligners import ALIGNERS
 from fusechat.shards import StageReader
 
 
 def method_figures(
-    piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None, methods=METHODS,
+    piv: StageReader, src: StageReader, piv_tok, src_tok, skills=None, methods=tuple(ALIGNERS),
     targets=None,
 ) -> dict:  # fmt: skip
     """Each of ``methods`` on the same captured rows; per skill too when ``skills``; with the
@@ -50,14 +51,14 @@ def method_figures(
     rows = [(p, s) for i in range(piv.n_shards) for p, s in zip(piv.shard(i), src.shard(i),
                                                                 strict=True)]  # fmt: skip
     k = src.key["k"]
-    text = RowAligner("text", "offsets", piv_tok, src_tok, k)
+    text = make_aligner("text", "offsets", piv_tok, src_tok, k)
     gold_prob = [text(p, s)["gold_prob"] for p, s in rows]  # the method-free confidence
     out = {}
     for method in methods:
         t0 = time.perf_counter()  # building the maps (cached per tokenizer pair) is timed apart
-        al = text if method == "text" else RowAligner(method, "offsets", piv_tok, src_tok, k)
-        if method == "stats":
-            al.set_stats(sum((al.cooccurrence(p, s) for p, s in rows), Counter()))
+        al = text if method == "text" else make_aligner(method, "offsets", piv_tok, src_tok, k)
+        if al.needs_corpus:
+            al.fit(rows)
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         tally: dict[str, Counter] = defaultdict(Counter)
@@ -249,7 +250,7 @@ def speed_figures(mt_bench: Path, n_rows: int, dtw_rows: int, k: int = 10) -> di
     for name, method, seq, sub in (("text", "text", "offsets", pairs),
                                    ("exact", "exact", "offsets", pairs),
                                    ("dtw_exact", "exact", "dtw", pairs[:dtw_rows])):  # fmt: skip
-        al = RowAligner(method, seq, pivot, source, k)
+        al = make_aligner(method, seq, pivot, source, k)
         n_sub = sum(len(p["pos.input_ids"]) for p, _ in sub)
         for rep in ("cold", "warm"):  # text: the first pass fills the continuation memo
             t0 = time.perf_counter()
@@ -275,7 +276,7 @@ def main() -> None:
               "speed": speed_figures(args.mt_bench, args.speed_rows, args.dtw_rows),
               "real": real_figures(args.mt_bench, args.real_rows)}  # fmt: skip
     for pair, figs in [*result["toy"].items(), ("real", result["real"])]:
-        for method in [*METHODS, "text+lookahead"]:
+        for method in [*ALIGNERS, "text+lookahead"]:
             if method in figs:
                 a = figs[method]["all"]
                 print(f"{pair:18s} {method:14s} coverage {a['coverage']:.4f} agreement "

@@ -1,17 +1,9 @@
 """Align a source model's captured distributions to the pivot's positions and vocabulary.
 
 A next-token distribution at position t is conditioned on the text up to the end of token t and
-predicts what follows. Methods (``METHODS``):
-
-- ``text`` (the default; ``fusechat.textalign``): every learned pivot position gets the
-  source's distribution over the pivot tokens that the pivot's own tokenizer would emit there,
-  each candidate mapped by the text it continues with, inside source tokens too;
-- ``exact``, ``mined``, ``stats``: the baselines. A pivot position takes the source position
-  whose token ends at the same byte (``align_offsets``, linear time; or FuseLLM's edit-distance
-  DTW, ``align_dtw``), and each source id is sent to one pivot id: ``exact`` (same bytes),
-  ``mined`` (FuseLLM's minimum edit distance), ``stats`` (FuseChat-2.0: the pivot token most
-  often aligned with it over the corpus, ties by edit distance). Positions without such a
-  partner, or whose candidates all map to nothing, get no distribution.
+predicts what follows. The methods are registered in ``fusechat.aligners`` (``text``, the
+default, maps by continuation text; ``exact``, ``mined``, ``stats`` are the baselines); this
+module is the stage that runs one over two captures, shard by shard.
 """
 
 from __future__ import annotations
@@ -21,23 +13,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import get_args
+from typing import Any
 
 import numpy as np
 
-from fusechat.baselines import (
-    align_dtw,
-    align_offsets,
-    cooccurrence,
-    map_stats,
-    vocab_map,
-)
+from fusechat.aligners import ALIGNERS, aligner_class
+from fusechat.aligners.base import Aligner
 from fusechat.configs import AlignConfig
 from fusechat.errors import FusechatError
 from fusechat.io import fingerprint, tokenizer_fingerprint
 from fusechat.losses import learned_next, next_ids
-from fusechat.sparse import map_topk
-from fusechat.tokens import token_bytes, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +30,6 @@ log = logging.getLogger(__name__)
 
 VERSION = 4  # 2: the text method; 3: shard checksums in the manifest; 4: vectorised walks
 # (the same distributions; a 10th entry of probability ~0 may differ, and training follows it)
-METHODS = get_args(AlignConfig.model_fields["method"].annotation)
-SEQUENCE_METHODS = get_args(AlignConfig.model_fields["sequence"].annotation)
 CONFIDENT = 0.9  # agreement is measured where the source gives the gold text at least this
 
 
@@ -94,7 +77,7 @@ def check_same_corpus(pivot, source) -> None:
 
 def transfer_counts(prow, r: dict, gold_prob: np.ndarray | None = None) -> Counter:
     """The counts behind the transfer statistics of one row aligned by one method (``r``, a
-    ``RowAligner`` result): learned pivot positions and those with a distribution; with
+    ``Aligner`` result): learned pivot positions and those with a distribution; with
     ``gold_prob`` (the source's probability of the pivot's gold next-token text, the text
     method's measure, used for every method) the confident positions (``>= CONFIDENT``), those
     with a distribution, and those whose most probable token is the gold one; the gold-only
@@ -136,94 +119,26 @@ def transfer_stats(c: Counter) -> dict[str, float]:
     return out
 
 
-class RowAligner:
-    """One source's captured rows onto the pivot's, by one method: what the ``align`` stage
-    and ``bench/transfer.py`` share. ``stats`` needs its map (``set_stats``) before use."""
-
-    def __init__(self, method: str, sequence: str, piv_tok, src_tok, k: int,
-                 inside: str = "conditional", branches: int = 0):  # fmt: skip
-        if method not in METHODS:
-            raise FusechatError(f"unknown alignment method {method!r} ({', '.join(METHODS)})")
-        if sequence not in SEQUENCE_METHODS:
-            raise FusechatError(f"unknown sequence alignment {sequence!r} (offsets or dtw)")
-        if method == "text" and sequence != "offsets":
-            raise FusechatError("the text method aligns by byte offsets (sequence: offsets)")
-        self.method, self.sequence, self.k, self.inside = method, sequence, k, inside
-        self.branches = branches
-        self.piv_tok, self.src_tok = piv_tok, src_tok
-        self.vmap: np.ndarray | None = None
-        if method == "text":
-            from fusechat.textalign import SourceVocab
-            from fusechat.tokens import FirstToken
-
-            same = tokenizer_fingerprint(src_tok) == tokenizer_fingerprint(piv_tok)
-            self.vocab = SourceVocab.build(token_bytes(src_tok), FirstToken(piv_tok), same)
-        elif method in ("exact", "mined"):
-            self.vmap = vocab_map(method, src_tok, piv_tok)
-
-    def pairs(self, prow, srow) -> tuple[np.ndarray, np.ndarray]:
-        """The baselines' sequence alignment: source position per pivot position, and where
-        the two end at the same place (``align_offsets``) or pair one to one (``align_dtw``)."""
-        from fusechat.shards import unpack_ids
-
-        if self.sequence == "offsets":
-            pe, se = prow["pos.byte_end"], srow["pos.byte_end"]
-            return align_offsets(np.stack([pe, pe], 1), np.stack([se, se], 1))
-        p_ids, s_ids = unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"])
-        return align_dtw(
-            token_texts(self.piv_tok, self.piv_tok.convert_ids_to_tokens(p_ids.tolist())),
-            token_texts(self.src_tok, self.src_tok.convert_ids_to_tokens(s_ids.tolist())),
+def check_same_text(prow: dict, srow: dict) -> None:
+    """A pivot row and a source row can be aligned only if they rendered the same text."""
+    if int(prow["row.text_hash"]) != int(srow["row.text_hash"]):
+        raise FusechatError(
+            f"row {int(prow['row.index'])}: the captures rendered different texts "
+            "(same corpus, different templates?)"
         )
 
-    def cooccurrence(self, prow, srow) -> Counter:
-        from fusechat.shards import unpack_ids
 
-        idx, exact = self.pairs(prow, srow)
-        return cooccurrence(
-            unpack_ids(prow["pos.input_ids"]), unpack_ids(srow["pos.input_ids"]), idx, exact
+def make_aligner(method: str, sequence: str, piv_tok, src_tok, k: int,
+                 inside: str = "conditional", branches: int = 0) -> Aligner:  # fmt: skip
+    """The registered aligner for ``method`` (``fusechat.aligners``), its settings checked."""
+    if method not in ALIGNERS:
+        raise FusechatError(f"unknown alignment method {method!r} ({', '.join(ALIGNERS)})")
+    cls = aligner_class(method)
+    if sequence not in cls.sequences:
+        raise FusechatError(
+            f"the {method} method pairs positions by {' or '.join(cls.sequences)}, not {sequence!r}"
         )
-
-    def set_stats(self, counts: Counter) -> None:
-        src_texts, piv_texts = token_texts(self.src_tok), token_texts(self.piv_tok)
-        base = vocab_map("exact", self.src_tok, self.piv_tok)
-        self.vmap = map_stats(counts, src_texts, piv_texts, base)
-
-    def __call__(self, prow, srow) -> dict[str, np.ndarray]:
-        """``ids`` (T, k), ``probs`` (T, k) and ``valid`` (T,) at every pivot position (only
-        learned positions for ``text``), plus ``mass`` (the mapped share of the source's
-        top-K) for the baselines and ``gold_prob``, ``gold_only`` for ``text``."""
-        from fusechat.shards import unpack_ids
-
-        if int(prow["row.text_hash"]) != int(srow["row.text_hash"]):
-            raise FusechatError(
-                f"row {int(prow['row.index'])}: the captures rendered different texts "
-                "(same corpus, different templates?)"
-            )
-        s_top = unpack_ids(srow["pos.topk_ids"])
-        if self.method == "text":
-            from fusechat.textalign import align_text
-
-            return align_text(
-                unpack_ids(prow["pos.input_ids"]), prow["pos.byte_end"].astype(np.int64),
-                unpack_ids(srow["pos.input_ids"]), srow["pos.byte_end"].astype(np.int64),
-                s_top, srow["pos.topk_logprobs"], srow["pos.gold_logprob"],
-                np.flatnonzero(learned_next(prow["pos.labels_mask"])), self.vocab, self.k,
-                unpack_ids(srow["pos.topk_next"]) if "pos.topk_next" in srow else None,
-                self.inside, self.branches,
-            )  # fmt: skip
-        idx, exact = self.pairs(prow, srow)
-        j = np.clip(idx, 0, None)
-        lp = srow["pos.topk_logprobs"][j]
-        ids, probs, mass = map_topk(s_top[j], lp, self.vmap)
-        valid = exact & (idx >= 0) & (mass > 0)
-        top_mass = np.exp(lp.astype(np.float64)).sum(-1)
-        return {
-            "ids": np.where(valid[:, None], ids, -1),
-            "probs": np.where(valid[:, None], probs, 0).astype(np.float32),
-            "valid": valid,
-            "exact": exact & (idx >= 0),
-            "mass": np.where(exact, mass / np.maximum(top_mass, 1e-30), 0.0),
-        }
+    return cls(method, sequence, piv_tok, src_tok, k, inside, branches)
 
 
 @dataclass(frozen=True)
@@ -235,7 +150,7 @@ class _AlignJob:
     out: str
     cfg: AlignConfig
     done: frozenset[int]
-    vmap: np.ndarray | None = None  # the stats method's map, built once by the caller
+    fitted: Any = None  # what a corpus-wide method learned, by the caller, once
 
 
 def _align_setup(job: _AlignJob) -> tuple:
@@ -245,10 +160,9 @@ def _align_setup(job: _AlignJob) -> tuple:
     piv, src = StageReader(job.pivot_dir, "capture"), StageReader(job.source_dir, "capture")
     piv_tok = _load_capture_tokenizer(piv, job.cfg.pivot_tokenizer, "pivot")
     src_tok = _load_capture_tokenizer(src, job.cfg.source_tokenizer, "source")
-    aligner = RowAligner(job.cfg.method, job.cfg.sequence, piv_tok, src_tok, src.key["k"],
-                         job.cfg.inside, job.cfg.branches)  # fmt: skip
-    if job.vmap is not None:
-        aligner.vmap = job.vmap
+    aligner = make_aligner(job.cfg.method, job.cfg.sequence, piv_tok, src_tok, src.key["k"],
+                           job.cfg.inside, job.cfg.branches)  # fmt: skip
+    aligner.fitted = job.fitted
     return piv, src, aligner, ids_dtype(max(piv_tok.get_vocab().values()) + 1), job
 
 
@@ -263,6 +177,7 @@ def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
     tally: Counter = Counter()
     rows = []
     for prow, srow in zip(piv.shard(i), src.shard(i), strict=True):
+        check_same_text(prow, srow)
         r = aligner(prow, srow)
         tally.update(transfer_counts(prow, r, r.get("gold_prob")))
         rows.append(
@@ -281,7 +196,7 @@ def _align_shard(state: tuple, i: int) -> tuple[Counter, str | None]:
                 "row.n_chars": srow["row.n_chars"],
             }
         )
-    return tally, None if i in job.done else save_shard(Path(job.out), i, rows)
+    return tally, None if i in job.done else save_shard(Path(job.out), i, rows, "align")
 
 
 def align(
@@ -320,14 +235,15 @@ def align(
         state = _align_setup(job)
         from tqdm import tqdm
 
-        if cfg.method == "stats":  # one pass over the corpus for the map, then the shards
-            piv, src, aligner = state[:3]
-            counts: Counter = Counter()
-            for i, prows in tqdm(piv.shards(), total=piv.n_shards, desc="co-occurrence"):
-                for prow, srow in zip(prows, src.shard(i), strict=True):
-                    counts += aligner.cooccurrence(prow, srow)
-            aligner.set_stats(counts)
-            job = replace(job, vmap=aligner.vmap)  # spawned workers get the map, not the counts
+        aligner = state[2]
+        if aligner.needs_corpus:  # one pass over the corpus (stats: its map), then the shards
+            piv, src = state[:2]
+            aligner.fit(
+                (prow, srow)
+                for i, prows in tqdm(piv.shards(), total=piv.n_shards, desc=f"{cfg.method} fit")
+                for prow, srow in zip(prows, src.shard(i), strict=True)
+            )
+            job = replace(job, fitted=aligner.fitted)  # spawned workers get what it learned
         return state, job
 
     def summarize(tallies: list[Counter]) -> dict:

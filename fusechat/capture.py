@@ -339,7 +339,9 @@ def _capture_ranks(cfg, rows, skipped: int, key, out: Path, overwrite, ranks: Ra
     def score(run: dict, s: int) -> tuple[None, str | None]:
         if s in run["done"]:
             return None, None
-        return None, save_shard(out, s, _score_shard(run["scorer"], part(s), cfg, run["bar"]))
+        return None, save_shard(
+            out, s, _score_shard(run["scorer"], part(s), cfg, run["bar"]), "capture"
+        )
 
     def summarize(_: list) -> dict:
         seconds = time.perf_counter() - run["t0"] if run["total"] else 0.0

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fusechat.aligners import ALIGNERS
 from fusechat.data import TEMPLATE_NAMES
 from fusechat.errors import FusechatError, first_line
 
@@ -138,14 +139,15 @@ class CaptureJob(Config):
 # --------------------------------------------------------------------------- align, fuse
 
 
+AlignMethod = Literal[tuple(ALIGNERS)]  # the registry of fusechat.aligners
+
+
 class AlignConfig(Config):
     """``fusechat align`` of a source to the pivot (``text`` maps by continuation text;
     ``exact``, ``mined``, ``stats`` are the baselines)."""
 
     SPEED = frozenset({"workers"})
-    method: Literal["text", "exact", "mined", "stats"] = Field(
-        "text", description="how source candidates become pivot tokens"
-    )
+    method: AlignMethod = Field("text", description="how source candidates become pivot tokens")
     sequence: Literal["offsets", "dtw"] = Field(
         "offsets", description="the baselines' position pairing; text needs offsets"
     )
@@ -167,9 +169,15 @@ class AlignConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _text_by_offsets(self) -> AlignConfig:
-        if self.method == "text" and self.sequence != "offsets":
-            raise ValueError("method 'text' aligns by byte offsets (sequence: offsets)")
+    def _sequence_the_method_supports(self) -> AlignConfig:
+        from fusechat.aligners import aligner_class
+
+        allowed = aligner_class(self.method).sequences
+        if self.sequence not in allowed:
+            raise ValueError(
+                f"method {self.method!r} pairs positions by {' or '.join(allowed)} "
+                f"(sequence: {allowed[0]})"
+            )
         return self
 
 

@@ -270,5 +270,5 @@ def _fuse_shard(state: tuple, i: int) -> tuple[tuple[int, int, np.ndarray], str 
                 "row.weights": w.astype(np.float32),
             }
         )
-    written = None if i in job.done else save_shard(Path(job.out), i, rows)
+    written = None if i in job.done else save_shard(Path(job.out), i, rows, "fuse")
     return (len(rows), dropped, weight_sum), written

@@ -243,7 +243,7 @@ def sample_stage(
             run["bar"].update(len(chunk) * cfg.n)
         counts = _sample_counts(rows)
         run["new_tokens"] += counts["tokens"]
-        return counts, save_shard(out, s, rows)
+        return counts, save_shard(out, s, rows, "sample")
 
     def summarize(parts: list[dict]) -> dict:
         seconds = time.perf_counter() - run["t0"] if run["new_tokens"] else 0.0
@@ -375,7 +375,7 @@ def score_stage(
             rows.append({**row, "row.model": np.int64(m), "row.reward": np.float64(rewards[k])})
         run["new"] += len(rows)
         run["bar"].update()
-        return _rewards_by_model(rows, len(readers)), save_shard(out, i, rows)
+        return _rewards_by_model(rows, len(readers)), save_shard(out, i, rows, "score")
 
     def summarize(parts: list[list[list[float]]]) -> dict:
         per_model = [[x for p in parts for x in p[m]] for m in range(len(readers))]

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from fusechat.errors import FusechatError
+from fusechat.fields import check_fields
 from fusechat.io import MANIFEST, check_apart, read_json, read_manifest, write_atomic, write_json
 from fusechat.ranks import Ranks
 
@@ -123,11 +124,13 @@ def _sum_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.b2")
 
 
-def save_shard(folder: Path, i: int, rows: Sequence[Row]) -> str:
-    """Write shard ``i`` whole (temporary name, rename), then its checksum beside it: a resume
-    keeps a shard only when the two agree. Returns the checksum."""
+def save_shard(folder: Path, i: int, rows: Sequence[Row], kind: str) -> str:
+    """Write shard ``i`` of a ``kind`` stage (its fields: ``fusechat.fields``) whole
+    (temporary name, rename), then its checksum beside it: a resume keeps a shard only when
+    the two agree. Returns the checksum."""
     path = folder / shard_name(i)
     arrays = pack_rows(rows)
+    check_fields(kind, arrays, str(path))
     check_finite(arrays, str(path))
     data = save(arrays)
     write_atomic(path, data)  # a full disk's error names the shard
@@ -399,7 +402,7 @@ class StageReader:
     """A complete stage folder: its manifest and its rows, shard by shard."""
 
     def __init__(self, folder: str | os.PathLike, stage: str):
-        self.folder = Path(folder)
+        self.folder, self.stage = Path(folder), stage
         if not self.folder.is_dir():
             raise FusechatError(f"{self.folder}: no such {stage} folder")
         manifest = read_manifest(self.folder)
@@ -443,6 +446,7 @@ class StageReader:
             arrays = load(data)
         except (SafetensorError, ValueError) as e:
             raise FusechatError(f"{path}: corrupt shard ({e})") from None
+        check_fields(self.stage, arrays, str(path))
         check_finite(arrays, str(path))
         try:
             return unpack_rows(arrays)

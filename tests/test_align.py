@@ -84,3 +84,27 @@ def test_align_and_fuse_with_two_workers_write_the_same_bytes(stages, tmp_path, 
         stages / "cap-pivot", [stages / "al-mixtral"], tmp_path / "f2", FuseConfig(workers=2)
     )
     assert f1["stats"] == f2["stats"] and f1["checksums"] == f2["checksums"]
+
+
+def test_the_registry_is_the_methods_a_recipe_can_name():
+    """``align.method`` takes its choices from ``fusechat.aligners.ALIGNERS``; each entry is an
+    ``Aligner`` whose declared sequences are what the config accepts."""
+    from typing import get_args
+
+    from fusechat.aligners import ALIGNERS, aligner_class
+    from fusechat.aligners.base import Aligner
+    from fusechat.configs import AlignConfig
+
+    assert get_args(AlignConfig.model_fields["method"].annotation) == tuple(ALIGNERS)
+    for method in ALIGNERS:
+        cls = aligner_class(method)
+        assert issubclass(cls, Aligner)
+        for seq in ("offsets", "dtw"):
+            ok = seq in cls.sequences
+            try:
+                AlignConfig(method=method, sequence=seq)
+                assert ok, (method, seq)
+            except ValueError as e:
+                assert not ok and f"method {method!r} pairs positions by" in str(e)
+    assert aligner_class("text").sequences == ("offsets",)
+    assert aligner_class("stats").needs_corpus and not aligner_class("exact").needs_corpus

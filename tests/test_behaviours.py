@@ -42,7 +42,7 @@ PIVOT_TOP = {1: 0.7, 2: 0.3}  # the pivot's captured distribution at every posit
 def _stage(folder: Path, key: dict, shards: list[list[dict]], stats: dict | None = None) -> dict:
     """A finished stage folder holding ``shards``; its key as read back."""
     begin_stage(folder, key)
-    sums = {i: save_shard(folder, i, rows) for i, rows in enumerate(shards)}
+    sums = {i: save_shard(folder, i, rows, key["stage"]) for i, rows in enumerate(shards)}
     finish_stage(folder, key, len(shards), stats or {}, sums)
     return StageReader(folder, key["stage"]).key
 
@@ -62,7 +62,7 @@ def _cap_row(index: int, mask: list[int], gold: list[float], truncated: bool = F
             "pos.gold_logprob": g, "row.index": np.int64(index),
             "row.nll_sum": np.float64(-g[learned].astype(np.float64).sum()),
             "row.n_tokens": np.int64(learned.sum()), "row.n_chars": np.int64(2 * n),
-            "row.truncated": np.bool_(truncated)}  # fmt: skip
+            "row.text_hash": np.uint64(index), "row.truncated": np.bool_(truncated)}  # fmt: skip
 
 
 def _al_row(index: int, n: int, ce: float, n_tokens: int, dist: dict, valid=None, branches=None):

@@ -258,7 +258,7 @@ def test_nan_is_refused_when_written_and_damage_is_caught_when_read(stages, tmp_
     rows = StageReader(cap, "capture").shard(1)
     rows[3]["pos.topk_logprobs"][5, 0] = np.nan
     with pytest.raises(FusechatError, match=r"shard-00001.safetensors: row 3: non-finite"):
-        save_shard(tmp_path, 1, rows)
+        save_shard(tmp_path, 1, rows, "capture")
     assert not (tmp_path / "shard-00001.safetensors").exists()
     align(stages / "cap-pivot", stages / "cap-mixtral", tmp_path / "al")
     fuse_stage(stages / "cap-pivot", [tmp_path / "al"], tmp_path / "fused")

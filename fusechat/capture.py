@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusechat.configs import CaptureConfig, CaptureJob, DataSpec, job_command
+from fusechat.configs import CaptureConfig, CaptureJob, DataSpec
 from fusechat.conversations import LoadReport, load_conversations
 from fusechat.data import TemplateRefused, encode, load_tokenizer, model_context
 from fusechat.errors import FusechatError
@@ -44,6 +44,7 @@ from fusechat.io import (
     tokenizer_fingerprint,
 )
 from fusechat.losses import learned_next, next_ids
+from fusechat.options import job_command
 from fusechat.ranks import Ranks, join
 from fusechat.scorers import HFScorer, VLLMScorer, plan_batches
 from fusechat.shards import ids_dtype, pack_ids, run_sharded, save_shard

@@ -12,22 +12,15 @@ from fusechat.configs import (
     CaptureConfig,
     CaptureJob,
     DataSpec,
-    DpoConfig,
     FuseConfig,
     LoraConfig,
-    PairsConfig,
-    SampleConfig,
-    ScoreConfig,
-    SftConfig,
     TrainConfig,
     TrainJob,
-    add_options,
-    from_options,
-    option_values,
-    read_job,
 )
 from fusechat.errors import FusechatError
+from fusechat.implicit_settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
 from fusechat.io import check_found
+from fusechat.options import add_options, from_options, option_values, read_job
 
 CAPTURE_FLAGS = {"render_with": "chat_template_of"}
 DATA_FLAGS = {"path": "data"}

@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fusechat.configs import DataSpec, PairsConfig, SampleConfig, ScoreConfig
+from fusechat.configs import DataSpec
 from fusechat.data import Message, TemplateRefused, render_text
 from fusechat.errors import FusechatError
+from fusechat.implicit_settings import PairsConfig, SampleConfig, ScoreConfig
 from fusechat.rewards import REWARDS, Candidate
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusechat.configs import DpoConfig, LoraConfig, PreferSettings, SftConfig
+from fusechat.configs import LoraConfig
 from fusechat.data import TEMPLATES, TOKENIZER_TEMPLATE, Message, TemplateRefused
 from fusechat.errors import FusechatError, first_line
+from fusechat.implicit_settings import DpoConfig, PreferSettings, SftConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,19 +21,21 @@ from fusechat.configs import (
     CaptureSection,
     Config,
     DataSpec,
-    DpoSettings,
     FuseConfig,
     ModelSettings,
-    PairsConfig,
     PositiveInt,
-    PreferSettings,
-    SampleSettings,
-    ScoreConfig,
     Seed,
     Template,
     TrainSettings,
 )
 from fusechat.errors import FusechatError
+from fusechat.implicit_settings import (
+    DpoSettings,
+    PairsConfig,
+    PreferSettings,
+    SampleSettings,
+    ScoreConfig,
+)
 from fusechat.io import is_hub_id
 
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fusechat.configs import ScoreConfig
 from fusechat.data import Message, TemplateRefused, render_text
 from fusechat.errors import FusechatError, first_line
+from fusechat.implicit_settings import ScoreConfig
 
 
 def toy_reward(question: str, response: str, answers: Sequence[str]) -> float:

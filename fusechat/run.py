@@ -19,14 +19,12 @@ from fusechat.configs import (
     CaptureConfig,
     CaptureSettings,
     DataSpec,
-    DpoConfig,
     ModelSettings,
-    SampleConfig,
-    SftConfig,
     TrainConfig,
     TrainSettings,
 )
 from fusechat.errors import FusechatError, first_line
+from fusechat.implicit_settings import DpoConfig, SampleConfig, SftConfig
 from fusechat.io import (
     file_fingerprint,
     fingerprint,

@@ -25,17 +25,13 @@ from fusechat.configs import (
     CaptureSettings,
     Config,
     DataSpec,
-    DpoConfig,
-    PairsConfig,
-    SampleConfig,
-    ScoreConfig,
-    SftConfig,
     TrainConfig,
     TrainJob,
-    job_command,
 )
 from fusechat.errors import FusechatError
+from fusechat.implicit_settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
 from fusechat.io import fingerprint, read_manifest, write_json
+from fusechat.options import job_command
 from fusechat.recipe import EvalSection, MergeMethodSpec, expand
 
 

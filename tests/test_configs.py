@@ -7,20 +7,9 @@ import argparse
 
 import pytest
 
-from fusechat.configs import (
-    CaptureConfig,
-    CaptureJob,
-    DataSpec,
-    LoraConfig,
-    TrainConfig,
-    TrainJob,
-    add_options,
-    from_options,
-    job_command,
-    option_values,
-    read_job,
-)
+from fusechat.configs import CaptureConfig, CaptureJob, DataSpec, LoraConfig, TrainConfig, TrainJob
 from fusechat.errors import FusechatError
+from fusechat.options import add_options, from_options, job_command, option_values, read_job
 
 
 def _parse(cls, argv, **kw):

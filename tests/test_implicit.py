@@ -12,7 +12,6 @@ import torch
 from conftest import cli_error, stage_rows, start_server
 
 from fusechat.cli import main
-from fusechat.configs import PairsConfig, SampleConfig, ScoreConfig
 from fusechat.errors import FusechatError
 from fusechat.implicit import (
     best_index,
@@ -28,6 +27,7 @@ from fusechat.implicit import (
     shard_seed,
     text_of,
 )
+from fusechat.implicit_settings import PairsConfig, SampleConfig, ScoreConfig
 from fusechat.rewards import REWARDS, Candidate, HFReward, toy_reward
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
@@ -151,7 +151,7 @@ def test_the_toy_reward_is_the_rule_judges_verdict_on_any_right_value():
 
 
 def test_every_reward_name_is_registered():
-    from fusechat.configs import REWARD_NAMES
+    from fusechat.implicit_settings import REWARD_NAMES
 
     assert tuple(REWARDS) == REWARD_NAMES
 

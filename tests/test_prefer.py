@@ -13,8 +13,8 @@ from conftest import cli_error
 from huggingface_hub import ModelCard
 
 from fusechat.cli import main
-from fusechat.configs import DpoConfig, SftConfig
 from fusechat.data import TEMPLATES
+from fusechat.implicit_settings import DpoConfig, SftConfig
 from fusechat.prefer import chat_tokenizer, dpo_trainer, sft_dataset, sft_row
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fusechat.errors import FusechatError
@@ -233,3 +234,127 @@ def test_implicit_models_are_paired_with_clm_the_best_target_and_each_merge():
         and "sft (implicit) over varm" in table
     )
     assert "budget (mean per pair): sample/src tokens_generated 101" in table
+
+
+# --------------------------------------------------------------------------- every role at once
+
+
+def _full_run(p: int) -> dict:
+    """A pair's summary with every role: the pivot, CLM, two targets (``tb`` the better, listed
+    second), a merge, the control, an implicit model, and ``extra`` (scored, not in the plan),
+    two skills that move differently, curves, weight figures (not in the third pair) and a
+    budget."""
+    base = {"pivot": 1.20, "clm": 1.00, "ta": 0.98, "tb": 0.95, "varm": 0.94, "ctl": 0.99,
+            "imp": 1.03, "extra": 1.50}  # fmt: skip
+    shift = [0.0, 0.1, -0.05][p]
+    scores = {}
+    for m, v in base.items():
+        facts = {"ta": 0.5, "tb": 0.9, "imp": 1.1}.get(m, 1.0)  # ta gains on facts, tb not
+        arith = {"tb": 1.8, "ctl": 1.95, "imp": 2.05}.get(m, 2.0)  # tb gains on arithmetic
+        scores[m] = {"nll/char": v + shift + (0.01 * p if m == "ta" else 0.0),
+                     "nll/char arith": arith + shift, "nll/char facts": facts + shift,
+                     "average": 5.0 + p}  # fmt: skip
+    roles = {"pivot": "pivot", "clm": "clm", "ta": "target", "tb": "target", "varm": "merge",
+             "ctl": "control", "imp": "implicit"}  # fmt: skip
+    clm_curve = {"tokens": [100, 200, 300], "loss": [2.0, 1.5, 1.2]}
+    # ta reaches CLM's final 1.2 at 200 tokens (CLM at 300: 1.5x), except in pair 2: never
+    ta_loss = [2.0, 1.9, 1.3] if p == 2 else [1.8, 1.2, 1.1]
+    out = {"models": {m: {"role": r} for m, r in roles.items()}, "scores": scores,
+           "curves": {"clm": clm_curve, "ta": {"tokens": [100, 200, 300], "loss": ta_loss}},
+           "budget": {"imp sft": {"rows": 400 + p, "steps": 40}}}  # fmt: skip
+    if p < 2:
+        out["weights"] = {"alphas": [0.0, 0.5, 1.0],
+                          "relative_delta": {"ta": 0.1 + p / 10, "tb": 0.2},
+                          "delta_cosine": {"ta-tb": 0.9 - p / 10},
+                          "barrier": {"ta-tb": 0.01 * (p + 1)},
+                          "lines": {"ta-tb": [1.0, 0.9 + p / 10, 1.0]}}  # fmt: skip
+    return out
+
+
+def test_every_role_of_a_study_by_hand():
+    from scipy.stats import t as student
+
+    runs = {f"w{p}/s0": _full_run(p) for p in range(3)}
+    r = analyse(runs)
+
+    def ci(d):
+        d = np.asarray(d, float)
+        h = student.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        return pytest.approx([d.mean() - h, d.mean() + h], abs=1e-9)
+
+    assert r["clm"] == "clm" and r["models"]["extra"]["role"] == ""
+    assert r["models"]["ta"]["role"] == "target"
+    # ta over CLM per pair: 0.02, 0.01, 0.00 (its score drifts by 0.01 a pair)
+    ta = r["targets"]["ta"]
+    assert ta["vs_clm"]["per_pair"] == pytest.approx([0.02, 0.01, 0.0])
+    assert ta["vs_clm"]["ci"] == ci([0.02, 0.01, 0.0])
+    assert ta["by_skill"] == pytest.approx({"arith": 0.0, "facts": 0.5})
+    assert r["targets"]["tb"]["by_skill"] == pytest.approx({"arith": 0.2, "facts": 0.1})
+    assert ta["token_efficiency_per_pair"] == pytest.approx([1.5, 1.5, None])
+    assert ta["token_efficiency"] == {"mean": 1.5, "std": 0.0, "n": 2}
+    assert r["targets"]["tb"]["token_efficiency"] is None  # no curve: nothing to read
+    assert r["best_target"] == "tb"  # the lower mean, though listed after ta
+    varm = r["merges"]["varm"]
+    assert varm["vs_best_target"]["per_pair"] == pytest.approx([0.01] * 3)
+    assert varm["vs_clm"]["per_pair"] == pytest.approx([0.06] * 3) and varm["beats_clm"]
+    c = r["control"]
+    assert c["name"] == "ctl" and c["vs_clm"]["per_pair"] == pytest.approx([0.01] * 3)
+    assert c["targets"]["ta"]["vs_control"]["per_pair"] == pytest.approx([0.01, 0.0, -0.01])
+    assert c["targets"]["tb"]["by_skill"] == pytest.approx({"arith": 0.15, "facts": 0.1})
+    assert c["merges"]["varm"]["per_pair"] == pytest.approx([0.05] * 3)
+    imp = r["implicit"]["imp"]
+    assert imp["vs_clm"]["per_pair"] == pytest.approx([-0.03] * 3)
+    assert imp["vs_best_target"]["per_pair"] == pytest.approx([-0.08] * 3)
+    assert imp["vs_merges"]["varm"]["per_pair"] == pytest.approx([-0.09] * 3)
+    assert imp["by_skill"] == pytest.approx({"arith": -0.05, "facts": -0.1})
+    assert r["budget"] == {"imp sft": {"rows": 401.0, "steps": 40.0}}
+    w = r["weights"]  # pooled over the two pairs that measured them
+    assert w["alphas"] == [0.0, 0.5, 1.0]
+    assert w["relative_delta"]["ta"] == pytest.approx(mean_std([0.1, 0.2]))
+    assert w["delta_cosine"]["ta-tb"] == pytest.approx(mean_std([0.9, 0.8]))
+    assert w["barrier"]["ta-tb"] == pytest.approx(mean_std([0.01, 0.02]))
+    assert w["lines"]["ta-tb"] == pytest.approx([1.0, 0.95, 1.0])
+
+
+def test_the_table_of_every_role_reads_as_written():
+    """The whole table a study prints, checked line by line against the figures above."""
+    table = format_table(analyse({f"w{p}/s0": _full_run(p) for p in range(3)}))
+    assert table.splitlines() == EXPECTED_TABLE.splitlines()
+
+
+EXPECTED_TABLE = """\
+3 (world, seed) pairs: w0/s0, w1/s0, w2/s0
+model      role             nats/char       judge average
+pivot     pivot       1.2167 ± 0.0764        6.00 ± 1.00
+clm         clm       1.0167 ± 0.0764        6.00 ± 1.00
+ta       target       1.0067 ± 0.0737        6.00 ± 1.00
+tb       target       0.9667 ± 0.0764        6.00 ± 1.00
+varm      merge       0.9567 ± 0.0764        6.00 ± 1.00
+ctl     control       1.0067 ± 0.0764        6.00 ± 1.00
+imp    implicit       1.0467 ± 0.0764        6.00 ± 1.00
+extra                 1.5167 ± 0.0764        6.00 ± 1.00
+nats/char by skill: arith, facts
+  pivot  2.0167 ± 0.0764   1.0167 ± 0.0764
+  clm    2.0167 ± 0.0764   1.0167 ± 0.0764
+  ta     2.0167 ± 0.0764   0.5167 ± 0.0764
+  tb     1.8167 ± 0.0764   0.9167 ± 0.0764
+  varm   2.0167 ± 0.0764   1.0167 ± 0.0764
+  ctl    1.9667 ± 0.0764   1.0167 ± 0.0764
+  imp    2.0667 ± 0.0764   1.1167 ± 0.0764
+  extra  2.0167 ± 0.0764   1.0167 ± 0.0764
+paired gains (positive: better than the reference, in the same pair):
+  ta over CLM: +0.0100 nats/char, 95% CI [-0.0148, +0.0348], won 2 of 3: does not beat CLM; token efficiency 1.50x ± 0.00; largest gain on facts
+  tb over CLM: +0.0500 nats/char, 95% CI [+0.0500, +0.0500], won 3 of 3: beats CLM; token efficiency not reached; largest gain on arith
+  varm over CLM: +0.0600 nats/char, 95% CI [+0.0600, +0.0600], won 3 of 3: beats CLM
+  varm over the best target (tb): +0.0100 nats/char, 95% CI [+0.0100, +0.0100], won 3 of 3: at least as good
+  imp (implicit) over CLM: -0.0300 nats/char, 95% CI [-0.0300, -0.0300], won 0 of 3; by skill arith -0.0500, facts -0.1000
+  imp (implicit) over the best target (tb): -0.0800 nats/char, 95% CI [-0.0800, -0.0800], won 0 of 3
+  imp (implicit) over varm: -0.0900 nats/char, 95% CI [-0.0900, -0.0900], won 0 of 3
+budget (mean per pair): imp sft rows 401, steps 40
+  ctl (the pivot its own source) over CLM: +0.0100 nats/char, 95% CI [+0.0100, +0.0100], won 3 of 3
+  ta over ctl: +0.0000 nats/char, 95% CI [-0.0248, +0.0248], won 1 of 3; largest gain on facts
+  tb over ctl: +0.0400 nats/char, 95% CI [+0.0400, +0.0400], won 3 of 3; largest gain on arith
+  varm over ctl: +0.0500 nats/char, 95% CI [+0.0500, +0.0500], won 3 of 3
+weight space: relative delta from the pivot ta 0.150, tb 0.200; delta cosine ta-tb 0.850
+  held-out loss along ta-tb (alpha [0.0, 0.5, 1.0]): 1.0000 0.9500 1.0000; barrier 0.0150
+"""

@@ -18,7 +18,7 @@ from fusechat.configs import (
     TrainJob,
 )
 from fusechat.errors import FusechatError
-from fusechat.implicit_settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
+from fusechat.implicit.settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
 from fusechat.io import check_found
 from fusechat.options import add_options, from_options, option_values, read_job
 
@@ -179,7 +179,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from --seed, so an interrupted run resumes at the first missing shard with the same
     responses.
     """
-    from fusechat.implicit import sample_stage
+    from fusechat.implicit.sample import sample_stage
 
     _required(args, model="model", data="path")
     cfg = from_options(SampleConfig, option_values(args, SampleConfig))
@@ -199,7 +199,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     unrated response gets 0 and is counted). Writes the responses with their rewards,
     sharded, and per model the reward statistics.
     """
-    from fusechat.implicit import score_stage
+    from fusechat.implicit.score import score_stage
 
     cfg = from_options(ScoreConfig, option_values(args, ScoreConfig))
     _found(reward_model=cfg.reward_model)
@@ -217,7 +217,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     ({"messages"}) and dpo.jsonl ({"prompt", "chosen", "rejected"}, conversational) with a
     manifest of counts and reward statistics.
     """
-    from fusechat.implicit import pairs_stage
+    from fusechat.implicit.pairs import pairs_stage
 
     cfg = from_options(PairsConfig, option_values(args, PairsConfig))
     return _print_stats(args.out, pairs_stage(args.scores, args.out, cfg, args.overwrite))
@@ -244,7 +244,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     Face model folder, appears only when training is complete, and a rerun with the same data
     file, model and settings reuses it. Runs under accelerate launch / torchrun unchanged.
     """
-    from fusechat.prefer import sft_stage
+    from fusechat.implicit.prefer import sft_stage
 
     cfg = from_options(SftConfig, _with_lora(args, SftConfig))
     _found(model=args.model, data=args.data)
@@ -262,7 +262,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     lr 8e-7, 1 epoch, beta 0.01, batch 128. Checkpoints, resume, reuse and the output folder
     as for sft.
     """
-    from fusechat.prefer import dpo_stage
+    from fusechat.implicit.prefer import dpo_stage
 
     cfg = from_options(DpoConfig, _with_lora(args, DpoConfig))
     _found(model=args.model, data=args.data)

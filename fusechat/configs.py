@@ -4,7 +4,7 @@ A stage takes one config object. The recipe's section for the stage is that obje
 base, with the recipe's own extras), the stage's command-line options are derived from its
 fields (``fusechat.options``: names, types, choices, defaults and help), and a launcher hands
 the same object to its processes as JSON. Implicit fusion's settings are in
-``fusechat.implicit_settings``. Each field's ``description`` is its
+``fusechat.implicit.settings``. Each field's ``description`` is its
 help text; ``SPEED`` names the fields that change how fast a stage runs, never what it writes,
 and so stay out of the keys that name outputs.
 """

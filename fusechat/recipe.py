@@ -29,7 +29,7 @@ from fusechat.configs import (
     TrainSettings,
 )
 from fusechat.errors import FusechatError
-from fusechat.implicit_settings import (
+from fusechat.implicit.settings import (
     DpoSettings,
     PairsConfig,
     PreferSettings,

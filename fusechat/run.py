@@ -24,7 +24,7 @@ from fusechat.configs import (
     TrainSettings,
 )
 from fusechat.errors import FusechatError, first_line
-from fusechat.implicit_settings import DpoConfig, SampleConfig, SftConfig
+from fusechat.implicit.settings import DpoConfig, SampleConfig, SftConfig
 from fusechat.io import (
     file_fingerprint,
     fingerprint,

@@ -29,7 +29,7 @@ from fusechat.configs import (
     TrainJob,
 )
 from fusechat.errors import FusechatError
-from fusechat.implicit_settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
+from fusechat.implicit.settings import DpoConfig, PairsConfig, SampleConfig, ScoreConfig, SftConfig
 from fusechat.io import fingerprint, read_manifest, write_json
 from fusechat.options import job_command
 from fusechat.recipe import EvalSection, MergeMethodSpec, expand
@@ -112,7 +112,7 @@ class ScoreStep(Config):
     reward_model_id: str | None = None  # the reward model by its fingerprint, not its path
 
     def key(self) -> dict:
-        from fusechat.rewards import REWARDS
+        from fusechat.implicit.rewards import REWARDS
 
         k = self.config.key()
         del k["reward_model"]  # by its fingerprint
@@ -290,19 +290,19 @@ def _evaluate(step: Step) -> None:
 
 
 def _sample(step: Step) -> None:
-    from fusechat.implicit import sample_stage
+    from fusechat.implicit.sample import sample_stage
 
     sample_stage(step.settings.config, step.settings.data, step.out)
 
 
 def _score(step: Step) -> None:
-    from fusechat.implicit import score_stage
+    from fusechat.implicit.score import score_stage
 
     score_stage([s.out for s in step.inputs], step.out, step.settings.config)
 
 
 def _pairs(step: Step) -> None:
-    from fusechat.implicit import pairs_stage
+    from fusechat.implicit.pairs import pairs_stage
 
     (scores,) = step.inputs
     pairs_stage(scores.out, step.out, step.settings.config)
@@ -311,7 +311,7 @@ def _pairs(step: Step) -> None:
 def _prefer(step: Step) -> None:
     """SFT or DPO on the pairs folder (the first input), from the given model or the second
     input's output."""
-    from fusechat.prefer import dpo_stage, sft_stage
+    from fusechat.implicit.prefer import dpo_stage, sft_stage
 
     s = step.settings
     pairs, *start = step.inputs
@@ -332,9 +332,9 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "capture": Stage(_capture, "capture"), "align": Stage(_align, "align"),
     "fuse": Stage(_fuse, "fuse"), "train": Stage(_train, "train"), "merge": Stage(_merge, 1),
-    "sample": Stage(_sample, "implicit"), "score": Stage(_score, "implicit"),
-    "pairs": Stage(_pairs, "implicit"), "sft": Stage(_prefer, "prefer"),
-    "dpo": Stage(_prefer, "prefer"), "eval": Stage(_evaluate, 2),
+    "sample": Stage(_sample, "implicit.sample"), "score": Stage(_score, "implicit.score"),
+    "pairs": Stage(_pairs, "implicit.pairs"), "sft": Stage(_prefer, "implicit.prefer"),
+    "dpo": Stage(_prefer, "implicit.prefer"), "eval": Stage(_evaluate, 2),
 }  # fmt: skip
 
 

@@ -13,22 +13,21 @@ from conftest import cli_error, stage_rows, start_server
 
 from fusechat.cli import main
 from fusechat.errors import FusechatError
-from fusechat.implicit import (
+from fusechat.implicit.common import (
     best_index,
-    pairs_stage,
     preference_pair,
     prompt_of,
-    read_pairs,
     response_ids,
-    sample_stage,
-    score_stage,
     sft_choice,
     sft_side,
     shard_seed,
     text_of,
 )
-from fusechat.implicit_settings import PairsConfig, SampleConfig, ScoreConfig
-from fusechat.rewards import REWARDS, Candidate, HFReward, toy_reward
+from fusechat.implicit.pairs import pairs_stage, read_pairs
+from fusechat.implicit.rewards import REWARDS, Candidate, HFReward, toy_reward
+from fusechat.implicit.sample import sample_stage
+from fusechat.implicit.score import score_stage
+from fusechat.implicit.settings import PairsConfig, SampleConfig, ScoreConfig
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -151,7 +150,7 @@ def test_the_toy_reward_is_the_rule_judges_verdict_on_any_right_value():
 
 
 def test_every_reward_name_is_registered():
-    from fusechat.implicit_settings import REWARD_NAMES
+    from fusechat.implicit.settings import REWARD_NAMES
 
     assert tuple(REWARDS) == REWARD_NAMES
 
@@ -225,7 +224,7 @@ def test_sampling_gives_n_responses_per_prompt_reproducibly_by_seed(tiny, sample
 
 
 def test_sampling_resumes_reuses_and_overwrites(tiny, samples, tmp_path, monkeypatch):
-    import fusechat.implicit as implicit
+    import fusechat.implicit.sample as implicit
 
     want = _shards(samples["s0"])
     out = tmp_path / "s"
@@ -369,7 +368,7 @@ def test_the_judge_reward_rates_every_response_through_an_endpoint(samples, tmp_
 
 
 def test_pairs_are_trl_sets_chosen_by_the_rules(tiny, scored, tmp_path):
-    from fusechat.implicit import _by_prompt
+    from fusechat.implicit.pairs import _by_prompt
 
     out = tmp_path / "pairs"
     m = pairs_stage(scored["hf"], out, PairsConfig(min_gap=0.0, sft_share=0.7))
@@ -418,7 +417,7 @@ def test_toy_rewards_give_right_sft_answers_and_right_against_wrong_pairs(tiny, 
     """A scripted source: sample 1 is right except on prompts 1 and 4, where nothing is.
     SFT (prompts 2, 3, 4 at share 0.7) takes the right answers and leaves prompt 4 out; the
     pairs (prompts 0, 1) are right against the last wrong on prompt 0, none on prompt 1."""
-    import fusechat.implicit as implicit
+    import fusechat.implicit.sample as implicit
 
     def scripted(run, index, texts, cfg):
         rows = []

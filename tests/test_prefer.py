@@ -14,8 +14,8 @@ from huggingface_hub import ModelCard
 
 from fusechat.cli import main
 from fusechat.data import TEMPLATES
-from fusechat.implicit_settings import DpoConfig, SftConfig
-from fusechat.prefer import chat_tokenizer, dpo_trainer, sft_dataset, sft_row
+from fusechat.implicit.prefer import chat_tokenizer, dpo_trainer, sft_dataset, sft_row
+from fusechat.implicit.settings import DpoConfig, SftConfig
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -221,7 +221,7 @@ def test_sft_trains_reuses_and_retrains_with_other_settings(tiny, tmp_path, caps
 def test_an_interrupted_sft_resumes_from_its_last_checkpoint(tiny, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
-    import fusechat.prefer as prefer
+    import fusechat.implicit.prefer as prefer
 
     class Killed(Exception):
         pass

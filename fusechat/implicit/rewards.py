@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from fusechat.data import Message, TemplateRefused, render_text
 from fusechat.errors import FusechatError, first_line
-from fusechat.implicit_settings import ScoreConfig
+from fusechat.implicit.settings import ScoreConfig
 
 
 def toy_reward(question: str, response: str, answers: Sequence[str]) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 from fusechat.configs import LoraConfig
 from fusechat.data import TEMPLATES, TOKENIZER_TEMPLATE, Message, TemplateRefused
 from fusechat.errors import FusechatError, first_line
-from fusechat.implicit_settings import DpoConfig, PreferSettings, SftConfig
+from fusechat.implicit.settings import DpoConfig, PreferSettings, SftConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def trl_loss_type(loss: str) -> str:
 def data_file(data: str | os.PathLike, name: str) -> Path:
     """The JSONL a stage reads: ``name`` inside a pairs folder (its files checked against the
     manifest's checksums, ``fusechat.implicit.read_pairs``), or the file itself."""
-    from fusechat.implicit import read_pairs
+    from fusechat.implicit.pairs import read_pairs
 
     path = Path(data)
     if path.is_dir():
@@ -321,7 +321,7 @@ def sft_stage(model: str, data: str | os.PathLike, out: str | os.PathLike,
     ``sft.jsonl``, or such a file) into ``out`` (``fusechat sft``). Returns the manifest."""
     from trl import SFTConfig, SFTTrainer
 
-    from fusechat.implicit import SFT_FILE
+    from fusechat.implicit.pairs import SFT_FILE
     from fusechat.ranks import Ranks
     from fusechat.train import _checkpoint_folder
 
@@ -365,7 +365,7 @@ def dpo_stage(model: str, data: str | os.PathLike, out: str | os.PathLike,
               cfg: DpoConfig | None = None, overwrite: bool = False) -> dict:  # fmt: skip
     """Optimise ``model`` on preference pairs (a pairs folder's ``dpo.jsonl``, or such a file)
     against itself as the reference, into ``out`` (``fusechat dpo``). Returns the manifest."""
-    from fusechat.implicit import DPO_FILE
+    from fusechat.implicit.pairs import DPO_FILE
     from fusechat.ranks import Ranks
     from fusechat.train import _checkpoint_folder
 

@@ -54,7 +54,7 @@ class SampleConfig(SampleSettings):
     dtype: Dtype = Field("auto", description="auto: bf16 on GPUs that support it, else float32")
 
 
-REWARD_NAMES = ("toy", "hf", "judge")  # fusechat.rewards.REWARDS holds each one's class
+REWARD_NAMES = ("toy", "hf", "judge")  # fusechat.implicit.rewards.REWARDS holds each one's class
 
 
 class ScoreConfig(Config):

@@ -244,7 +244,7 @@ def merge_card(name: str, report: dict, config: dict) -> str:
 
 def study_card(name: str, recipe: str, result: dict, table_text: str) -> str:
     """The card of a study folder (not a model: tags, no library): what was run and its table
-    (``fusechat.study.format_table``)."""
+    (``fusechat.study.report.format_table``)."""
     models = result.get("models") or {}
     pairs = result.get("pairs") or []
     roles = [(f"`{n}`", str(m.get("role", ""))) for n, m in models.items()]

@@ -115,7 +115,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     builds toy worlds 0..N-1 (cached) and moves the recipe's toy paths to each. Writes
     study.json, study.png and table.txt; the last line printed is one JSON object.
     """
-    from fusechat.study import format_table, run_study
+    from fusechat.study.report import format_table
+    from fusechat.study.run import run_study
 
     worlds = args.world_seeds or (list(range(args.worlds)) if args.worlds else [])
     result = run_study(args.recipe, args.seeds, args.set, worlds, args.self_distillation)

@@ -493,7 +493,7 @@ def _summary(clm: float, target: float) -> dict:
 def test_the_studys_interval_comes_from_the_paired_differences():
     """The study's verdict: CLM and target deviate unequally over seeds; the interval is the
     t interval of the per-pair differences (sample deviation), neither model's deviation."""
-    from fusechat.study import analyse
+    from fusechat.study.stats import analyse
 
     clm, tgt = [0.40, 0.30, 0.35], [0.30, 0.28, 0.26]  # deviations 0.05 and 0.02
     r = analyse({i: _summary(c, t) for i, (c, t) in enumerate(zip(clm, tgt, strict=True))})

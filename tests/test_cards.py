@@ -193,7 +193,7 @@ def test_study_folder_gets_a_card(monkeypatch, tmp_path):
     """``run_study`` (its recipe runs replaced by hand-made summaries) leaves a README.md beside
     study.json and table.txt, the same bytes when run again."""
     from fusechat import run
-    from fusechat.study import run_study
+    from fusechat.study.run import run_study
 
     def fake_run(recipe, overrides=(), quiet=False):
         seed = int(overrides[-1].split("=")[1])

@@ -7,14 +7,8 @@ import pytest
 
 from fusechat.errors import FusechatError
 from fusechat.recipe import apply_override
-from fusechat.study import (
-    analyse,
-    format_table,
-    mean_std,
-    same_tokens,
-    token_efficiency,
-    tokens_to_reach,
-)
+from fusechat.study.report import format_table
+from fusechat.study.stats import analyse, mean_std, same_tokens, token_efficiency, tokens_to_reach
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -94,7 +88,7 @@ def test_paired_interval_against_a_plain_loop():
     import math
     import random
 
-    from fusechat.study import paired
+    from fusechat.study.stats import paired
 
     rng = random.Random(0)
     d = [rng.gauss(0.01, 0.02) for _ in range(15)]
@@ -109,7 +103,7 @@ def test_paired_interval_against_a_plain_loop():
 
 
 def test_world_overrides_move_every_toy_path(monkeypatch, tmp_path):
-    from fusechat.study import world_folder, world_overrides
+    from fusechat.study.run import world_folder, world_overrides
 
     monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path))
     raw = {"models": {"pivot": {"path": "${FUSECHAT_CACHE}/toy/openchat-mini"},
@@ -143,7 +137,7 @@ def test_set_overrides():
 
 
 def test_the_table_shows_every_model_by_skill():
-    from fusechat.study import format_table
+    from fusechat.study.report import format_table
 
     runs = {0: _run(0.30, 0.20, 0.29, 0.25), 1: _run(0.32, 0.22, 0.31, 0.24)}
     for seed, r in runs.items():
@@ -165,7 +159,8 @@ def test_the_table_shows_every_model_by_skill():
 def test_the_self_distillation_control_is_paired_like_the_targets(tmp_path):
     """The control run's one target joins its pair as ``self-distillation``; each target and
     merge is compared with it pair by pair, and the table says so."""
-    from fusechat.study import CONTROL, add_control, format_table
+    from fusechat.study.report import format_table
+    from fusechat.study.run import CONTROL, add_control
 
     runs = {}
     for i, (clm, t1, t2, merge, selfd) in enumerate(
@@ -196,7 +191,7 @@ def test_the_self_distillation_control_is_paired_like_the_targets(tmp_path):
 
 def test_self_source_makes_the_pivot_the_only_source():
     from fusechat.recipe import load_recipe
-    from fusechat.study import self_source
+    from fusechat.study.run import self_source
 
     recipe = str(RECIPES / "mini.yaml")
     r = load_recipe(recipe, self_source(recipe, []))

@@ -56,7 +56,7 @@ STAGES = tuple(STAGE_KINDS)  # pipeline order
 
 def check_merge(recipe: Recipe, source: str) -> None:
     """Every merge method of the recipe and its parameters, through mergekit's declarations."""
-    from fusechat.merge.run import check_method
+    from fusechat.merge.checks import check_method
 
     for i, m in enumerate(recipe.merge.methods if recipe.merge else []):
         check_method(m.method, m.parameters, m.model_parameters, f"{source}: merge.methods[{i}]")

@@ -218,7 +218,8 @@ def align(
     the source gives the gold text probability >= 0.9); for the baselines ``aligned`` (share
     with an exactly aligned source position) and ``mapped_mass``.
     """
-    from fusechat.shards import StageReader, run_sharded
+    from fusechat.sharding import run_sharded
+    from fusechat.shards import StageReader
 
     cfg = cfg or AlignConfig()
     piv, src = StageReader(pivot_dir, "capture"), StageReader(source_dir, "capture")

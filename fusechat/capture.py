@@ -47,7 +47,8 @@ from fusechat.losses import learned_next, next_ids
 from fusechat.options import job_command
 from fusechat.ranks import Ranks, join
 from fusechat.scorers import HFScorer, VLLMScorer, plan_batches
-from fusechat.shards import ids_dtype, pack_ids, run_sharded, save_shard
+from fusechat.sharding import run_sharded
+from fusechat.shards import ids_dtype, pack_ids, save_shard
 
 log = logging.getLogger(__name__)
 VERSION = 4  # 2: byte ends and the gold log-probability; 3: shard checksums in the manifest;

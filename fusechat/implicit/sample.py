@@ -42,7 +42,8 @@ def sample_stage(
     from fusechat.capture import _check_refused
     from fusechat.conversations import load_conversations
     from fusechat.data import load_tokenizer
-    from fusechat.shards import run_sharded, save_shard, shard_name
+    from fusechat.sharding import run_sharded
+    from fusechat.shards import save_shard, shard_name
 
     if not isinstance(data, DataSpec):
         data = DataSpec(path=str(data), max_rows=max_rows)

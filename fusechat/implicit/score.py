@@ -37,7 +37,8 @@ def score_stage(
     from tqdm import tqdm
 
     from fusechat.io import fingerprint
-    from fusechat.shards import StageReader, run_sharded, save_shard, shard_name
+    from fusechat.sharding import run_sharded
+    from fusechat.shards import StageReader, save_shard, shard_name
 
     if not sample_dirs:
         raise FusechatError("score needs at least one sample folder")

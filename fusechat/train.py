@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fusechat.cards import write_training_card
@@ -33,10 +32,11 @@ from fusechat.io import (
     stage_of,
     write_json,
 )
-from fusechat.losses import fusion_losses, predicts_label
+from fusechat.losses import fusion_losses
 from fusechat.ranks import Ranks
 from fusechat.rows import ShardRows, check_targets, collate_rows
 from fusechat.shards import STAGE
+from fusechat.trainer import heldout_callback, jsonl_callback, plot_losses, trainer_class
 
 log = logging.getLogger(__name__)
 VERSION = 5  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
@@ -67,146 +67,6 @@ def evaluate(model, rows: ShardRows, batch_size: int = 16, temperature: float = 
         sums["kl"] += kl.item() * n
         n_total += n
     return {k: v / max(n_total, 1) for k, v in sums.items()}
-
-
-# --------------------------------------------------------------------------- trainer
-
-
-def _trainer_class():
-    from transformers import Trainer
-
-    class FusionTrainer(Trainer):
-        """The HF Trainer with the fusion loss; logs its CLM and fusion parts separately."""
-
-        def __init__(self, *args, lam: float, temperature: float, fusion_loss: str, **kw):
-            super().__init__(*args, **kw)
-            self.lam, self.temperature, self.fusion_loss = lam, temperature, fusion_loss
-            self._parts: dict[str, list[float]] = defaultdict(list)
-            # the loss is a sum over learned tokens divided by their count in the whole
-            # effective batch (num_items_in_batch): transformers then neither divides it by
-            # the accumulation steps nor averages micro-batch means
-            self.model_accepts_loss_kwargs = True
-            self.loss_is_scaled_for_ga = True
-
-        def _get_num_items_in_batch(self, batch_samples, device):
-            """Learned next-token positions over every micro-batch of this optimizer step and,
-            on several processes, over all of them (transformers counts ``labels``)."""
-            n = sum(predicts_label(b["labels_mask"]).sum() for b in batch_samples)
-            n = torch.as_tensor(n, device=device)
-            if self.args.world_size > 1:
-                n = self.accelerator.gather(n).sum()
-            return n
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(**_model_inputs(model, inputs))
-            with_targets = self.lam < 1.0 and "target_ids" in inputs
-            loss, clm, fus = fusion_losses(
-                out.logits,
-                inputs["input_ids"],
-                inputs["labels_mask"],
-                inputs.get("target_ids") if with_targets else None,
-                inputs.get("target_probs") if with_targets else None,
-                lam=self.lam,
-                temperature=self.temperature,
-                kind=self.fusion_loss,
-                n_items=num_items_in_batch,
-                position_weight=inputs.get("position_weight"),
-            )
-            if not torch.isfinite(loss):  # a model of NaNs must never be saved as a result
-                raise FusechatError(
-                    f"training diverged at step {self.state.global_step + 1}: the loss is "
-                    f"{loss.item()} (a lower learning rate?)"
-                )
-            if num_items_in_batch is not None and self.args.world_size > 1:
-                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
-            self._parts["clm_loss"].append(clm.item())
-            if with_targets:
-                self._parts["fusion_loss"].append(fus.item())
-            return (loss, out) if return_outputs else loss
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                for k, v in self._parts.items():
-                    if v:
-                        logs[k] = float(np.mean(v))
-                self._parts.clear()
-            super().log(logs, start_time)
-
-    return FusionTrainer
-
-
-def _model_inputs(model, inputs: dict) -> dict:
-    """What the model reads of a batch; token trees (``align.branches``) bring a 4D boolean
-    mask, given as an additive one, and their positions."""
-    mask = inputs["attention_mask"]
-    if mask.dim() != 4:
-        return {"input_ids": inputs["input_ids"], "attention_mask": mask}
-    dtype = next(model.parameters()).dtype
-    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    additive = additive.masked_fill(~mask, torch.finfo(dtype).min)
-    return {"input_ids": inputs["input_ids"], "attention_mask": additive,
-            "position_ids": inputs["position_ids"]}  # fmt: skip
-
-
-def _jsonl_callback(path: Path):
-    from transformers import TrainerCallback
-
-    class JsonlLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                with open(path, "a") as f:
-                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return JsonlLog()
-
-
-def _heldout_callback(rows: list, tokenizer, every: int, path: Path):
-    """Logs ``heldout_nll_per_char`` (``fusechat.heldout``) with the tokens trained on so far,
-    at the start and every ``every`` steps: the curve a token-efficiency study reads."""
-    from transformers import TrainerCallback
-
-    from fusechat.heldout import nll_per_char
-
-    class HeldoutCurve(TrainerCallback):
-        def _measure(self, state, model):
-            value = nll_per_char(
-                model, tokenizer, rows, "tokenizer"
-            )  # every rank: ZeRO-3 needs all
-            if state.is_world_process_zero:
-                entry = {"step": state.global_step, "tokens": int(state.num_input_tokens_seen),
-                         "heldout_nll_per_char": value}  # fmt: skip
-                with open(path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            if state.global_step == 0:
-                self._measure(state, model)
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step % every == 0 or state.global_step == state.max_steps:
-                self._measure(state, model)
-
-    return HeldoutCurve()
-
-
-def plot_losses(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("clm_loss", "fusion_loss", "loss"):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if ax.lines:
-        ax.legend()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def _precision(name: str) -> dict:
@@ -395,16 +255,16 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
         **{"save_total_limit": 2, "report_to": [], "dataloader_num_workers": 0,
            "disable_tqdm": False, **cfg.extra},
     )  # fmt: skip
-    callbacks = [_jsonl_callback(ckpt / "train_log.jsonl")]
+    callbacks = [jsonl_callback(ckpt / "train_log.jsonl")]
     if cfg.heldout and cfg.eval_steps > 0:
         from fusechat.conversations import load_conversations
 
         convs, _ = load_conversations(cfg.heldout)
         held = [{"messages": c} for c in convs]
         callbacks.append(
-            _heldout_callback(held, tokenizer, cfg.eval_steps, ckpt / "train_log.jsonl")
+            heldout_callback(held, tokenizer, cfg.eval_steps, ckpt / "train_log.jsonl")
         )
-    return _trainer_class()(
+    return trainer_class()(
         model=model, args=args, train_dataset=rows, data_collator=collate_rows,
         callbacks=callbacks, lam=cfg.lam, temperature=cfg.temperature,
         fusion_loss=cfg.fusion_loss,

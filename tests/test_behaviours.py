@@ -410,15 +410,15 @@ def test_position_weight_is_honoured_with_n_items(kind, with_targets):
 def test_training_hands_the_loss_the_batchs_weights_and_item_count():
     """compute_loss hands the loss its batch's position weights, n_items and lambda: the
     trainer's loss on a weighted batch equals the plain loop's."""
-    from fusechat.train import _model_inputs, _trainer_class
+    from fusechat.trainer import model_inputs, trainer_class
 
     model = _tiny_mistral()
     batch = collate_rows([with_branches(_row(6), _two_branches(), 64, scale=0.1), _row(5)])
     fake = SimpleNamespace(lam=0.9, temperature=1.0, fusion_loss="ce", _parts=defaultdict(list),
                            state=SimpleNamespace(global_step=0), args=SimpleNamespace(world_size=1))  # fmt: skip
     with torch.no_grad():
-        loss = _trainer_class().compute_loss(fake, model, batch, num_items_in_batch=13)
-        logits = model(**_model_inputs(model, batch)).logits
+        loss = trainer_class().compute_loss(fake, model, batch, num_items_in_batch=13)
+        logits = model(**model_inputs(model, batch)).logits
     w = batch["position_weight"]
     assert w[0].tolist() != [1.0] * w.shape[1]  # the branches weigh 0.1 * p
     want = _loop_loss(logits, batch["input_ids"], batch["labels_mask"], batch["target_ids"],
@@ -459,7 +459,7 @@ def _two_branches() -> np.ndarray:
 def test_a_tree_batch_gives_each_branch_the_logits_it_has_alone():
     """Tree attention: each branch's logits in a tree batch (a row and two branches, padded
     beside a shorter row) equal those of the branch written after its prefix and run alone."""
-    from fusechat.train import _model_inputs
+    from fusechat.trainer import model_inputs
 
     model = _tiny_mistral()
     tree = with_branches(_row(6), _two_branches(), 64)
@@ -467,7 +467,7 @@ def test_a_tree_batch_gives_each_branch_the_logits_it_has_alone():
     plain = _row(4)
     batch = collate_rows([tree, plain])
     with torch.no_grad():
-        got = model(**_model_inputs(model, batch)).logits
+        got = model(**model_inputs(model, batch)).logits
 
         def alone(ids) -> torch.Tensor:
             return model(input_ids=torch.as_tensor(ids)[None]).logits[0]

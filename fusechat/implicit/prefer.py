@@ -310,9 +310,9 @@ def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg,
 
 
 def _callbacks(ckpt: Path) -> list:
-    from fusechat.train import _jsonl_callback
+    from fusechat.trainer import jsonl_callback
 
-    return [_jsonl_callback(ckpt / "train_log.jsonl")]
+    return [jsonl_callback(ckpt / "train_log.jsonl")]
 
 
 def sft_stage(model: str, data: str | os.PathLike, out: str | os.PathLike,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -71,16 +72,25 @@ def test_fusion_training_pulls_toward_the_fused_targets(toy_world, fused, tmp_pa
     assert train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "t", _cfg()) == m
 
 
-def test_lambda_one_is_plain_clm_on_a_capture(toy_world, fused, tmp_path):
-    """lambda = 1 trains on the gold tokens only and needs no fused targets."""
-    m = train(
-        str(toy_world / "openchat-mini"),
-        fused["capture"],
-        tmp_path / "clm",
-        _cfg(lam=1.0, max_steps=4),
-    )
+def test_lambda_one_is_plain_clm_on_a_capture(toy_world, fused, tmp_path, caplog):
+    """lambda = 1 trains on the gold tokens only and needs no fused targets; the folder holds
+    the model, its card (named as the folder, not its temporary name), the log and plot, no
+    pickled training arguments, and the checkpoints are gone."""
+    out = tmp_path / "clm-run"
+    with caplog.at_level(logging.INFO, logger="fusechat.train"):
+        m = train(
+            str(toy_world / "openchat-mini"), fused["capture"], out, _cfg(lam=1.0, max_steps=4)
+        )
     assert m["stats"]["steps"] == 4
-    log = [json.loads(x) for x in (tmp_path / "clm" / "train_log.jsonl").read_text().splitlines()]
+    assert {"README.md", "manifest.json", "train_log.jsonl", "loss.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not (out / "training_args.bin").exists()
+    assert not out.with_name("clm-run.ckpt").exists() and not out.with_name(".clm-run.tmp").exists()
+    card = (out / "README.md").read_text()
+    assert "clm-run" in card and ".clm-run.tmp" not in card
+    assert f"trained {out} in " in caplog.text and "s (4 steps)" in caplog.text
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r for r in log if "loss" in r]
     assert losses and all("fusion_loss" not in r for r in losses)
     assert all(r["loss"] == pytest.approx(r["clm_loss"], rel=1e-4) for r in losses)
@@ -276,3 +286,18 @@ def test_two_cpu_processes_under_accelerate_match_one(toy_world, fused, tmp_path
     assert any(not torch.equal(a[k], base[k]) for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_weights_made_non_finite_are_never_saved(tmp_path):
+    """The last update can break the weights after the last finite loss: nothing is saved."""
+    from fusechat.errors import FusechatError
+    from fusechat.train import _save
+
+    class Broken:
+        model = torch.nn.Linear(2, 2)
+
+    with torch.no_grad():
+        Broken.model.weight[1, 0] = float("inf")
+    with pytest.raises(FusechatError, match=r"out: not saved: training made weight non-finite"):
+        _save(Broken(), None, tmp_path / "out", tmp_path / "out.ckpt", {}, lora=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()

@@ -99,6 +99,7 @@ def _weight_lines(w: dict | None) -> list[str]:
     return lines
 
 
+# pragma: no mutate start (a picture: tests check it is written, not its pixels)
 def plot(runs: dict, result: dict, png: Path) -> None:
     """Left: held-out loss against training tokens, mean over pairs with a one-std band, the
     CLM baseline and every pairwise target. Right (with weight-space figures): the held-out
@@ -146,3 +147,6 @@ def plot(runs: dict, result: dict, png: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(png)
+
+
+# pragma: no mutate end

@@ -133,8 +133,8 @@ def fuse_stage(
     """
     from fusechat.errors import FusechatError
     from fusechat.io import fingerprint
-    from fusechat.shards import StageReader
     from fusechat.sharding import run_sharded
+    from fusechat.shards import StageReader
 
     cfg = cfg or FuseConfig()
     if not aligned_dirs:

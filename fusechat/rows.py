@@ -81,7 +81,8 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int, scale: flo
     prefix and itself (``anchor``: t; ``segment``: its number, -1 for the row). Learned are a
     branch's tokens after its first, whose probability the fused target at t already teaches;
     their target is the token itself, their ``position_weight`` that probability times
-    ``scale``. Branches that would pass ``max_length`` are left out."""
+    ``scale``. Branches are added in position order until the next would pass ``max_length``:
+    it and every later one are left out."""
     n = len(row["input_ids"])
     ids, pos, seg, anchor = [row["input_ids"]], [np.arange(n)], [np.full(n, -1)], [np.full(n, -1)]
     weight = [np.ones(n, dtype=np.float32)]
@@ -118,7 +119,8 @@ def with_branches(row: dict, branch_ids: np.ndarray, max_length: int, scale: flo
 def tree_mask(segment: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) boolean attention of a batch of token trees: a row token sees the row's
     tokens up to itself, a branch token the row's up to its anchor and its branch's up to
-    itself; padding (at and after ``length``) sees only itself."""
+    itself; a padding position (at and after ``length``) sees itself and the row's tokens
+    before it, never another padding position or a branch (its outputs are never read)."""
     L = segment.shape[1]
     q, kk = torch.arange(L)[:, None], torch.arange(L)[None, :]
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]

@@ -41,17 +41,21 @@ test-vllm:
 clean:
 	rm -rf $(VENV) runs
 
-# Mutation testing of the pure maths (fuse, losses, alignment, VaRM: pyproject's [tool.mutmut])
-# with their fast unit tests; the score and every survivor land in mutants/score.txt. Not in CI.
+# Mutation testing (pyproject's [tool.mutmut]: the fusion maths, alignment, VaRM, the shard
+# format and runner, training's rows and stage, the study) with their fast unit tests; the score
+# per module and overall, and every survivor, land in mutants/score.txt. Not in CI.
 # One thread per process: torch's thread pool does not survive mutmut's fork (a hang, not a kill).
 mutation: $(STAMP)
 	$(PY) -m pip install -q mutmut==3.8.1
 	rm -rf mutants
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 > /dev/null || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 > mutants.log 2>&1 \
+		|| { tail -30 mutants.log; exit 1; }
 	$(VENV)/bin/mutmut results --all true > mutants/results.txt
-	awk -F': ' '{n[$$2]++; t++} $$2 != "killed" && $$2 != "timeout" {print} \
-		END {k = n["killed"] + n["timeout"]; \
-		printf "mutation score: %d of %d detected (%.1f%%; %d by timeout)\n", k, t, 100 * k / t, n["timeout"]}' \
+	awk -F': ' '{m = $$1; sub(/\.x[^.]*$$/, "", m); t[m]++; T++} \
+		$$2 == "killed" || $$2 == "timeout" {k[m]++; K++} \
+		$$2 != "killed" && $$2 != "timeout" {print} \
+		END {for (m in t) printf "%-24s %4d of %4d detected (%.1f%%)\n", m, k[m], t[m], 100 * k[m] / t[m]; \
+		printf "mutation score: %d of %d detected (%.1f%%)\n", K, T, 100 * K / T}' \
 		mutants/results.txt | tee mutants/score.txt
 
 # The CLI reference, docs/cli.md, from the argparse parsers (tests/test_cli_reference.py fails

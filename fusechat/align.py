@@ -248,17 +248,22 @@ def align(
         return state, job
 
     def summarize(tallies: list[Counter]) -> dict:
-        tally = sum(tallies, Counter())
-        stats = {"method": cfg.method, **transfer_stats(tally),
-                 "learned_positions": tally["learned"], "pivot_capture": str(pivot_dir),
-                 "source_capture": str(source_dir)}  # fmt: skip
-        if not stats.get("coverage"):
-            log.warning("%s: no pivot position got a distribution from %s (coverage 0): the "
-                        "captures do not overlap", out, source_dir)  # fmt: skip
-        log.info("aligned %s (%s): %s", source_dir, cfg.method,
-                 ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
-        return stats
+        return align_stats(tallies, cfg.method, pivot_dir, source_dir, out)
 
     return run_sharded(out, key, piv.n_shards, start, _align_shard, summarize, overwrite,
                        cfg.workers, _align_setup, f"align {Path(out).name}",
                        inputs=(pivot_dir, source_dir))  # fmt: skip
+
+
+def align_stats(tallies: list[Counter], method: str, pivot_dir, source_dir, out) -> dict:
+    """The manifest's statistics from each shard's transfer tally (``transfer_stats``)."""
+    tally = sum(tallies, Counter())
+    stats = {"method": method, **transfer_stats(tally),
+             "learned_positions": tally["learned"], "pivot_capture": str(pivot_dir),
+             "source_capture": str(source_dir)}  # fmt: skip
+    if not stats.get("coverage"):
+        log.warning("%s: no pivot position got a distribution from %s (coverage 0): the "
+                    "captures do not overlap", out, source_dir)  # fmt: skip
+    log.info("aligned %s (%s): %s", source_dir, method,
+             ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if isinstance(v, float)))  # fmt: skip
+    return stats

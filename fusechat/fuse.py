@@ -146,23 +146,9 @@ def fuse_stage(
             raise FusechatError(f"{s.folder}: aligned to another pivot capture than {pivot_dir}")
     for r in (piv, *srcs):
         r.check_complete()
-    key = {"stage": "fuse", "version": VERSION, "pivot_capture": fingerprint(piv.key),
-           "aligned": [fingerprint(s.key) for s in srcs], "method": cfg.method,
-           "ce_norm": cfg.ce_norm, "unit": cfg.unit, "unaligned": cfg.unaligned,
-           "shard_rows": piv.key["shard_rows"],
-           # what training checks its model and corpus against
-           "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
-           "corpus_fingerprint": piv.key["corpus_fingerprint"], "pivot_model": piv.key["model"]}  # fmt: skip
+    key = fuse_key(piv, srcs, cfg)
 
-    # per-turn choice reads each source's own gold log-probabilities: its capture
-    captures: tuple[str, ...] = ()
-    caps: list = []
-    if cfg.unit == "turn":
-        captures = tuple(s.manifest["stats"]["source_capture"] for s in srcs)
-        caps = [StageReader(c, "capture") for c in captures]
-        for c, s in zip(caps, srcs, strict=True):
-            if fingerprint(c.key) != s.key["source_capture"]:
-                raise FusechatError(f"{c.folder}: not the capture {s.folder} was aligned from")
+    captures, caps = _source_captures(srcs) if cfg.unit == "turn" else ((), [])
 
     def start(done: frozenset[int]) -> tuple:
         job = _FuseJob(str(pivot_dir), tuple(map(str, aligned_dirs)), str(out), cfg, done,
@@ -187,6 +173,34 @@ def fuse_stage(
     return run_sharded(out, key, piv.n_shards, start, _fuse_shard, summarize, overwrite,
                        cfg.workers, _fuse_setup, f"fuse {Path(out).name}",
                        inputs=(pivot_dir, *aligned_dirs, *captures))  # fmt: skip
+
+
+def fuse_key(piv, srcs: list, cfg: FuseConfig) -> dict:
+    """What names a fuse folder: the pivot capture, the alignments in order, the settings."""
+    from fusechat.io import fingerprint
+
+    return {"stage": "fuse", "version": VERSION, "pivot_capture": fingerprint(piv.key),
+            "aligned": [fingerprint(s.key) for s in srcs], "method": cfg.method,
+            "ce_norm": cfg.ce_norm, "unit": cfg.unit, "unaligned": cfg.unaligned,
+            "shard_rows": piv.key["shard_rows"],
+            # what training checks its model and corpus against
+            "pivot_tokenizer_fingerprint": piv.key["tokenizer_fingerprint"],
+            "corpus_fingerprint": piv.key["corpus_fingerprint"], "pivot_model": piv.key["model"]}  # fmt: skip
+
+
+def _source_captures(srcs: list) -> tuple[tuple[str, ...], list]:
+    """Per-turn choice reads each source's own gold log-probabilities: the captures the
+    alignments were made from, checked to be those."""
+    from fusechat.errors import FusechatError
+    from fusechat.io import fingerprint
+    from fusechat.shards import StageReader
+
+    captures = tuple(s.manifest["stats"]["source_capture"] for s in srcs)
+    caps = [StageReader(c, "capture") for c in captures]
+    for c, s in zip(caps, srcs, strict=True):
+        if fingerprint(c.key) != s.key["source_capture"]:
+            raise FusechatError(f"{c.folder}: not the capture {s.folder} was aligned from")
+    return captures, caps
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ def shard_name(i: int) -> str:
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
-    """The smallest dtype that holds every id of the vocabulary plus a padding value."""
+    """uint16 for a vocabulary below 65,535 ids (65535 stays free for padding; what
+    ``estimate.id_bytes`` counts), else int32."""
     return np.dtype(np.uint16) if vocab_size < _U16_PAD else np.dtype(np.int32)
 
 

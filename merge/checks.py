@@ -17,7 +17,8 @@ from fusechat.io import (
     read_json,
 )
 from fusechat.merge import varm
-from fusechat.recipe import read_yaml, validation_error
+from fusechat.recipe import validation_error
+from fusechat.yamlfile import read_yaml
 
 log = logging.getLogger(__name__)
 # Relative delta ||theta_i - theta_base|| / ||theta_base|| above which the base is unlikely to be

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,7 @@ def sample_stage(
     n_shards = -(-len(convs) // cfg.shard_rows)
     run: dict = {"new_tokens": 0}
 
-    def mine(s: int) -> list[int]:
-        return [i for i in range(s * cfg.shard_rows, (s + 1) * cfg.shard_rows) if i in texts]
+    mine = partial(shard_prompts, shard_rows=cfg.shard_rows, texts=texts)
 
     def start(done: frozenset[int]) -> tuple:
         todo = [s for s in range(n_shards) if s not in done]
@@ -164,6 +164,12 @@ def _sample_counts(rows: Sequence[dict]) -> dict:
     return {"prompts": len({int(r["row.index"]) for r in rows}), "responses": len(rows),
             "tokens": sum(int(r["row.n_tokens"]) for r in rows),
             "finished": sum(bool(r["row.finished"]) for r in rows)}  # fmt: skip
+
+
+def shard_prompts(s: int, shard_rows: int, texts: dict) -> list[int]:
+    """The prompts of shard ``s`` that rendered: the same range of the corpus for every
+    model, whatever its template refused."""
+    return [i for i in range(s * shard_rows, (s + 1) * shard_rows) if i in texts]
 
 
 def render_prompts(prompts: Sequence[list[Message]], tokenizer, template: str) -> tuple[dict, list]:

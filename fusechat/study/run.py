@@ -126,8 +126,9 @@ def run_study(
     paths moved to it; none: the recipe as it is, one world. ``self_distillation``: also run
     each pair with the pivot as its only source (``self_source``), the control that tells
     what the sources add over the pivot's own distributions."""
-    from fusechat.recipe import expand, load_recipe, read_yaml
+    from fusechat.recipe import expand, load_recipe
     from fusechat.run import format_summary, run_recipe
+    from fusechat.yamlfile import read_yaml
 
     _check_pairs(seeds, worlds, overrides)
     r = load_recipe(recipe, overrides)

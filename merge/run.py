@@ -187,16 +187,14 @@ def _mergekit_dtype_noise(record: logging.LogRecord) -> bool:
     return "`torch_dtype` is deprecated" not in record.getMessage()
 
 
-def _prepare_varm(cfg, options) -> dict:
-    """VaRM's parameters ({} for other methods); for layer or model granularity its group
-    statistics computed first (the kernel sees one tensor at a time); the report emptied."""
+def _varm_settings(cfg, options) -> tuple[dict, dict]:
+    """VaRM's parameters ({} for other methods) and, for layer or model granularity, its group
+    statistics, computed before the merge (the kernel sees one tensor at a time)."""
     params = varm_parameters(cfg) if cfg.merge_method == "varm" else {}
+    stats = {}
     if params and params["granularity"] in ("layer", "model"):
-        varm.set_group_stats(
-            group_statistics(cfg, options, params["granularity"], params["statistic"])
-        )
-    varm.reset_report()
-    return params
+        stats = group_statistics(cfg, options, params["granularity"], params["statistic"])
+    return params, stats
 
 
 def _tokenizer_source(cfg, config) -> str | None:
@@ -274,19 +272,20 @@ def run(
     figures = delta_figures(cfg, options) if cfg.base_model else None
     models = [str(m.model) for m in cfg.models or []]  # before mergekit plans (it rewrites cfg)
     refs = cfg.referenced_models()
-    params = _prepare_varm(cfg, options)
+    params, group_stats = _varm_settings(cfg, options)
     t0 = time.perf_counter()
     # mergekit keeps one open loader per model for the whole process: a model rewritten since
     # an earlier merge in this process would be read from the replaced file
     LoaderCache().loaders.clear()
     logging.getLogger("transformers.configuration_utils").addFilter(_mergekit_dtype_noise)
     with atomic_dir(out) as tmp:
-        try:
-            run_merge(cfg, str(tmp), options)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise FusechatError(f"{config}: mergekit failed: {first_line(e)}") from None
+        with varm.session(group_stats) as session:
+            try:
+                run_merge(cfg, str(tmp), options)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise FusechatError(f"{config}: mergekit failed: {first_line(e)}") from None
         _check_finite_output(tmp, refs, options)
-        weights = varm.reset_report()
+        weights = session.weights
         report = {"key": key, "merge": same_merge, "merge_method": cfg.merge_method,
                   "base_model": str(cfg.base_model) if cfg.base_model else None,
                   "models": models, "parameters": _parameters(raw),

@@ -17,7 +17,8 @@ statistics pass; see ``merge.run``). With ``temperature > 0`` the ratios r_i = w
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -87,18 +88,38 @@ def weighted_sum(targets: Sequence[torch.Tensor], weights: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------- mergekit method
 
-# tensor name -> {model: weight}, filled while a merge runs; read by ``merge.run``
-_REPORT: dict[str, dict[str, float]] = {}
-_REPORT_LOCK = threading.Lock()
-# (model, group key) -> variation summed over the group's tensors, for layer/model granularity
-_GROUP_STATS: dict[tuple[str, str], float] = {}
+
+class Session:
+    """What one merge's VaRM kernels share, in and out: the group statistics of layer and model
+    granularity (computed before the merge: a kernel sees one tensor) and, filled as tensors
+    merge (mergekit may run them in threads), each tensor's weight per target. mergekit 0.1.5
+    hands a kernel its tensors and config parameters only, so the open session is the one
+    channel; ``session()`` scopes it to one merge, and nothing outlives it."""
+
+    def __init__(self, group_stats: dict[tuple[str, str], float] | None = None):
+        self.group_stats = dict(group_stats or {})
+        self.weights: dict[str, dict[str, float]] = {}  # tensor name -> {model: weight}
+        self._lock = threading.Lock()
+
+    def record(self, name: str, weights: dict[str, float]) -> None:
+        with self._lock:
+            self.weights[name] = weights
 
 
-def reset_report() -> dict[str, dict[str, float]]:
-    with _REPORT_LOCK:
-        out = dict(_REPORT)
-        _REPORT.clear()
-    return out
+_OPEN: Session | None = None
+
+
+@contextmanager
+def session(group_stats: dict[tuple[str, str], float] | None = None) -> Iterator[Session]:
+    """Open the VaRM session of one merge (``fusechat merge``); one at a time per process."""
+    global _OPEN
+    if _OPEN is not None:
+        raise RuntimeError("a VaRM merge is already running in this process")
+    _OPEN = Session(group_stats)
+    try:
+        yield _OPEN
+    finally:
+        _OPEN = None
 
 
 def layer_of(name: str) -> tuple[str, int, str] | None:
@@ -122,11 +143,6 @@ def group_key(name: str, granularity: str) -> str:
     return layer[0] if layer else name
 
 
-def set_group_stats(stats: dict[tuple[str, str], float]) -> None:
-    _GROUP_STATS.clear()
-    _GROUP_STATS.update(stats)
-
-
 @merge_method(
     name="varm",
     pretty_name="VaRM",
@@ -146,21 +162,23 @@ def varm_merge(
         return base
     targets = [e.tensor for e in entries]
     name = group.metadata.name or ""
+    run = _OPEN  # None when mergekit runs VaRM outside `fusechat merge`
     if granularity in ("layer", "model"):
         key = group_key(name, granularity)
-        missing = [str(e.id) for e in entries if (str(e.id), key) not in _GROUP_STATS]
+        stats = run.group_stats if run else {}
+        missing = [str(e.id) for e in entries if (str(e.id), key) not in stats]
         if missing:
             raise RuntimeError(
                 f"varm granularity {granularity}: no statistics for {key} of {missing[0]}; "
                 "run it through `fusechat merge`, which computes them first"
             )
-        v = torch.tensor([_GROUP_STATS[(str(e.id), key)] for e in entries], dtype=torch.float64)
+        v = torch.tensor([stats[(str(e.id), key)] for e in entries], dtype=torch.float64)
         weights = ratio_weights(v, temperature)
     else:
         weights = varm_weights(targets, base, statistic, temperature, granularity == "element")
     per_model = weights if weights.ndim == 1 else weights.reshape(len(weights), -1).mean(1)
-    with _REPORT_LOCK:
-        _REPORT[name] = {str(e.id): float(w) for e, w in zip(entries, per_model, strict=True)}
+    if run:
+        run.record(name, {str(e.id): float(w) for e, w in zip(entries, per_model, strict=True)})
     if weights.ndim > 1:  # elementwise: sum_i w_i * theta_i entry by entry
         out = torch.zeros_like(base, dtype=torch.float32)
         for t, w in zip(targets, weights, strict=True):

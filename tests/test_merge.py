@@ -61,19 +61,18 @@ def test_kernel_at_every_granularity_against_the_formula():
     base = torch.randn(3, 4, generator=g, dtype=torch.float64)
     ts = [base + 0.2 * torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
     name = "model.layers.2.mlp.up_proj.weight"
-    varm.reset_report()
-    el = varm.varm_merge.merge_group(_group(base, ts, name), granularity="element")
-    s = [(t - base).square() for t in ts]
-    w0 = s[0] / (s[0] + s[1])
-    torch.testing.assert_close(el, w0 * ts[0] + (1 - w0) * ts[1], rtol=1e-5, atol=1e-6)
-    rep = varm.reset_report()[name]
-    assert rep["0"] == pytest.approx(float(w0.mean()), rel=1e-5) and not varm.reset_report()
-    varm.set_group_stats({("0", "model.layers.2"): 1.0, ("1", "model.layers.2"): 3.0,
-                          ("0", "model"): 2.0, ("1", "model"): 2.0})  # fmt: skip
-    try:
+    stats = {("0", "model.layers.2"): 1.0, ("1", "model.layers.2"): 3.0,
+             ("0", "model"): 2.0, ("1", "model"): 2.0}  # fmt: skip
+    with varm.session(stats) as run:
+        el = varm.varm_merge.merge_group(_group(base, ts, name), granularity="element")
+        s = [(t - base).square() for t in ts]
+        w0 = s[0] / (s[0] + s[1])
+        torch.testing.assert_close(el, w0 * ts[0] + (1 - w0) * ts[1], rtol=1e-5, atol=1e-6)
+        assert run.weights[name]["0"] == pytest.approx(float(w0.mean()), rel=1e-5)
         lay = varm.varm_merge.merge_group(_group(base, ts, name), granularity="layer")
         torch.testing.assert_close(lay, 0.25 * ts[0] + 0.75 * ts[1])
         assert lay.dtype == torch.float64
+        assert run.weights[name] == pytest.approx({"0": 0.25, "1": 0.75})
         mod = varm.varm_merge.merge_group(_group(base, ts, name), granularity="model")
         torch.testing.assert_close(mod, 0.5 * ts[0] + 0.5 * ts[1])
         hot = varm.varm_merge.merge_group(
@@ -83,9 +82,18 @@ def test_kernel_at_every_granularity_against_the_formula():
         torch.testing.assert_close(hot, w[0] * ts[0] + w[1] * ts[1])
         with pytest.raises(RuntimeError, match="no statistics"):
             varm.varm_merge.merge_group(_group(base, ts, "lm_head.weight"), granularity="layer")
-    finally:
-        varm.set_group_stats({})
-        varm.reset_report()
+        with pytest.raises(RuntimeError, match="already running"):
+            with varm.session():
+                pass
+    # outside a session (mergekit run directly): matrix weights still work, nothing is kept,
+    # and layer granularity names what it lacks
+    torch.testing.assert_close(
+        varm.varm_merge.merge_group(_group(base, ts, name)), varm.weighted_sum(
+            ts, varm.varm_weights(ts, base, "square", 0.0, False)))  # fmt: skip
+    with pytest.raises(RuntimeError, match="no statistics"):
+        varm.varm_merge.merge_group(_group(base, ts, name), granularity="layer")
+    with varm.session() as fresh:
+        assert fresh.weights == {} and fresh.group_stats == {}
     assert torch.equal(varm.varm_merge.merge_group(_group(base, [], name)), base)  # no targets
 
 

@@ -316,11 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to ``sys.stderr`` as it is when a record is written, not as it was when logging
+    was set up: a caller that runs ``main`` more than once in a process (a notebook, a test
+    harness) may have replaced and closed the stream since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, handlers=[_StderrHandler()],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     debug = os.environ.get("FUSECHAT_DEBUG", "") not in ("", "0")
     if not debug:  # huggingface_hub logs each retry of an unreachable hub (20-odd lines): the
         # one line that matters is ours, when it gives up

@@ -110,3 +110,25 @@ def test_an_install_adds_only_the_fusechat_namespace(tmp_path):
                          check=True, capture_output=True, text=True, cwd=tmp_path).stdout  # fmt: skip
     assert out.split() == [str(target / "fusechat" / "merge" / "varm.py"),
                            str(target / "fusechat" / "eval" / "toy.py")]  # fmt: skip
+
+
+def test_logging_follows_stderr_across_calls(monkeypatch, tmp_path):
+    """``main`` run twice in one process (a notebook, a test harness) with stderr replaced and
+    the first stream closed in between: records go to the stream of the moment, never to
+    the closed one ("--- Logging error ---" on stderr)."""
+    import io
+    import logging
+    import sys
+
+    from fusechat.cli import main
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main(["recipe", "check", str(tmp_path / "missing.yaml")]) == 2
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("fusechat.test").warning("after the first stream closed")
+    assert "after the first stream closed" in second.getvalue()
+    assert "Logging error" not in second.getvalue()

@@ -26,6 +26,24 @@ SHARED = Path(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _transformers_logs_to_this_sessions_stderr():
+    """transformers logs through its own handler, bound to ``sys.stderr`` when it is first
+    used: a second pytest session in one process (``make mutation`` runs several) would write
+    to the first session's closed capture ("--- Logging error ---" in a test's stderr)."""
+    import logging
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    handler = logging.StreamHandler(sys.stderr)  # this session's stderr
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)
+    yield
+    hf_logging.remove_handler(handler)
+    hf_logging.enable_default_handler()
+
+
 @pytest.fixture(scope="session")
 def toy_world() -> Path:
     """The default toy world, the same one `make demo` builds (so each reuses the other's)."""

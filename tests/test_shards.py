@@ -432,3 +432,17 @@ def test_launcher_ranks_share_out_the_missing_shards(tmp_path):
     assert outcome == [None]  # rank 1 returned before rank 0 wrote the manifest
     assert manifest["checksums"] == _checksums(tmp_path, 4)
     assert manifest["stats"] == {"results": [1, 3]}
+
+
+def test_run_sharded_labels_its_progress_and_logs_a_reused_stage(tmp_path, capsys, caplog):
+    """The stage's progress bar carries its label; a reused stage says so, naming the folder
+    and the stage, in one log line."""
+    import logging
+
+    stage = _Stage(tmp_path)
+    run_sharded(tmp_path, KEY, 2, stage.start, stage.task, lambda rs: {}, desc="align toy-src")
+    err = capsys.readouterr().err
+    assert "align toy-src" in err and "2/2" in err
+    with caplog.at_level(logging.INFO, logger="fusechat.sharding"):
+        run_sharded(tmp_path, KEY, 2, stage.start, stage.task, lambda rs: {})
+    assert f"{tmp_path}: {KEY['stage']} already complete" in caplog.messages

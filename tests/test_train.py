@@ -301,3 +301,73 @@ def test_weights_made_non_finite_are_never_saved(tmp_path):
     with pytest.raises(FusechatError, match=r"out: not saved: training made weight non-finite"):
         _save(Broken(), None, tmp_path / "out", tmp_path / "out.ckpt", {}, lora=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [("bf16", {"bf16": True, "fp16": False}), ("fp16", {"bf16": False, "fp16": True}),
+     ("fp32", {"bf16": False, "fp16": False})],
+)  # fmt: skip
+def test_precision_flags_follow_the_setting(name, flags, monkeypatch):
+    """TrainingArguments' flags: one of bf16/fp16 on as asked; auto follows the dtype rule."""
+    import fusechat.data as data
+    from fusechat.train import _precision
+
+    assert _precision(name) == flags
+    monkeypatch.setattr(data, "resolve_dtype", lambda _: "bfloat16")
+    assert _precision("auto") == {"bf16": True, "fp16": False}
+    monkeypatch.setattr(data, "resolve_dtype", lambda _: "float32")
+    assert _precision("auto") == {"bf16": False, "fp16": False}
+
+
+def test_the_checkpoint_folder_holds_one_configuration(tmp_path):
+    """``OUT.ckpt`` (parents made) records its key; the same key keeps its checkpoints, another
+    is refused unless overwrite clears it; a folder fusechat did not make is refused."""
+    from fusechat.errors import FusechatError
+    from fusechat.train import _checkpoint_folder
+
+    out = tmp_path / "deep" / "er" / "target"
+    ckpt = _checkpoint_folder(out, {"k": 1}, False, rank=0)
+    assert ckpt == tmp_path / "deep" / "er" / "target.ckpt" and ckpt.is_dir()
+    assert json.loads((ckpt / "stage.json").read_text()) == {"k": 1}
+    (ckpt / "checkpoint-2").mkdir()
+    assert _checkpoint_folder(out, {"k": 1}, False, rank=0) == ckpt
+    assert (ckpt / "checkpoint-2").is_dir()  # resumable: kept
+    with pytest.raises(FusechatError, match=r"target.ckpt: checkpoints of another configuration"):
+        _checkpoint_folder(out, {"k": 2}, False, rank=0)
+    assert (ckpt / "checkpoint-2").is_dir()
+    _checkpoint_folder(out, {"k": 2}, True, rank=0)
+    assert not (ckpt / "checkpoint-2").exists()
+    assert json.loads((ckpt / "stage.json").read_text()) == {"k": 2}
+    r1 = _checkpoint_folder(tmp_path / "r1", {"k": 1}, False, rank=1)
+    assert r1.is_dir() and not (r1 / "stage.json").exists()  # one writer under a launcher
+    other = tmp_path / "mine.ckpt"
+    other.mkdir()
+    (other / "notes.txt").write_text("a user's file")
+    with pytest.raises(FusechatError, match=r"mine.ckpt: exists and holds no fusechat checkpoints"):
+        _checkpoint_folder(tmp_path / "mine", {"k": 1}, True, rank=0)
+    assert (other / "notes.txt").exists()
+
+
+def test_resume_point_is_the_last_whole_checkpoint(tmp_path):
+    """Every rank resumes from the newest checkpoint written whole; a cut-off one is removed."""
+    from fusechat.train import resume_point
+
+    class Rank0:
+        class accelerator:
+            @staticmethod
+            def wait_for_everyone():
+                pass
+
+        @staticmethod
+        def is_world_process_zero():
+            return True
+
+    assert resume_point(Rank0(), tmp_path) is None
+    good = tmp_path / "checkpoint-4"
+    good.mkdir()
+    (good / "trainer_state.json").write_text("{}")
+    torch.save({}, good / "pytorch_model.bin")
+    (tmp_path / "checkpoint-6").mkdir()  # cut off: no trainer_state.json
+    assert resume_point(Rank0(), tmp_path) == str(good)
+    assert not (tmp_path / "checkpoint-6").exists()

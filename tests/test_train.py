@@ -371,3 +371,49 @@ def test_resume_point_is_the_last_whole_checkpoint(tmp_path):
     (tmp_path / "checkpoint-6").mkdir()  # cut off: no trainer_state.json
     assert resume_point(Rank0(), tmp_path) == str(good)
     assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused, tmp_path, caplog):
+    """TrainingArguments from the config: the effective batch split into micro-batches x
+    processes x accumulation (a remainder warned about), seeds, checkpointing, precision,
+    the defaults fusechat owns, extra on top; the held-out curve only with a set and steps."""
+    import logging
+
+    from fusechat.data import load_model, load_tokenizer
+    from fusechat.train import _trainer
+
+    rows = ShardRows(fused["train"], 64, with_targets=True)
+    model = load_model(str(toy_world / "openchat-mini"), dtype="float32")
+    tok = load_tokenizer(str(toy_world / "openchat-mini"))
+    cfg = _cfg(
+        batch_size=32, micro_batch_size=4, seed=7, precision="fp32", extra={"save_total_limit": 5}
+    )
+    t = _trainer(cfg, model, tok, rows, tmp_path / "ck", world=2)
+    a = t.args
+    assert (a.output_dir, a.per_device_train_batch_size, a.gradient_accumulation_steps) == (
+        str(tmp_path / "ck"), 4, 4)  # fmt: skip
+    assert (a.seed, a.data_seed, a.remove_unused_columns, a.include_num_input_tokens_seen) == (
+        7, 7, False, "all")  # transformers 5 spells True as "all"  # fmt: skip
+    assert (a.bf16, a.fp16, a.save_total_limit, a.report_to, a.dataloader_num_workers) == (
+        False, False, 5, [], 0)  # fmt: skip
+    assert a.disable_tqdm is False and a.use_cpu is (not torch.cuda.is_available())
+    assert (t.lam, t.fusion_loss) == (cfg.lam, cfg.fusion_loss)
+    names = lambda tr: [type(c).__name__ for c in tr.callback_handler.callbacks]  # noqa: E731
+    assert "HeldoutCurve" not in names(t)
+    with caplog.at_level(logging.WARNING, logger="fusechat.train"):
+        t = _trainer(_cfg(batch_size=30, micro_batch_size=4, heldout=str(toy_world / "corpus" / "heldout.jsonl"),
+                          eval_steps=2), model, tok, rows, tmp_path / "ck2", world=2)  # fmt: skip
+    assert t.args.gradient_accumulation_steps == 4
+    assert (
+        "batch size 30 is not micro batch 4 x 2 processes x accumulation; using 32" in caplog.text
+    )
+    assert "HeldoutCurve" in names(t)
+    t = _trainer(
+        _cfg(heldout=str(toy_world / "corpus" / "heldout.jsonl"), eval_steps=0),
+        model,
+        tok,
+        rows,
+        tmp_path / "ck3",
+        1,
+    )
+    assert "HeldoutCurve" not in names(t)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fusechat.aligners import ALIGNERS, aligner_class
+from fusechat.aligners import ALIGNERS, aligner_class, sequence_error
 from fusechat.aligners.base import Aligner
 from fusechat.configs import AlignConfig
 from fusechat.errors import FusechatError
@@ -133,11 +133,9 @@ def make_aligner(method: str, sequence: str, piv_tok, src_tok, k: int,
     """The registered aligner for ``method`` (``fusechat.aligners``), its settings checked."""
     if method not in ALIGNERS:
         raise FusechatError(f"unknown alignment method {method!r} ({', '.join(ALIGNERS)})")
+    if error := sequence_error(method, sequence):
+        raise FusechatError(error)
     cls = aligner_class(method)
-    if sequence not in cls.sequences:
-        raise FusechatError(
-            f"the {method} method pairs positions by {' or '.join(cls.sequences)}, not {sequence!r}"
-        )
     return cls(method, sequence, piv_tok, src_tok, k, inside, branches)
 
 

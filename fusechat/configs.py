@@ -166,14 +166,10 @@ class AlignConfig(Config):
 
     @model_validator(mode="after")
     def _sequence_the_method_supports(self) -> AlignConfig:
-        from fusechat.aligners import aligner_class
+        from fusechat.aligners import sequence_error
 
-        allowed = aligner_class(self.method).sequences
-        if self.sequence not in allowed:
-            raise ValueError(
-                f"method {self.method!r} pairs positions by {' or '.join(allowed)} "
-                f"(sequence: {allowed[0]})"
-            )
+        if error := sequence_error(self.method, self.sequence):
+            raise ValueError(error)
         return self
 
 

@@ -26,3 +26,11 @@ def aligner_class(method: str) -> type[Aligner]:
     """The class registered for ``method``."""
     module, _, name = ALIGNERS[method].partition(":")
     return getattr(import_module(module), name)
+
+
+def sequence_error(method: str, sequence: str) -> str | None:
+    """Why ``method`` cannot pair positions by ``sequence`` (None when it can)."""
+    allowed = aligner_class(method).sequences
+    if sequence in allowed:
+        return None
+    return f"method {method!r} pairs positions by {' or '.join(allowed)} (sequence: {allowed[0]})"

@@ -26,9 +26,8 @@ def trainer_class():
             self.lam, self.temperature, self.fusion_loss = lam, temperature, fusion_loss
             self._parts: dict[str, list[float]] = defaultdict(list)
             # the loss is a sum over learned tokens divided by their count in the whole
-            # effective batch (num_items_in_batch): transformers then neither divides it by
-            # the accumulation steps nor averages micro-batch means
-            self.model_accepts_loss_kwargs = True
+            # effective batch (num_items_in_batch, which compute_loss always receives): so
+            # transformers must not divide it by the accumulation steps
             self.loss_is_scaled_for_ga = True
 
         def _get_num_items_in_batch(self, batch_samples, device):

@@ -178,3 +178,30 @@ def stages(toy_world, tmp_path_factory):
     align(d / "cap-pivot", d / "cap-mixtral", d / "al-mixtral-exact", AlignConfig(method="exact"))
     fuse_stage(d / "cap-pivot", [d / "al-mixtral"], d / "fused")
     return d
+
+
+@pytest.fixture(scope="session")
+def fused(toy_world, tmp_path_factory):
+    """The training tests' data: pivot and Mixtral captures of 96 training and 32 held-out
+    rows, aligned and fused; ``capture`` is the pivot's training capture (for lambda = 1)."""
+    from fusechat.align import align
+    from fusechat.capture import capture
+    from fusechat.configs import CaptureConfig
+    from fusechat.fuse import fuse_stage
+
+    d = tmp_path_factory.mktemp("fused")
+    out = {}
+    for split, n in (("train", 96), ("heldout", 32)):
+        data = toy_world / "corpus" / f"{split}.jsonl"
+        for m in ("openchat-mini", "nh2-mixtral-mini"):
+            cfg = CaptureConfig(
+                model=str(toy_world / m), template="openchat", max_length=128, shard_rows=32
+            )
+            capture(cfg, data, d / f"cap-{split}-{m}", max_rows=n)
+        align(
+            d / f"cap-{split}-openchat-mini", d / f"cap-{split}-nh2-mixtral-mini", d / f"al-{split}"
+        )
+        fuse_stage(d / f"cap-{split}-openchat-mini", [d / f"al-{split}"], d / f"fused-{split}")
+        out[split] = d / f"fused-{split}"
+    out["capture"] = d / "cap-train-openchat-mini"
+    return out

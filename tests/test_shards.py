@@ -446,3 +446,21 @@ def test_run_sharded_labels_its_progress_and_logs_a_reused_stage(tmp_path, capsy
     with caplog.at_level(logging.INFO, logger="fusechat.sharding"):
         run_sharded(tmp_path, KEY, 2, stage.start, stage.task, lambda rs: {})
     assert f"{tmp_path}: {KEY['stage']} already complete" in caplog.messages
+
+
+def test_run_sharded_refuses_other_settings_unless_overwrite(tmp_path, capsys):
+    """A folder of the same stage made with other settings is refused by default (nothing
+    runs, nothing is cleared) and redone with overwrite; the default bar carries no label."""
+    from fusechat.errors import FusechatError
+
+    _Stage(tmp_path).run(n=2)
+    capsys.readouterr()
+    other = {**KEY, "k": 1}
+    stage = _Stage(tmp_path)
+    with pytest.raises(FusechatError, match=r"made with other settings \(k\)"):
+        run_sharded(tmp_path, other, 2, stage.start, stage.task, lambda rs: {})
+    assert stage.ran == [] and (tmp_path / "shard-00001.safetensors").exists()
+    m = run_sharded(tmp_path, other, 2, stage.start, stage.task, lambda rs: {}, overwrite=True)
+    assert stage.started == [frozenset()] and stage.ran == [0, 1] and m["key"] == other
+    last = capsys.readouterr().err.strip().split("\r")[-1]
+    assert last.startswith("100%|") and "2/2" in last

@@ -13,34 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusechat.align import align
-from fusechat.capture import capture
 from fusechat.cli import main
-from fusechat.configs import CaptureConfig, LoraConfig, TrainConfig, TrainJob
-from fusechat.fuse import fuse_stage
+from fusechat.configs import LoraConfig, TrainConfig, TrainJob
 from fusechat.rows import ShardRows
 from fusechat.train import evaluate, train
-
-
-@pytest.fixture(scope="module")
-def fused(toy_world, tmp_path_factory):
-    """Pivot + Mixtral captures of 96 training and 32 held-out rows, aligned and fused."""
-    d = tmp_path_factory.mktemp("fused")
-    out = {}
-    for split, n in (("train", 96), ("heldout", 32)):
-        data = toy_world / "corpus" / f"{split}.jsonl"
-        for m in ("openchat-mini", "nh2-mixtral-mini"):
-            cfg = CaptureConfig(
-                model=str(toy_world / m), template="openchat", max_length=128, shard_rows=32
-            )
-            capture(cfg, data, d / f"cap-{split}-{m}", max_rows=n)
-        align(
-            d / f"cap-{split}-openchat-mini", d / f"cap-{split}-nh2-mixtral-mini", d / f"al-{split}"
-        )
-        fuse_stage(d / f"cap-{split}-openchat-mini", [d / f"al-{split}"], d / f"fused-{split}")
-        out[split] = d / f"fused-{split}"
-    out["capture"] = d / "cap-train-openchat-mini"
-    return out
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -417,3 +393,154 @@ def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused,
         1,
     )
     assert "HeldoutCurve" not in names(t)
+
+
+def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
+    """The manifest (returned and on disk): the key that decides reuse (stage, version, the
+    model's and the data's fingerprints, the whole config as read back) and the run's figures;
+    the held-out curve at steps 0, 1 and 2; the card names the sources the data came from; a
+    rerun with the same key returns the manifest and says so."""
+    from fusechat.io import fingerprint, model_fingerprint
+    from fusechat.train import VERSION
+
+    model = str(toy_world / "openchat-mini")
+    held = str(toy_world / "corpus" / "heldout.jsonl")
+    cfg = _cfg(max_steps=2, batch_size=8, micro_batch_size=4, logging_steps=1, heldout=held,
+               eval_steps=1, lora=LoraConfig(r=2, target_modules=("q_proj",)))  # fmt: skip
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    m = train(model, fused["train"], out, cfg)
+    elapsed = time.perf_counter() - t0
+    assert json.loads((out / "manifest.json").read_text()) == m
+    rows = ShardRows(fused["train"], cfg.max_length, with_targets=True)
+    assert m["key"] == {"stage": "train", "version": VERSION, "model": model_fingerprint(model),
+                        "data": fingerprint(rows.reader.key),
+                        "config": json.loads(json.dumps(cfg.model_dump()))}  # fmt: skip
+    assert m["key"]["config"]["lora"]["target_modules"] == ["q_proj"]
+    s = m["stats"]
+    assert set(s) == {"steps", "train_loss", "seconds", "rows", "effective_batch", "processes",
+                      "resumed_from"}  # fmt: skip
+    assert (s["steps"], s["rows"], s["effective_batch"], s["processes"], s["resumed_from"]) == (
+        2, len(rows), 8, 1, None)  # fmt: skip
+    assert len(rows) > 0
+    assert isinstance(s["seconds"], float) and 0 < s["seconds"] <= elapsed
+    assert round(s["seconds"], 1) == s["seconds"]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 2 and s["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-3)
+    assert [r["step"] for r in log if "heldout_nll_per_char" in r] == [0, 1, 2]
+    assert "nh2-mixtral-mini" in (out / "README.md").read_text()
+    with caplog.at_level(logging.INFO, logger="fusechat.train"):
+        assert train(model, fused["train"], out, cfg) == m
+    assert f"{out}: training already complete" in caplog.text
+
+
+def test_a_second_run_into_an_existing_folder(toy_world, fused, tmp_path):
+    """An empty folder is trained into; a file, or a folder of anything else, is refused; a
+    finished run with other settings is refused unless overwrite, which trains anew; neither
+    the output nor its checkpoint folder may be the data."""
+    import shutil
+
+    from fusechat.errors import FusechatError
+
+    model = str(toy_world / "openchat-mini")
+    out = tmp_path / "run"
+    out.mkdir()
+    first = train(model, fused["capture"], out, _cfg(lam=1.0, max_steps=1))
+    assert first["stats"]["steps"] == 1
+    with pytest.raises(FusechatError, match=r"run: exists with another training run; use --overw"):
+        train(model, fused["capture"], out, _cfg(lam=1.0, max_steps=2))
+    assert json.loads((out / "manifest.json").read_text()) == first
+    again = train(model, fused["capture"], out, _cfg(lam=1.0, max_steps=2), overwrite=True)
+    assert again["stats"]["steps"] == 2
+    assert json.loads((out / "manifest.json").read_text()) == again
+    (tmp_path / "notes.txt").write_text("a user's file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    for taken in (tmp_path / "notes.txt", tmp_path / "mine"):
+        with pytest.raises(FusechatError, match=r"exists and is not a train output"):
+            train(model, fused["capture"], taken, _cfg(lam=1.0, max_steps=1), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
+    data = tmp_path / "x.ckpt"
+    shutil.copytree(fused["capture"], data)
+    with pytest.raises(FusechatError, match=r"x.ckpt: the output is the input"):
+        train(model, data, tmp_path / "x", _cfg(lam=1.0, max_steps=1))
+
+
+def test_targets_of_another_corpus_are_rejected(toy_world, fused, tmp_path):
+    from fusechat.errors import FusechatError
+
+    with pytest.raises(FusechatError, match=r"the training data was made from another corpus"):
+        train(str(toy_world / "openchat-mini"), fused["train"], tmp_path / "t", _cfg(),
+              corpus_fingerprint="0" * 16)  # fmt: skip
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_diverged_run_keeps_its_checkpoint_folder(toy_world, tmp_path, fused):
+    """A model whose loss is NaN from the first step: training stops with one line naming the
+    step, nothing is saved, and ``OUT.ckpt`` records this run's key (a rerun resumes there);
+    another configuration is refused there unless overwrite."""
+    from fusechat.data import load_model, load_tokenizer
+    from fusechat.errors import FusechatError
+    from fusechat.io import fingerprint, model_fingerprint
+    from fusechat.train import VERSION
+
+    nan_model = tmp_path / "nan-model"
+    m = load_model(str(toy_world / "openchat-mini"), dtype="float32")
+    with torch.no_grad():
+        m.model.norm.weight.fill_(float("nan"))
+    m.save_pretrained(nan_model)
+    load_tokenizer(str(toy_world / "openchat-mini")).save_pretrained(nan_model)
+    out = tmp_path / "run"
+    cfg = _cfg(lam=1.0, max_steps=2)
+    with pytest.raises(FusechatError, match=r"training diverged at step 1: the loss is nan"):
+        train(str(nan_model), fused["capture"], out, cfg)
+    assert not out.exists()
+    rows = ShardRows(fused["capture"], cfg.max_length, with_targets=False)
+    key = {"stage": "train", "version": VERSION, "model": model_fingerprint(str(nan_model)),
+           "data": fingerprint(rows.reader.key), "config": json.loads(json.dumps(cfg.model_dump()))}  # fmt: skip
+    assert json.loads((tmp_path / "run.ckpt" / "stage.json").read_text()) == key
+    with pytest.raises(FusechatError, match=r"run.ckpt: checkpoints of another configuration"):
+        train(str(nan_model), fused["capture"], out, _cfg(lam=1.0, max_steps=3))
+    with pytest.raises(FusechatError, match=r"diverged at step 1"):
+        train(str(nan_model), fused["capture"], out, _cfg(lam=1.0, max_steps=3), overwrite=True)
+    assert (
+        json.loads((tmp_path / "run.ckpt" / "stage.json").read_text())["config"]["max_steps"] == 3
+    )
+
+
+def test_lora_settings_reach_peft(toy_world, fused):
+    """Rank, alpha, dropout and the module names (a list, or one name such as all-linear)
+    arrive in the PEFT config, a causal-LM task."""
+    from fusechat.train import _load
+
+    rows = ShardRows(fused["train"], 128, with_targets=True)
+    model_path = str(toy_world / "openchat-mini")
+    lora = LoraConfig(r=2, alpha=16, dropout=0.1, target_modules=("k_proj", "o_proj"))
+    _, model = _load(model_path, rows, None, lora)
+    c = model.peft_config["default"]
+    assert (c.r, c.lora_alpha, c.lora_dropout, set(c.target_modules), c.task_type) == (
+        2, 16, 0.1, {"k_proj", "o_proj"}, "CAUSAL_LM")  # fmt: skip
+    _, model = _load(model_path, rows, None, LoraConfig(r=3, target_modules="all-linear"))
+    c = model.peft_config["default"]
+    assert (c.r, c.lora_alpha) == (3, 6)
+    names = {
+        n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n
+    }
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"} <= names
+
+
+def test_checkpoints_are_ordered_by_step_and_cut_off_ones_reported(tmp_path, caplog):
+    """checkpoint-10 is newer than checkpoint-9 (numbers, not names); a cut-off one is removed
+    with a warning that names it."""
+    from fusechat.train import last_complete_checkpoint
+
+    for n in (9, 10):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-11").mkdir()
+    with caplog.at_level(logging.WARNING, logger="fusechat.train"):
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert f"{tmp_path / 'checkpoint-11'}: incomplete or damaged checkpoint, removed" in caplog.text
+    assert not (tmp_path / "checkpoint-11").exists()

@@ -464,3 +464,21 @@ def test_run_sharded_refuses_other_settings_unless_overwrite(tmp_path, capsys):
     assert stage.started == [frozenset()] and stage.ran == [0, 1] and m["key"] == other
     last = capsys.readouterr().err.strip().split("\r")[-1]
     assert last.startswith("100%|") and "2/2" in last
+
+
+def test_other_ranks_read_the_prepared_folder_without_verifying_it(tmp_path, monkeypatch):
+    """Rank 0 verifies the kept shards' checksums once; the other ranks only list them."""
+    begin_stage(tmp_path, KEY)
+    save_shard(tmp_path, 0, [_row(0, 1)], "align")  # from a killed run
+    hashed: list[str] = []
+    monkeypatch.setattr(
+        shards, "file_digest", lambda p: hashed.append(p.name) or _b2(p.read_bytes())
+    )
+    rank1 = _Stage(tmp_path)
+    assert rank1.run(n=3, ranks=_NoBarrier(1, 2)) is None  # no manifest yet: rank 0 writes it
+    assert rank1.started == [frozenset({0})] and rank1.ran == [2] and hashed == []
+
+
+class _NoBarrier(Ranks):
+    def barrier(self):  # the other rank is elsewhere: nothing to wait for in this test
+        pass

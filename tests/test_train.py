@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ def test_lambda_one_is_plain_clm_on_a_capture(toy_world, fused, tmp_path, caplog
     assert not out.with_name("clm-run.ckpt").exists() and not out.with_name(".clm-run.tmp").exists()
     card = (out / "README.md").read_text()
     assert "clm-run" in card and ".clm-run.tmp" not in card
-    assert f"trained {out} in " in caplog.text and "s (4 steps)" in caplog.text
+    assert any(re.fullmatch(rf"trained {re.escape(str(out))} in \d+\.\d s \(4 steps\)", m)
+               for m in caplog.messages)  # fmt: skip
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r for r in log if "loss" in r]
     assert losses and all("fusion_loss" not in r for r in losses)
@@ -290,9 +292,9 @@ def test_precision_flags_follow_the_setting(name, flags, monkeypatch):
     from fusechat.train import _precision
 
     assert _precision(name) == flags
-    monkeypatch.setattr(data, "resolve_dtype", lambda _: "bfloat16")
+    monkeypatch.setattr(data, "resolve_dtype", {"auto": "bfloat16"}.__getitem__)
     assert _precision("auto") == {"bf16": True, "fp16": False}
-    monkeypatch.setattr(data, "resolve_dtype", lambda _: "float32")
+    monkeypatch.setattr(data, "resolve_dtype", {"auto": "float32"}.__getitem__)
     assert _precision("auto") == {"bf16": False, "fp16": False}
 
 
@@ -325,7 +327,7 @@ def test_the_checkpoint_folder_holds_one_configuration(tmp_path):
     assert (other / "notes.txt").exists()
 
 
-def test_resume_point_is_the_last_whole_checkpoint(tmp_path):
+def test_resume_point_is_the_last_whole_checkpoint(tmp_path, caplog):
     """Every rank resumes from the newest checkpoint written whole; a cut-off one is removed."""
     from fusechat.train import resume_point
 
@@ -345,7 +347,9 @@ def test_resume_point_is_the_last_whole_checkpoint(tmp_path):
     (good / "trainer_state.json").write_text("{}")
     torch.save({}, good / "pytorch_model.bin")
     (tmp_path / "checkpoint-6").mkdir()  # cut off: no trainer_state.json
-    assert resume_point(Rank0(), tmp_path) == str(good)
+    with caplog.at_level(logging.INFO, logger="fusechat.train"):
+        assert resume_point(Rank0(), tmp_path) == str(good)
+    assert f"resuming from {good}" in caplog.messages
     assert not (tmp_path / "checkpoint-6").exists()
 
 
@@ -361,11 +365,19 @@ def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused,
     rows = ShardRows(fused["train"], 64, with_targets=True)
     model = load_model(str(toy_world / "openchat-mini"), dtype="float32")
     tok = load_tokenizer(str(toy_world / "openchat-mini"))
-    cfg = _cfg(
-        batch_size=32, micro_batch_size=4, seed=7, precision="fp32", extra={"save_total_limit": 5}
-    )
-    t = _trainer(cfg, model, tok, rows, tmp_path / "ck", world=2)
+    cfg = _cfg(batch_size=32, micro_batch_size=4, seed=7, precision="fp32", lr=3e-4, epochs=2.0,
+               max_steps=5, scheduler="constant", warmup_ratio=0.1, weight_decay=0.01,
+               save_steps=7, logging_steps=3, gradient_checkpointing=True,
+               extra={"save_total_limit": 5})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fusechat.train"):
+        t = _trainer(cfg, model, tok, rows, tmp_path / "ck", world=2)
+    assert caplog.messages == []  # 4 x 2 x 4 is the batch asked for
     a = t.args
+    assert (a.learning_rate, a.num_train_epochs, a.max_steps, a.lr_scheduler_type.value) == (
+        3e-4, 2.0, 5, "constant")  # fmt: skip
+    assert (a.warmup_steps, a.weight_decay, a.save_strategy.value, a.save_steps) == (
+        0.1, 0.01, "steps", 7)  # fmt: skip
+    assert (a.logging_steps, a.activation_checkpointing) == (3, True)
     assert (a.output_dir, a.per_device_train_batch_size, a.gradient_accumulation_steps) == (
         str(tmp_path / "ck"), 4, 4)  # fmt: skip
     assert (a.seed, a.data_seed, a.remove_unused_columns, a.include_num_input_tokens_seen) == (
@@ -379,10 +391,11 @@ def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused,
     with caplog.at_level(logging.WARNING, logger="fusechat.train"):
         t = _trainer(_cfg(batch_size=30, micro_batch_size=4, heldout=str(toy_world / "corpus" / "heldout.jsonl"),
                           eval_steps=2), model, tok, rows, tmp_path / "ck2", world=2)  # fmt: skip
-    assert t.args.gradient_accumulation_steps == 4
-    assert (
-        "batch size 30 is not micro batch 4 x 2 processes x accumulation; using 32" in caplog.text
-    )
+    assert t.args.gradient_accumulation_steps == 4 and t.args.save_total_limit == 2
+    assert caplog.messages == [
+        "batch size 30 is not micro batch 4 x 2 processes x accumulation; using 32"
+    ]
+    assert (t.args.activation_checkpointing, t.args.bf16) == (False, False)
     assert "HeldoutCurve" in names(t)
     t = _trainer(
         _cfg(heldout=str(toy_world / "corpus" / "heldout.jsonl"), eval_steps=0),
@@ -398,15 +411,15 @@ def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused,
 def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
     """The manifest (returned and on disk): the key that decides reuse (stage, version, the
     model's and the data's fingerprints, the whole config as read back) and the run's figures;
-    the held-out curve at steps 0, 1 and 2; the card names the sources the data came from; a
+    the held-out curve at the start, every eval-steps and the end; the card names the sources the data came from; a
     rerun with the same key returns the manifest and says so."""
     from fusechat.io import fingerprint, model_fingerprint
     from fusechat.train import VERSION
 
     model = str(toy_world / "openchat-mini")
     held = str(toy_world / "corpus" / "heldout.jsonl")
-    cfg = _cfg(max_steps=2, batch_size=8, micro_batch_size=4, logging_steps=1, heldout=held,
-               eval_steps=1, lora=LoraConfig(r=2, target_modules=("q_proj",)))  # fmt: skip
+    cfg = _cfg(max_steps=3, batch_size=8, micro_batch_size=4, logging_steps=1, heldout=held,
+               eval_steps=2, lora=LoraConfig(r=2, target_modules=("q_proj",)))  # fmt: skip
     out = tmp_path / "run"
     t0 = time.perf_counter()
     m = train(model, fused["train"], out, cfg)
@@ -421,18 +434,21 @@ def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
     assert set(s) == {"steps", "train_loss", "seconds", "rows", "effective_batch", "processes",
                       "resumed_from"}  # fmt: skip
     assert (s["steps"], s["rows"], s["effective_batch"], s["processes"], s["resumed_from"]) == (
-        2, len(rows), 8, 1, None)  # fmt: skip
+        3, len(rows), 8, 1, None)  # fmt: skip
     assert len(rows) > 0
     assert isinstance(s["seconds"], float) and 0 < s["seconds"] <= elapsed
     assert round(s["seconds"], 1) == s["seconds"]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) == 2 and s["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-3)
-    assert [r["step"] for r in log if "heldout_nll_per_char" in r] == [0, 1, 2]
+    assert len(losses) == 3 and s["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-3)
+    curve = [r for r in log if "heldout_nll_per_char" in r]  # at the start, every 2, the end
+    assert [r["step"] for r in curve] == [0, 2, 3]
+    assert all(r["heldout_nll_per_char"] > 0 for r in curve)
+    assert curve[0]["tokens"] == 0 < curve[1]["tokens"] < curve[2]["tokens"]
     assert "nh2-mixtral-mini" in (out / "README.md").read_text()
     with caplog.at_level(logging.INFO, logger="fusechat.train"):
         assert train(model, fused["train"], out, cfg) == m
-    assert f"{out}: training already complete" in caplog.text
+    assert f"{out}: training already complete" in caplog.messages
 
 
 def test_a_second_run_into_an_existing_folder(toy_world, fused, tmp_path):
@@ -542,5 +558,7 @@ def test_checkpoints_are_ordered_by_step_and_cut_off_ones_reported(tmp_path, cap
     (tmp_path / "checkpoint-11").mkdir()
     with caplog.at_level(logging.WARNING, logger="fusechat.train"):
         assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert f"{tmp_path / 'checkpoint-11'}: incomplete or damaged checkpoint, removed" in caplog.text
+    assert caplog.messages == [
+        f"{tmp_path / 'checkpoint-11'}: incomplete or damaged checkpoint, removed"
+    ]
     assert not (tmp_path / "checkpoint-11").exists()

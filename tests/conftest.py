@@ -186,7 +186,6 @@ def fused(toy_world, tmp_path_factory):
     rows, aligned and fused; ``capture`` is the pivot's training capture (for lambda = 1)."""
     from fusechat.align import align
     from fusechat.capture import capture
-    from fusechat.configs import CaptureConfig
     from fusechat.fuse import fuse_stage
 
     d = tmp_path_factory.mktemp("fused")
@@ -194,9 +193,7 @@ def fused(toy_world, tmp_path_factory):
     for split, n in (("train", 96), ("heldout", 32)):
         data = toy_world / "corpus" / f"{split}.jsonl"
         for m in ("openchat-mini", "nh2-mixtral-mini"):
-            cfg = CaptureConfig(
-                model=str(toy_world / m), template="openchat", max_length=128, shard_rows=32
-            )
+            cfg = capture_config(toy_world, m, shard_rows=32)
             capture(cfg, data, d / f"cap-{split}-{m}", max_rows=n)
         align(
             d / f"cap-{split}-openchat-mini", d / f"cap-{split}-nh2-mixtral-mini", d / f"al-{split}"

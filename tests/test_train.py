@@ -408,14 +408,22 @@ def test_the_trainer_gets_every_setting_and_fusechats_defaults(toy_world, fused,
     assert "HeldoutCurve" not in names(t)
 
 
-def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
-    """The manifest (returned and on disk): the key that decides reuse (stage, version, the
-    model's and the data's fingerprints, the whole config as read back) and the run's figures;
-    the held-out curve at the start, every eval-steps and the end; the card names the sources the data came from; a
-    rerun with the same key returns the manifest and says so."""
+def _key(model: str, rows: ShardRows, cfg: TrainConfig) -> dict:
+    """The key a training run records, spelled out: stage, version, the model's and the data's
+    fingerprints and the whole config as read back from JSON."""
     from fusechat.io import fingerprint, model_fingerprint
     from fusechat.train import VERSION
 
+    return {"stage": "train", "version": VERSION, "model": model_fingerprint(model),
+            "data": fingerprint(rows.reader.key),
+            "config": json.loads(json.dumps(cfg.model_dump()))}  # fmt: skip
+
+
+def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
+    """The manifest (returned and on disk): the key that decides reuse (stage, version, the
+    model's and the data's fingerprints, the whole config as read back) and the run's figures;
+    the held-out curve at the start, every eval-steps and the end; the card names the sources
+    the data came from; a rerun with the same key returns the manifest and says so."""
     model = str(toy_world / "openchat-mini")
     held = str(toy_world / "corpus" / "heldout.jsonl")
     cfg = _cfg(max_steps=3, batch_size=8, micro_batch_size=4, logging_steps=1, heldout=held,
@@ -426,9 +434,7 @@ def test_the_manifest_records_the_run(toy_world, fused, tmp_path, caplog):
     elapsed = time.perf_counter() - t0
     assert json.loads((out / "manifest.json").read_text()) == m
     rows = ShardRows(fused["train"], cfg.max_length, with_targets=True)
-    assert m["key"] == {"stage": "train", "version": VERSION, "model": model_fingerprint(model),
-                        "data": fingerprint(rows.reader.key),
-                        "config": json.loads(json.dumps(cfg.model_dump()))}  # fmt: skip
+    assert m["key"] == _key(model, rows, cfg)
     assert m["key"]["config"]["lora"]["target_modules"] == ["q_proj"]
     s = m["stats"]
     assert set(s) == {"steps", "train_loss", "seconds", "rows", "effective_batch", "processes",
@@ -499,8 +505,6 @@ def test_a_diverged_run_keeps_its_checkpoint_folder(toy_world, tmp_path, fused):
     another configuration is refused there unless overwrite."""
     from fusechat.data import load_model, load_tokenizer
     from fusechat.errors import FusechatError
-    from fusechat.io import fingerprint, model_fingerprint
-    from fusechat.train import VERSION
 
     nan_model = tmp_path / "nan-model"
     m = load_model(str(toy_world / "openchat-mini"), dtype="float32")
@@ -514,8 +518,7 @@ def test_a_diverged_run_keeps_its_checkpoint_folder(toy_world, tmp_path, fused):
         train(str(nan_model), fused["capture"], out, cfg)
     assert not out.exists()
     rows = ShardRows(fused["capture"], cfg.max_length, with_targets=False)
-    key = {"stage": "train", "version": VERSION, "model": model_fingerprint(str(nan_model)),
-           "data": fingerprint(rows.reader.key), "config": json.loads(json.dumps(cfg.model_dump()))}  # fmt: skip
+    key = _key(str(nan_model), rows, cfg)
     assert json.loads((tmp_path / "run.ckpt" / "stage.json").read_text()) == key
     with pytest.raises(FusechatError, match=r"run.ckpt: checkpoints of another configuration"):
         train(str(nan_model), fused["capture"], out, _cfg(lam=1.0, max_steps=3))

@@ -57,8 +57,6 @@ def test_the_loss_is_the_fusion_loss_with_the_trainers_settings(parts, tmp_path)
 def test_the_logged_parts_are_the_means_since_the_last_log(parts, tmp_path):
     """Each log carries the mean CLM and fusion parts of the micro-batches since the last one;
     with lambda = 1 no fusion part is logged even when the batch holds targets."""
-    from fusechat.losses import fusion_losses as fl
-
     model, _, rows = parts
     t = _trainer(parts, tmp_path, lam=0.5)
     batches = [collate_rows([rows[i] for i in range(j, j + 2)]) for j in (0, 2)]
@@ -67,8 +65,8 @@ def test_the_logged_parts_are_the_means_since_the_last_log(parts, tmp_path):
         for b in batches:
             t.compute_loss(model, b)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            _, c, f = fl(logits, b["input_ids"], b["labels_mask"], b["target_ids"],
-                         b["target_probs"], lam=0.5)  # fmt: skip
+            _, c, f = fusion_losses(logits, b["input_ids"], b["labels_mask"],
+                                    b["target_ids"], b["target_probs"], lam=0.5)  # fmt: skip
             clm.append(c.item())
             fus.append(f.item())
     t.log({"loss": 1.0})

@@ -285,7 +285,9 @@ class TrainSettings(OptimSettings):
     )
     fusion_loss: Literal["ce", "kl"] = Field("ce", description="the fusion term")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where supported, else fp32"
+        "auto",
+        description="the compute (autocast); full fine-tuning keeps float32 master weights, "
+        "saved in the model's own dtype; auto: bf16 where supported, else fp32",
     )
     heldout: str | None = Field(
         None,

@@ -39,8 +39,9 @@ from fusechat.shards import STAGE
 from fusechat.trainer import heldout_callback, jsonl_callback, plot_losses, trainer_class
 
 log = logging.getLogger(__name__)
-VERSION = 5  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
-# 3: fused rows with align.branches train as token trees; 4: their tokens weighed; 5: by 1 - lambda
+VERSION = 6  # 2: the loss normalised over the whole effective batch (num_items_in_batch);
+# 3: fused rows with align.branches train as token trees; 4: their tokens weighed; 5: by 1 - lambda;
+# 6: float32 master weights in full fine-tuning, saved in the checkpoint's dtype
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -176,16 +177,66 @@ def train(
     }  # fmt: skip
     card = {"base_model": model_path, "data": str(data)}
     return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None,
-                 card)  # fmt: skip
+                 card, stored_dtype(model_path))  # fmt: skip
+
+
+def load_trainable(path: str, lora: bool, **kwargs):
+    """The model to fine-tune. Full fine-tuning holds float32 master weights whatever the
+    checkpoint stores (the precision setting only sets the compute, by autocast): bf16 values
+    near 0.02 lie 1.2e-4 apart, so in bf16 weights an Adam update of lr 5e-6 rounds away, every
+    step (Micikevicius et al., 2018). The saved model returns to the checkpoint's dtype
+    (``cast_checkpoint``). A LoRA's frozen base stays as stored (PEFT keeps the adapters in
+    float32)."""
+    from fusechat.data import load_model
+
+    return load_model(path, dtype="auto" if lora else torch.float32, **kwargs)
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json declares (None: none, read as float32)."""
+    from transformers import AutoConfig
+
+    try:
+        dtype = AutoConfig.from_pretrained(path).dtype
+    except (OSError, ValueError):
+        return None  # load_model has said what is wrong with the folder
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def cast_checkpoint(folder: Path, dtype: torch.dtype | None) -> None:
+    """Store the float32 tensors of the safetensors checkpoint in ``folder`` as ``dtype`` (a
+    16-bit float: the checkpoint trained from), with config.json's ``dtype`` and the shard
+    index's size to match; nothing else changes (a float32 checkpoint stays as it is)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if dtype is None or dtype == torch.float32 or not dtype.is_floating_point:
+        return
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
+        tensors = {k: t.to(dtype) if t.dtype == torch.float32 else t
+                   for k, t in load_file(f).items()}  # fmt: skip
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(f.with_name(f.name + ".tmp")), metadata=meta)
+        os.replace(f.with_name(f.name + ".tmp"), f)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        write_json(index, {**(idx := read_json(index)),
+                           "metadata": {**idx.get("metadata", {}), "total_size": total}})  # fmt: skip
+    config = read_json(folder / "config.json")
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    write_json(folder / "config.json", config)
 
 
 def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraConfig | None):
     """The pivot's tokenizer (checked against the targets) and model (wrapped in a LoRA)."""
-    from fusechat.data import load_model, load_tokenizer
+    from fusechat.data import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     check_targets(rows.reader.key, tokenizer, corpus_fp)
-    model = load_model(model_path, dtype="auto")
+    model = load_trainable(model_path, lora is not None)
     if len(tokenizer) > model.config.vocab_size:
         raise FusechatError(
             f"{model_path}: tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}"
@@ -272,9 +323,10 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
 
 
 def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool,
-          card: dict | None = None) -> dict:  # fmt: skip
+          card: dict | None = None, dtype: torch.dtype | None = None) -> dict:  # fmt: skip
     """The trained model in ``out``, renamed into place whole, with its manifest and, given
-    ``card`` (``base_model``, ``data``), its model card (``fusechat.cards``).
+    ``card`` (``base_model``, ``data``), its model card (``fusechat.cards``); its float32
+    tensors stored as ``dtype`` (the checkpoint's it trained from) when that is 16-bit.
 
     Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then adds
     tokenizer, logs and manifest and renames the folder into place."""
@@ -292,6 +344,7 @@ def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool,
         trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return {}
+    cast_checkpoint(staging, dtype)
     tokenizer.save_pretrained(staging)
     (staging / "training_args.bin").unlink(missing_ok=True)
     log_path = ckpt / "train_log.jsonl"

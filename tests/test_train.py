@@ -91,6 +91,51 @@ def test_lora_trains_and_merges(toy_world, fused, tmp_path):
     )
 
 
+def test_a_bf16_checkpoint_trains_in_float32_master_weights(toy_world, fused, tmp_path):
+    """Full fine-tuning of a bf16 checkpoint keeps float32 master weights and stores the
+    result in bf16: the same tensors as training the same values stored in float32, rounded
+    once at the end. (In bf16 weights an update of lr 5e-6 rounds away at every step.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pivot = toy_world / "openchat-mini"
+    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.bfloat16)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model.to(dtype).save_pretrained(tmp_path / name)  # the same values, exactly
+        AutoTokenizer.from_pretrained(pivot).save_pretrained(tmp_path / name)
+        train(str(tmp_path / name), fused["train"], tmp_path / f"{name}-t", _cfg(lr=5e-6))
+    start = load_file(tmp_path / "bf16" / "model.safetensors")
+    got = load_file(tmp_path / "bf16-t" / "model.safetensors")
+    want = load_file(tmp_path / "fp32-t" / "model.safetensors")
+    assert json.loads((tmp_path / "bf16-t" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert {t.dtype for t in want.values()} == {torch.float32}  # a float32 one stays so
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
+    moved = sum(int((got[k] != start[k]).sum()) for k in got) / sum(t.numel() for t in got.values())
+    assert moved > 0.05
+
+
+def test_cast_checkpoint_stores_a_sharded_float32_checkpoint_in_bf16(toy_world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusechat.train import cast_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini", dtype=torch.float32)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    cast_checkpoint(tmp_path, torch.bfloat16)
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and not list(tmp_path.glob("*.tmp"))
+    tensors = {k: v for f in shards for k, v in load_file(f).items()}
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert back.dtype == torch.bfloat16
+    ref = model.state_dict()
+    assert all(torch.equal(p, ref[n].to(torch.bfloat16)) for n, p in back.state_dict().items())
+    cast_checkpoint(tmp_path, torch.float32)  # nothing to do
+    assert {v.dtype for v in load_file(shards[0]).values()} == {torch.bfloat16}
+
+
 @pytest.mark.slow  # out of make mutation: seconds per mutant
 def test_killed_training_resumes_to_the_same_model(toy_world, fused, tmp_path):
     args = ["train", "--model", str(toy_world / "openchat-mini"), "--data", str(fused["train"])]

@@ -33,7 +33,7 @@ from fusechat.implicit.settings import DpoConfig, PreferSettings, SftConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: float32 master weights in full fine-tuning (fusechat.train.load_trainable)
 
 
 # --------------------------------------------------------------------------- losses
@@ -239,11 +239,16 @@ def reuse(stage: str, key: dict, out: Path, inputs: Sequence, overwrite: bool) -
     return None
 
 
-def _model(path: str, cfg: PreferSettings):
+def _model(path: str, cfg: PreferSettings, trained: bool = True):
+    """The policy (``load_trainable``: float32 master weights in full fine-tuning, the compute
+    in ``cfg.dtype``) or, ``trained=False``, DPO's frozen reference in ``cfg.dtype``."""
     import torch
 
     from fusechat.data import load_model, resolve_dtype
+    from fusechat.train import load_trainable
 
+    if trained:
+        return load_trainable(path, cfg.lora is not None)
     return load_model(path, dtype=getattr(torch, resolve_dtype(cfg.dtype)))
 
 
@@ -288,7 +293,7 @@ def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg,
     """Train (resuming from the last whole checkpoint in ``ckpt``) and save the model whole,
     with its card (``model`` its base)."""
     from fusechat.ranks import Ranks
-    from fusechat.train import _save, resume_point
+    from fusechat.train import _save, resume_point, stored_dtype
 
     world = Ranks.from_env().world
     t0 = time.perf_counter()
@@ -306,7 +311,7 @@ def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg,
              "last_log": logged[-1] if logged else None}  # fmt: skip
     card = {"base_model": model, "data": stats["data"]}
     return _save(trainer, tokenizer, out, ckpt, {"key": key, "stats": stats}, cfg.lora is not None,
-                 card)  # fmt: skip
+                 card, stored_dtype(model))  # fmt: skip
 
 
 def _callbacks(ckpt: Path) -> list:
@@ -355,7 +360,7 @@ def dpo_trainer(model: str, tokenizer, rows: Sequence[dict], cfg: DpoConfig, ckp
 
     args = trl_args(DPOConfig, cfg, ckpt, world, beta=cfg.beta,
                     loss_type=[trl_loss_type(cfg.loss)])  # fmt: skip
-    ref = None if cfg.lora is not None else _model(model, cfg)
+    ref = None if cfg.lora is not None else _model(model, cfg, trained=False)
     return DPOTrainer(model=_model(model, cfg), ref_model=ref, args=args,
                       train_dataset=Dataset.from_list(list(rows)), processing_class=tokenizer,
                       peft_config=peft_config(cfg.lora), callbacks=_callbacks(ckpt))  # fmt: skip

@@ -154,8 +154,9 @@ class PreferSettings(OptimSettings):
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="the weights' dtype in training (bfloat16 also computes in bf16); auto: "
-        "bfloat16 on GPUs that support it, else float32",
+        description="the compute in training (bfloat16: autocast; full fine-tuning keeps "
+        "float32 master weights, saved in the model's own dtype) and DPO's reference weights; "
+        "auto: bfloat16 on GPUs that support it, else float32",
     )
 
 

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 export FUSECHAT_CACHE ?= $(HOME)/.cache/fusechat
 
-.PHONY: install demo test lint clean test-vllm mutation docs
+.PHONY: install demo test lint clean test-vllm mutation docs gpu-prep
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -62,3 +62,9 @@ mutation: $(STAMP)
 # when it is stale).
 docs: $(STAMP)
 	$(PY) -m fusechat.cli_reference > docs/cli.md.tmp && mv docs/cli.md.tmp docs/cli.md
+
+# A device run of bench/gpu.py (docs/scaling.md, "At 7B on one GPU"): the wheels the device image
+# lacks, in this environment's versions, in .whl/, and the toy world in .gpu/toy (both ignored).
+gpu-prep: $(STAMP)
+	$(VENV)/bin/fusechat toy build --out $(FUSECHAT_CACHE)/toy
+	$(PY) bench/gpu_prep.py

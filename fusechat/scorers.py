@@ -67,11 +67,20 @@ class HFScorer:
         cuda = torch.cuda.is_available()
         dtype = resolve_dtype(dtype)
         where = ("auto" if device is None else {"": device}) if cuda else None
-        self.model = load_model(path, dtype=getattr(torch, dtype), device_map=where)
-        self.model.eval()
+        self._adopt(load_model(path, dtype=getattr(torch, dtype), device_map=where), n_tokens, path)
+
+    @classmethod
+    def from_model(cls, model, n_tokens: int | None = None) -> HFScorer:
+        """A scorer over a model already in memory (``bench/gpu.py``'s random weights)."""
+        scorer = cls.__new__(cls)
+        scorer._adopt(model, n_tokens, type(model).__name__)
+        return scorer
+
+    def _adopt(self, model, n_tokens: int | None, name: str) -> None:
+        self.model = model.eval()
         rows = self.model.get_input_embeddings().num_embeddings
         if n_tokens is not None and n_tokens > rows:
-            raise FusechatError(f"{path}: the tokenizer has {n_tokens} tokens, the model's "
+            raise FusechatError(f"{name}: the tokenizer has {n_tokens} tokens, the model's "
                                 f"embedding {rows} rows")  # fmt: skip
         self.vocab_size = n_tokens or self.model.config.vocab_size
 

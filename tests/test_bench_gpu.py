@@ -1,0 +1,47 @@
+"""bench/gpu.py (the device check of issue 27) at its tiny size on CPU: every section runs on
+the code a device run uses, so the prepared script cannot rot between device sessions."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+
+
+@pytest.mark.slow
+def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_path):
+    cmd = [sys.executable, str(BENCH), "--size", "tiny", "--toy", str(toy_world),
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text()) == result
+    assert (tmp_path / "out" / "mini.log").stat().st_size > 0
+    sections = ("ceilings", "capture", "train", "merge", "mini")
+    assert {s: result[s].get("error") for s in sections} == dict.fromkeys(sections)
+    assert result["ceilings"]["matmul_flops"] > 0 and result["ceilings"]["copy_gbps"] > 0
+    for kind in ("dense", "moe"):
+        cap = result["capture"][kind]
+        fractions = [cap[f"budget_{b}"]["roofline_fraction"] for b in (128, 256)]
+        assert all(0 < f < math.inf for f in fractions)
+        assert cap["best_roofline_fraction"] == max(fractions)
+    moe = result["capture"]["moe"]  # two of four experts per token
+    assert moe["active_params"] < moe["params"]
+    train = result["train"]
+    for part, variants in (("full", ("clm", "fusion")), ("lora", ("clm", "fusion")),
+                           ("wide_vocab", ("clm", "fusion", "dense"))):  # fmt: skip
+        for v in variants:
+            assert train[part][v]["step_s"] > 0 and train[part][v]["mfu"] > 0
+    assert train["full"]["layers"] == 2 and train["wide_vocab"]["vocab"] == 4096
+    assert 0 < train["lora"]["lora_params"] < train["full"]["params"]
+    merge = result["merge"]
+    assert merge["load_same_scores"] is True
+    assert merge["linear"]["seconds"] > 0 and merge["varm"]["seconds"] > 0
+    mini = result["mini"]  # two training steps: every model scored, no quality asked
+    assert mini["all_scored"] is True and mini["models"] == mini["models_scored"] == 9

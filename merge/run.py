@@ -87,7 +87,8 @@ def delta_figures(cfg, options) -> dict:
     """``fusechat.weightspace``'s figures for a merge with a base, read tensor by tensor: each
     input's relative delta ``||theta_i - theta_base|| / ||theta_base||`` and the cosine between
     every two inputs' deltas. Small deltas pointing the same way are what averaging needs
-    (model soups); 40% apart at cosine 0.6, a merge lands off every input."""
+    (model soups); 40% apart at cosine 0.6, a merge lands off every input. Computed on the
+    merge's device (float64 sums over every weight of every input: on a GPU, not the CPU)."""
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
     from fusechat.weightspace import add_sums, delta_sums, figures
@@ -99,10 +100,10 @@ def delta_figures(cfg, options) -> dict:
     base = loader(cfg.base_model)
     refs = [m.model for m in cfg.models or [] if m.model != cfg.base_model]
     loaders = {str(r): loader(r) for r in refs}
-    total = None
+    total, dev = None, options.device
     for t in sorted(base.index.tensor_paths):  # one tensor of every model in memory at a time
-        part = delta_sums({t: base.get_tensor(t)},
-                          {n: {t: ld.get_tensor(t)} for n, ld in loaders.items()})  # fmt: skip
+        part = delta_sums({t: base.get_tensor(t, device=dev)},
+                          {n: {t: ld.get_tensor(t, device=dev)} for n, ld in loaders.items()})  # fmt: skip
         total = part if total is None else add_sums(total, part)
     return figures(total)
 

@@ -41,7 +41,7 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     assert train["full"]["layers"] == 2 and train["wide_vocab"]["vocab"] == 4096
     assert 0 < train["lora"]["lora_params"] < train["full"]["params"]
     merge = result["merge"]
-    assert merge["load_same_scores"] is True
+    assert merge["load_topk_ids_agree"] == 1.0 and merge["load_max_logprob_diff"] == 0.0
     assert merge["linear"]["seconds"] > 0 and merge["varm"]["seconds"] > 0
     mini = result["mini"]  # two training steps: every model scored, no quality asked
     assert mini["all_scored"] is True and mini["models"] == mini["models_scored"] == 9

@@ -4,11 +4,11 @@ the device tool carries them (``make gpu-prep``; both folders are ignored by git
 
     python bench/gpu_prep.py [--wheels .whl] [--toy .gpu/toy]
 
-Wheels: fusechat's own (built here) and every package of its dependency closure that the device
-image lacks, for CPython 3.12 on x86-64 Linux; the transformers stack (transformers,
-tokenizers, huggingface-hub, peft, accelerate, safetensors) always, so the device runs the
-versions the tests ran (its image holds older ones). torch, numpy and the CUDA libraries stay
-the image's. The device command (docs/gpu.md) installs them into /tmp/site first. The last
+Wheels: every package of fusechat's dependency closure that the device image lacks, for
+CPython 3.12 on x86-64 Linux; the transformers stack (transformers, tokenizers, huggingface-hub,
+peft, accelerate, safetensors) always, so the device runs the versions the tests ran (its image
+holds older ones). torch, numpy and the CUDA libraries stay the image's; fusechat itself is
+not a wheel (it would go stale): ``bench/gpu_device.sh`` lays out the carried tree's. The last
 line is one JSON object: what was prepared and its size (the tool carries 64 MiB at most).
 """
 
@@ -66,13 +66,19 @@ def closure(root: str = "fusechat") -> dict[str, str]:
     return found
 
 
+def device_wheels(found: dict[str, str]) -> dict[str, str]:
+    """Of ``closure()``, what the device needs carried: what its image lacks, and the
+    transformers stack at these versions."""
+    return {n: v for n, v in found.items() if n not in IMAGE or n in ALWAYS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wheels", type=Path, default=ROOT / ".whl")
     ap.add_argument("--toy", type=Path, default=ROOT / ".gpu" / "toy")
     ap.add_argument("--toy-from", type=Path, help="the built toy world (default: the cache's)")
     args = ap.parse_args()
-    need = {n: v for n, v in closure().items() if n not in IMAGE or n in ALWAYS}
+    need = device_wheels(closure())
     shutil.rmtree(args.wheels, ignore_errors=True)
     pins = [f"{n}=={v}" for n, v in sorted(need.items())]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -80,8 +86,6 @@ def main() -> None:
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run(cmd + pins, check=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(args.wheels), str(ROOT)], check=True)  # fmt: skip
     from fusechat.io import cache_dir
 
     src = args.toy_from or cache_dir() / "toy"

@@ -45,3 +45,22 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     assert merge["linear"]["seconds"] > 0 and merge["varm"]["seconds"] > 0
     mini = result["mini"]  # two training steps: every model scored, no quality asked
     assert mini["all_scored"] is True and mini["models"] == mini["models_scored"] == 9
+
+
+def test_the_device_wheels_are_fusechat_s_dependencies_the_image_lacks():
+    """bench/gpu_prep.py's list: the installed closure of fusechat's requirements (so a
+    package the code imports is not forgotten), less what the device image holds, plus the
+    transformers stack at this environment's versions."""
+    import importlib.metadata as md
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_prep", BENCH.with_name("gpu_prep.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    found = prep.closure()
+    assert "fusechat" not in found
+    for name in ("trl", "mergekit", "pydantic", "pydantic-core", "rapidfuzz", "transformers"):
+        assert found[name] == md.version(name)  # direct and indirect requirements
+    need = prep.device_wheels(found)
+    assert {"trl", "mergekit", "pydantic-core", "transformers", "tokenizers"} <= set(need)
+    assert not {"torch", "numpy", "scipy", "pyyaml"} & set(need)  # the image's own

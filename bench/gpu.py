@@ -21,7 +21,8 @@ it cannot rot). Sections, each timed after warm-up with the device synchronised:
   (rank 16 on every linear layer, base in bf16), each with the fusion loss (``fusion_losses``,
   K = 10 sparse targets) and with plain CLM (cross-entropy on the logits): tokens/s, MFU
   (full: 6N FLOPs per token; LoRA: 4N for the frozen weights' forward and input gradients
-  plus 6 x its own parameters, not 6N) and peak memory. Then at a 152,064-token vocabulary
+  plus 6 x its own parameters, not 6N) and peak memory (``layer_forwards_per_step`` 2: the
+  activations were recomputed, checkpointing on). Then at a 152,064-token vocabulary
   (fewer layers): CLM, the sparse fusion loss and a dense (positions x vocabulary) target,
   to show the sparse loss's memory stays flat where a dense one would not. Full fine-tuning
   needs 16 bytes per parameter; a model that does not fit is trained with fewer layers
@@ -191,11 +192,11 @@ def matmul_params(model) -> tuple[int, int]:
 def layer_bytes(spec: dict, bytes_per_param: int) -> tuple[float, float]:
     """(bytes of everything but the layers, bytes per layer) of ``spec`` at
     ``bytes_per_param``, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
     counts = []
     for layers in (1, 2):
         with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
-
             m = AutoModelForCausalLM.from_config(config(spec, num_hidden_layers=layers))
         counts.append(sum(p.numel() for p in m.parameters()))
     per = counts[1] - counts[0]
@@ -289,10 +290,16 @@ def _loss(variant: str, logits: torch.Tensor, b: dict) -> torch.Tensor:
 def _steps(model, size: Size, device: torch.device, variants: tuple[str, ...],
            flops_per_token: float, peak_flops: float) -> dict:  # fmt: skip
     """Optimizer steps of ``model`` with each loss: step seconds, tokens/s, MFU, peak memory."""
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     b = _batch(size, model.config.vocab_size, device)
     tokens = size.micro * size.seq
+    # a decoder layer's parts run twice a step when its activations are recomputed (checkpointing
+    # on); the layer's own hooks stay outside the checkpoint, so one of its children is counted
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    hook = next(layer.children()).register_forward_hook(lambda *_: calls.append(1))
     out = {}
     for variant in variants:
 
@@ -304,6 +311,8 @@ def _steps(model, size: Size, device: torch.device, variants: tuple[str, ...],
             opt.zero_grad(set_to_none=True)
 
         step()  # warm-up: the optimizer's state and the kernels' choice
+        out.setdefault("layer_forwards_per_step", len(calls))
+        hook.remove()
         reset_peak(device)
         secs = timed(step, device, repeat=size.steps, warmup=0)
         out[variant] = {"step_s": round(secs, 3), "tokens_per_s": round(tokens / secs),

@@ -38,6 +38,7 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
                            ("wide_vocab", ("clm", "fusion", "dense"))):  # fmt: skip
         for v in variants:
             assert train[part][v]["step_s"] > 0 and train[part][v]["mfu"] > 0
+        assert train[part]["layer_forwards_per_step"] == 2  # activations recomputed
     assert train["full"]["layers"] == 2 and train["wide_vocab"]["vocab"] == 4096
     assert 0 < train["lora"]["lora_params"] < train["full"]["params"]
     merge = result["merge"]

@@ -98,7 +98,7 @@ class Size:
 SIZES = {
     "7b": Size(MISTRAL_7B, MIXTRAL_8X7B, seq=2048, budgets=(8192, 32768, 65536), micro=4,
                wide_vocab=152064, wide_layers=4, merge_layers=8, matmul_n=8192,
-               copy_bytes=2 << 30, mini=["eval.max_questions=1000"]),
+               copy_bytes=2 << 30, mini=["eval.max_questions=500"]),
     "tiny": Size(TINY, TINY_MOE, seq=64, budgets=(128, 256), micro=2, wide_vocab=4096,
                  wide_layers=1, merge_layers=2, matmul_n=256, copy_bytes=16 << 20, steps=2,
                  lora_r=4, mini=["data.max_rows=24", "train.max_steps=2", "train.eval_steps=0",
@@ -499,6 +499,42 @@ def mini(size: Size, toy: Path, work: Path, timeout: float) -> dict:
             "all_scored": scored, "trained_below_pivot": below, "passed": scored and below}  # fmt: skip
 
 
+# --------------------------------------------------------------------------- report
+
+# issue 27's bars: (figure, path in the result, bar, is the bar a floor)
+BARS = [
+    ("capture, best budget: fraction of the forward roofline (7B)",
+     ("capture", "dense", "best_roofline_fraction"), 0.40, True),
+    ("full fine-tuning, fusion loss: MFU", ("train", "full", "fusion", "mfu"), 0.35, True),
+    ("152k vocabulary: fusion step time / CLM's", ("train", "wide_vocab", "fusion_over_clm_time"),
+     1.10, False),
+    ("152k vocabulary: fusion peak memory / CLM's",
+     ("train", "wide_vocab", "fusion_over_clm_memory"), 1.05, False),
+    ("VaRM time / mergekit linear's", ("merge", "varm_over_linear_time"), 1.30, False),
+    ("the mini recipe passes (bf16 training)", ("mini", "passed"), True, True),
+]  # fmt: skip
+
+
+def report(result: dict) -> str:
+    """A markdown table of ``result`` against issue 27's bars (a missing figure: its
+    section's error, or absent)."""
+    lines = [f"`bench/gpu.py --size {result['size']}` on {result['device']}, {result['date']} "
+             f"(torch {result['torch']}, transformers {result['transformers']}):", "",
+             "| figure | bar | measured | met |", "|---|---|---|---|"]  # fmt: skip
+    for name, path, bar, floor in BARS:
+        node = result
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if node == {}:
+            err = result.get(path[0], {}).get("error", "not measured")  # CPU: no peak memory
+            lines.append(f"| {name} | {bar} | {err} | no |")
+            continue
+        met = node == bar if isinstance(bar, bool) else node >= bar if floor else node <= bar
+        sign = "" if isinstance(bar, bool) else (">= " if floor else "<= ")
+        lines.append(f"| {name} | {sign}{bar} | {node} | {'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -521,7 +557,16 @@ def main(argv: list[str] | None = None) -> dict:
         default=540,
         help="seconds for the whole run; the mini recipe gets what is left",
     )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="GPU_JSON",
+        help="print a run's figures against issue 27's bars (markdown) and stop",
+    )
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     size = SIZES[args.size]
     start = time.perf_counter()

@@ -46,6 +46,14 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     assert merge["linear"]["seconds"] > 0 and merge["varm"]["seconds"] > 0
     mini = result["mini"]  # two training steps: every model scored, no quality asked
     assert mini["all_scored"] is True and mini["models"] == mini["models_scored"] == 9
+    # the report against the bars reads every figure it names
+    r = subprocess.run([sys.executable, str(BENCH), "--report", str(tmp_path / "out" / "gpu.json")],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| ") and "---" not in x][1:]
+    assert len(rows) == 6 and all(x.endswith(("| yes |", "| no |")) for x in rows)
+    assert "Error" not in r.stdout
+    assert "| not measured | no |" in rows[3]  # a CPU has no peak device memory to compare
+    assert f"| {train['full']['fusion']['mfu']} |" in rows[1]
 
 
 def test_the_device_wheels_are_fusechat_s_dependencies_the_image_lacks():

@@ -21,7 +21,9 @@ it cannot rot). Sections, each timed after warm-up with the device synchronised:
   (rank 16 on every linear layer, base in bf16), each with the fusion loss (``fusion_losses``,
   K = 10 sparse targets) and with plain CLM (cross-entropy on the logits): tokens/s, MFU
   (full: 6N FLOPs per token; LoRA: 4N for the frozen weights' forward and input gradients
-  plus 6 x its own parameters, not 6N) and peak memory (``layer_forwards_per_step`` 2: the
+  plus 6 x its own parameters, not 6N) against the measured matmul rate (``mfu``) and the
+  chip's published dense bf16 rate (``mfu_spec``), peak memory and the step's own share of it
+  above the weights and optimizer state (``step_gb``; ``layer_forwards_per_step`` 2: the
   activations were recomputed, checkpointing on). Then at a 152,064-token vocabulary
   (fewer layers): CLM, the sparse fusion loss and a dense (positions x vocabulary) target,
   to show the sparse loss's memory stays flat where a dense one would not. Full fine-tuning
@@ -34,9 +36,11 @@ it cannot rot). Sections, each timed after warm-up with the device synchronised:
 - ``mini``: ``fusechat run recipes/mini.yaml`` on the toy world (``--toy``) with bf16 training:
   every model scored, and every trained or merged model's held-out loss below the pivot's.
 
-Each section that fails records its error and the rest go on. The last line is one JSON
-object; with ``--out``, the same object is written to ``gpu.json`` there after each section, so
-a run stopped at its time limit keeps what it measured.
+Each part (capture dense and MoE; training full, LoRA and wide) that fails records its error
+and the rest go on; the mini recipe runs in its own process group, killed whole at the
+deadline (``timed_out``). The last line is one JSON object; with ``--out``, the same object is
+written to ``gpu.json`` there after each part, so a run stopped at its time limit keeps what it
+measured. ``--report gpu.json`` prints it against issue 27's bars.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +80,14 @@ TINY = dict(
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
 )  # fmt: skip
 TINY_MOE = {**TINY, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+
+
+# published dense bf16 tensor-core rates (SXM parts), for MFU as usually quoted
+SPEC_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def spec_flops_of(name: str) -> float | None:
+    return next((v for k, v in SPEC_BF16_FLOPS.items() if k in name), None)
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,10 @@ def peak_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+
+
+def allocated_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -221,7 +238,9 @@ def ceilings(size: Size, device: torch.device) -> dict:
     x = torch.empty(size.copy_bytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     cp = timed(lambda: y.copy_(x), device, repeat=10, warmup=3)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"matmul_n": n, "matmul_flops": float(f"{2 * n**3 / mm:.4g}"),
+            "spec_flops": spec_flops_of(name),
             "copy_gbps": round(2 * size.copy_bytes / cp / 1e9, 1)}  # fmt: skip
 
 
@@ -288,8 +307,10 @@ def _loss(variant: str, logits: torch.Tensor, b: dict) -> torch.Tensor:
 
 
 def _steps(model, size: Size, device: torch.device, variants: tuple[str, ...],
-           flops_per_token: float, peak_flops: float) -> dict:  # fmt: skip
-    """Optimizer steps of ``model`` with each loss: step seconds, tokens/s, MFU, peak memory."""
+           flops_per_token: float, peak_flops: float, spec_flops: float | None) -> dict:  # fmt: skip
+    """Optimizer steps of ``model`` with each loss: step seconds, tokens/s, MFU against the
+    measured matmul rate and against the chip's published dense bf16 rate, peak memory and the
+    step's own share of it (``step_gb``: above the weights and optimizer state it starts with)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -314,17 +335,22 @@ def _steps(model, size: Size, device: torch.device, variants: tuple[str, ...],
         out.setdefault("layer_forwards_per_step", len(calls))
         hook.remove()
         reset_peak(device)
+        held = allocated_gb(device)  # weights and optimizer state: the same for every loss
         secs = timed(step, device, repeat=size.steps, warmup=0)
+        flops = flops_per_token * tokens / secs
+        peak = peak_gb(device)
         out[variant] = {"step_s": round(secs, 3), "tokens_per_s": round(tokens / secs),
-                        "mfu": round(flops_per_token * tokens / secs / peak_flops, 3),
-                        "peak_gb": peak_gb(device)}  # fmt: skip
+                        "mfu": round(flops / peak_flops, 3),
+                        "mfu_spec": round(flops / spec_flops, 3) if spec_flops else None,
+                        "peak_gb": peak,
+                        "step_gb": None if peak is None else round(peak - held, 2)}  # fmt: skip
     return out  # the optimizer's state goes with this frame
 
 
-def _full(size: Size, device: torch.device, spec: dict, variants, peak_flops: float,
+def _full(size: Size, device: torch.device, spec: dict, variants, flops: tuple,
           **over) -> dict:  # fmt: skip
     """Full fine-tuning over float32 master weights; fewer layers where 16 bytes a parameter
-    (weights, gradients, Adam's two moments) do not fit."""
+    (weights, gradients, Adam's two moments) do not fit (``needs_gb``: all of them)."""
     want = {**spec, **over}
     fixed, per = layer_bytes(want, 16)
     needs = (fixed + per * want["num_hidden_layers"]) / 1e9
@@ -334,7 +360,7 @@ def _full(size: Size, device: torch.device, spec: dict, variants, peak_flops: fl
             model = build(want, torch.float32, device, num_hidden_layers=layers)
             model.activation_checkpointing_enable()
             n, _ = matmul_params(model)
-            res = _steps(model, size, device, variants, 6 * n, peak_flops)
+            res = _steps(model, size, device, variants, 6 * n, *flops)
             break
         except torch.OutOfMemoryError:
             if layers == 1:
@@ -345,16 +371,25 @@ def _full(size: Size, device: torch.device, spec: dict, variants, peak_flops: fl
         log.warning("full fine-tuning: out of memory, again with %d layers", layers)
     del model
     release()
-    return {"layers": layers, "needs_gb": round(needs, 1), "params": n, **res}
+    out = {"layers": layers, "needs_gb": round(needs, 1), "params": n,
+           "tokens_per_step": size.micro * size.seq, **res}  # fmt: skip
+    out["fusion_over_clm_time"] = round(res["fusion"]["step_s"] / res["clm"]["step_s"], 3)
+    for v in ("fusion", "dense"):
+        if v in res and res["clm"]["peak_gb"]:
+            out[f"{v}_over_clm_memory"] = round(res[v]["peak_gb"] / res["clm"]["peak_gb"], 3)
+            out[f"{v}_over_clm_step_memory"] = round(res[v]["step_gb"] / res["clm"]["step_gb"], 3)
+    return out
 
 
-def train(size: Size, device: torch.device, spec: dict, peak_flops: float) -> dict:
+def train_full(size: Size, device: torch.device, spec: dict, flops: tuple) -> dict:
+    return _full(size, device, spec, ("clm", "fusion"), flops)
+
+
+def train_lora(size: Size, device: torch.device, spec: dict, flops: tuple) -> dict:
+    """A LoRA over the bf16 base: 4N FLOPs a token for the frozen weights (forward and input
+    gradients), 6 for each of its own."""
     import peft
 
-    out = {"tokens_per_step": size.micro * size.seq,
-           "full": _full(size, device, spec, ("clm", "fusion"), peak_flops)}  # fmt: skip
-    f = out["full"]
-    f["fusion_over_clm_time"] = round(f["fusion"]["step_s"] / f["clm"]["step_s"], 3)
     base = build(spec, torch.bfloat16, device)
     n, _ = matmul_params(base)
     model = peft.get_peft_model(base, peft.LoraConfig(
@@ -362,27 +397,18 @@ def train(size: Size, device: torch.device, spec: dict, peak_flops: float) -> di
         task_type="CAUSAL_LM"))  # fmt: skip
     model.activation_checkpointing_enable()
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["lora"] = {"r": size.lora_r, "lora_params": n_lora,
-                   **_steps(model, size, device, ("clm", "fusion"), 4 * n + 6 * n_lora,
-                            peak_flops)}  # fmt: skip
+    out = {"r": size.lora_r, "lora_params": n_lora,
+           **_steps(model, size, device, ("clm", "fusion"), 4 * n + 6 * n_lora, *flops)}  # fmt: skip
     del model, base
     release()
-    w = _full(
-        size,
-        device,
-        spec,
-        ("clm", "fusion", "dense"),
-        peak_flops,
-        vocab_size=size.wide_vocab,
-        num_hidden_layers=size.wide_layers,
-    )
-    w["vocab"] = size.wide_vocab
-    w["fusion_over_clm_time"] = round(w["fusion"]["step_s"] / w["clm"]["step_s"], 3)
-    if w["clm"]["peak_gb"]:
-        for v in ("fusion", "dense"):
-            w[f"{v}_over_clm_memory"] = round(w[v]["peak_gb"] / w["clm"]["peak_gb"], 3)
-    out["wide_vocab"] = w
     return out
+
+
+def train_wide(size: Size, device: torch.device, spec: dict, flops: tuple) -> dict:
+    """CLM, the sparse fusion loss and a dense target at the wide vocabulary."""
+    out = _full(size, device, spec, ("clm", "fusion", "dense"), flops,
+                vocab_size=size.wide_vocab, num_hidden_layers=size.wide_layers)  # fmt: skip
+    return {"vocab": size.wide_vocab, **out}
 
 
 def _write_models(size: Size, device: torch.device, spec: dict, work: Path) -> list[Path]:
@@ -444,6 +470,12 @@ def merge(size: Size, device: torch.device, spec: dict, work: Path) -> dict:
     a, b = disk.score([seg], [-1], size.k)[0], mem.score([seg], [-1], size.k)[0]
     out["load_topk_ids_agree"] = float((a[0] == b[0]).mean())
     out["load_max_logprob_diff"] = float(abs(a[1] - b[1]).max())
+    # the weights themselves (a score may move by a rounding of buffers computed on another
+    # device, such as rope's inverse frequencies)
+    ref = mem.model.state_dict()
+    out["load_weights_equal"] = all(
+        torch.equal(t, ref[k]) for k, t in disk.model.state_dict().items()
+    )
     del disk, mem
     release()
     models = [{"model": str(p)} for p in paths[1:]]
@@ -472,18 +504,24 @@ def mini(size: Size, toy: Path, work: Path, timeout: float) -> dict:
     scored, finite; every trained or merged model's held-out nll/char below the pivot's: a
     ``tiny`` run's two steps need not get there)."""
     env = {**os.environ, "FUSECHAT_CACHE": str(toy.resolve().parent)}
-    if toy.name != "toy":
-        raise SystemExit(f"--toy {toy}: the toy world's folder must be named toy")
     work.mkdir(parents=True, exist_ok=True)
     sets = [f"run_dir={work / 'runs'}", "train.precision=bf16", *size.mini]
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "mini.yaml"
     cmd = [sys.executable, "-m", "fusechat.cli", "run", str(recipe)]
     cmd += [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
-    with open(work / "mini.log", "w") as logf:
-        r = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+    with open(work / "mini.log", "w") as logf:  # its own session: a timeout stops all of it
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"seconds": round(time.perf_counter() - t0, 1), "timed_out": True,
+                    "passed": False}  # fmt: skip
     secs = round(time.perf_counter() - t0, 1)
-    if r.returncode:
+    if rc:
         tail = (work / "mini.log").read_text().strip().splitlines()[-1:]
         return {"seconds": secs, "passed": False, "error": tail[0] if tail else "no output"}
     summary = json.loads((work / "runs" / "mini" / "summary.json").read_text())
@@ -525,13 +563,18 @@ def report(result: dict) -> str:
         node = result
         for key in path:
             node = node.get(key, {}) if isinstance(node, dict) else {}
-        if node == {}:
-            err = result.get(path[0], {}).get("error", "not measured")  # CPU: no peak memory
+        if node == {}:  # its part's error, or not measured (a CPU has no peak device memory)
+            part = result.get(path[0], {})
+            err = part.get("error") or part.get(path[1], {}).get("error") or "not measured"
             lines.append(f"| {name} | {bar} | {err} | no |")
             continue
         met = node == bar if isinstance(bar, bool) else node >= bar if floor else node <= bar
         sign = "" if isinstance(bar, bool) else (">= " if floor else "<= ")
-        lines.append(f"| {name} | {sign}{bar} | {node} | {'yes' if met else 'no'} |")
+        shown = str(node)
+        if path[-1] == "mfu":  # the layers it ran with, and MFU against the published rate
+            part = result[path[0]][path[1]]
+            shown += f" ({part['layers']} layers; {part[path[2]]['mfu_spec']} of the spec rate)"
+        lines.append(f"| {name} | {sign}{bar} | {shown} | {'yes' if met else 'no'} |")
     return "\n".join(lines)
 
 
@@ -567,6 +610,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return {}
+    if "mini" in args.only and (args.toy is None or args.toy.name != "toy"
+                                or not (args.toy / "manifest.json").exists()):  # fmt: skip
+        ap.error(f"--toy {args.toy}: the mini section needs the toy world's folder, named toy")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     size = SIZES[args.size]
     start = time.perf_counter()
@@ -583,34 +629,40 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
 
-    def section(name: str, fn) -> None:
+    def section(path: tuple[str, ...], fn) -> None:
+        node = result
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        name = "/".join(path)
         t0 = time.perf_counter()
         log.info("%s ...", name)
         try:
-            result[name] = fn()
-        except Exception as e:  # one section's failure is a finding; the others still run
+            node[path[-1]] = fn()
+        except Exception as e:  # one part's failure is a finding; the others still run
             traceback.print_exc()
-            result[name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
+            first = (str(e).strip().splitlines() or [""])[0]
+            node[path[-1]] = {"error": f"{type(e).__name__}: {first}"}
         release()
-        result[name]["section_s"] = round(time.perf_counter() - t0, 1)
-        log.info("%s: %s", name, json.dumps(result[name]))
+        node[path[-1]]["section_s"] = round(time.perf_counter() - t0, 1)
+        log.info("%s: %s", name, json.dumps(node[path[-1]]))
         if args.out:
             (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
 
-    section("ceilings", lambda: ceilings(size, device))
+    section(("ceilings",), lambda: ceilings(size, device))
     peak = result["ceilings"].get("matmul_flops") or math.inf  # no ceiling: no fractions
+    flops = (peak, result["ceilings"].get("spec_flops"))
     if "capture" in args.only:
-        section("capture", lambda: {"dense": capture(size, device, size.dense, peak),
-                                    "moe": capture(size, device, size.moe, peak)})  # fmt: skip
+        section(("capture", "dense"), lambda: capture(size, device, size.dense, peak))
+        section(("capture", "moe"), lambda: capture(size, device, size.moe, peak))
     if "train" in args.only:
-        section("train", lambda: train(size, device, size.dense, peak))
+        section(("train", "full"), lambda: train_full(size, device, size.dense, flops))
+        section(("train", "lora"), lambda: train_lora(size, device, size.dense, flops))
+        section(("train", "wide_vocab"), lambda: train_wide(size, device, size.dense, flops))
     if "merge" in args.only:
-        section("merge", lambda: merge(size, device, size.dense, work / "merge"))
+        section(("merge",), lambda: merge(size, device, size.dense, work / "merge"))
     if "mini" in args.only:
-        if args.toy is None:
-            ap.error("the mini section needs --toy (the toy world's folder)")
         left = args.deadline - (time.perf_counter() - start)
-        section("mini", lambda: mini(size, args.toy, work / "mini", timeout=max(left, 30)))
+        section(("mini",), lambda: mini(size, args.toy, work / "mini", timeout=max(left, 30)))
         if args.out and (work / "mini" / "mini.log").exists():
             shutil.copy(work / "mini" / "mini.log", args.out / "mini.log")
     result["seconds"] = round(time.perf_counter() - start, 1)

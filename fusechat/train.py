@@ -33,6 +33,7 @@ from fusechat.io import (
     write_json,
 )
 from fusechat.losses import fusion_losses
+from fusechat.precision import cast_checkpoint, deepspeed_in_use, load_trainable, stored_dtype
 from fusechat.ranks import Ranks
 from fusechat.rows import ShardRows, check_targets, collate_rows
 from fusechat.shards import STAGE
@@ -154,7 +155,8 @@ def train(
             raise FusechatError(f"{out}: exists and is not a train output; choose another folder")
         if not overwrite:
             raise FusechatError(f"{out}: exists with another training run; use --overwrite")
-    tokenizer, model = _load(model_path, rows, corpus_fingerprint, cfg.lora)
+    tokenizer, model = _load(model_path, rows, corpus_fingerprint, cfg.lora,
+                             deepspeed_in_use(cfg.extra))  # fmt: skip
     ranks = Ranks.from_env()
     ckpt = _checkpoint_folder(out, key, overwrite, ranks.rank)
     trainer = _trainer(cfg, model, tokenizer, rows, ckpt, ranks.world)
@@ -180,63 +182,15 @@ def train(
                  card, stored_dtype(model_path))  # fmt: skip
 
 
-def load_trainable(path: str, lora: bool, **kwargs):
-    """The model to fine-tune. Full fine-tuning holds float32 master weights whatever the
-    checkpoint stores (the precision setting only sets the compute, by autocast): bf16 values
-    near 0.02 lie 1.2e-4 apart, so in bf16 weights an Adam update of lr 5e-6 rounds away, every
-    step (Micikevicius et al., 2018). The saved model returns to the checkpoint's dtype
-    (``cast_checkpoint``). A LoRA's frozen base stays as stored (PEFT keeps the adapters in
-    float32)."""
-    from fusechat.data import load_model
-
-    return load_model(path, dtype="auto" if lora else torch.float32, **kwargs)
-
-
-def stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype a checkpoint's config.json declares (None: none, read as float32)."""
-    from transformers import AutoConfig
-
-    try:
-        dtype = AutoConfig.from_pretrained(path).dtype
-    except (OSError, ValueError):
-        return None  # load_model has said what is wrong with the folder
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def cast_checkpoint(folder: Path, dtype: torch.dtype | None) -> None:
-    """Store the float32 tensors of the safetensors checkpoint in ``folder`` as ``dtype`` (a
-    16-bit float: the checkpoint trained from), with config.json's ``dtype`` and the shard
-    index's size to match; nothing else changes (a float32 checkpoint stays as it is)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    if dtype is None or dtype == torch.float32 or not dtype.is_floating_point:
-        return
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata()
-        tensors = {k: t.to(dtype) if t.dtype == torch.float32 else t
-                   for k, t in load_file(f).items()}  # fmt: skip
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(f.with_name(f.name + ".tmp")), metadata=meta)
-        os.replace(f.with_name(f.name + ".tmp"), f)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        write_json(index, {**(idx := read_json(index)),
-                           "metadata": {**idx.get("metadata", {}), "total_size": total}})  # fmt: skip
-    config = read_json(folder / "config.json")
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    write_json(folder / "config.json", config)
-
-
-def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraConfig | None):
-    """The pivot's tokenizer (checked against the targets) and model (wrapped in a LoRA)."""
+def _load(model_path: str, rows: ShardRows, corpus_fp: str | None, lora: LoraConfig | None,
+          deepspeed: bool = False):  # fmt: skip
+    """The pivot's tokenizer (checked against the targets) and model (``load_trainable``:
+    float32 master weights in full fine-tuning; wrapped in a LoRA)."""
     from fusechat.data import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     check_targets(rows.reader.key, tokenizer, corpus_fp)
-    model = load_trainable(model_path, lora is not None)
+    model = load_trainable(model_path, lora is not None, deepspeed)
     if len(tokenizer) > model.config.vocab_size:
         raise FusechatError(
             f"{model_path}: tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}"

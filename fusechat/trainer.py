@@ -83,11 +83,14 @@ def check_finite_loss(loss: torch.Tensor, step: int) -> None:
 
 def model_inputs(model, inputs: dict) -> dict:
     """What the model reads of a batch; token trees (``align.branches``) bring a 4D boolean
-    mask, given as an additive one, and their positions."""
+    mask, given as an additive one in the dtype attention computes in (autocast's, over float32
+    master weights: float32's lowest value would become -inf in bf16), and their positions."""
     mask = inputs["attention_mask"]
     if mask.dim() != 4:
         return {"input_ids": inputs["input_ids"], "attention_mask": mask}
-    dtype = next(model.parameters()).dtype
+    kind = mask.device.type
+    dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+             else next(model.parameters()).dtype)  # fmt: skip
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     additive = additive.masked_fill(~mask, torch.finfo(dtype).min)
     return {"input_ids": inputs["input_ids"], "attention_mask": additive,

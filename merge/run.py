@@ -83,7 +83,7 @@ def group_statistics(cfg, options, granularity: str, statistic: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def delta_figures(cfg, options) -> dict:
+def delta_figures(cfg, options, chunk: int = 1 << 26) -> dict:
     """``fusechat.weightspace``'s figures for a merge with a base, read tensor by tensor: each
     input's relative delta ``||theta_i - theta_base|| / ||theta_base||`` and the cosine between
     every two inputs' deltas. Small deltas pointing the same way are what averaging needs
@@ -102,9 +102,15 @@ def delta_figures(cfg, options) -> dict:
     loaders = {str(r): loader(r) for r in refs}
     total, dev = None, options.device
     for t in sorted(base.index.tensor_paths):  # one tensor of every model in memory at a time
-        part = delta_sums({t: base.get_tensor(t, device=dev)},
-                          {n: {t: ld.get_tensor(t, device=dev)} for n, ld in loaders.items()})  # fmt: skip
-        total = part if total is None else add_sums(total, part)
+        b = base.get_tensor(t, device=dev)
+        xs = {n: ld.get_tensor(t, device=dev) for n, ld in loaders.items()}
+        # float64 copies of ``chunk`` values (whole rows) at a time: a 152k x 8192 embedding
+        # is 10 GB a copy
+        rows = max(1, chunk // max(1, b[0].numel())) if b.dim() else 1
+        for a in range(0, len(b) if b.dim() else 1, rows):
+            cut = (lambda x: x[a : a + rows]) if b.dim() else (lambda x: x)  # noqa: B023
+            part = delta_sums({t: cut(b)}, {n: {t: cut(x)} for n, x in xs.items()})
+            total = part if total is None else add_sums(total, part)
     return figures(total)
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "out" / "gpu.json").read_text()) == result
     assert (tmp_path / "out" / "mini.log").stat().st_size > 0
-    sections = ("ceilings", "capture", "train", "merge", "mini")
-    assert {s: result[s].get("error") for s in sections} == dict.fromkeys(sections)
+    parts = [result["ceilings"], *result["capture"].values(), *result["train"].values(),
+             result["merge"], result["mini"]]  # fmt: skip
+    assert len(parts) == 8 and [p.get("error") for p in parts] == [None] * 8
     assert result["ceilings"]["matmul_flops"] > 0 and result["ceilings"]["copy_gbps"] > 0
     for kind in ("dense", "moe"):
         cap = result["capture"][kind]
@@ -43,6 +45,7 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     assert 0 < train["lora"]["lora_params"] < train["full"]["params"]
     merge = result["merge"]
     assert merge["load_topk_ids_agree"] == 1.0 and merge["load_max_logprob_diff"] == 0.0
+    assert merge["load_weights_equal"] is True
     assert merge["linear"]["seconds"] > 0 and merge["varm"]["seconds"] > 0
     mini = result["mini"]  # two training steps: every model scored, no quality asked
     assert mini["all_scored"] is True and mini["models"] == mini["models_scored"] == 9
@@ -53,7 +56,7 @@ def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_pat
     assert len(rows) == 6 and all(x.endswith(("| yes |", "| no |")) for x in rows)
     assert "Error" not in r.stdout
     assert "| not measured | no |" in rows[3]  # a CPU has no peak device memory to compare
-    assert f"| {train['full']['fusion']['mfu']} |" in rows[1]
+    assert f"| {train['full']['fusion']['mfu']} (2 layers; None of the spec rate) |" in rows[1]
 
 
 def test_the_device_wheels_are_fusechat_s_dependencies_the_image_lacks():
@@ -73,3 +76,24 @@ def test_the_device_wheels_are_fusechat_s_dependencies_the_image_lacks():
     need = prep.device_wheels(found)
     assert {"trl", "mergekit", "pydantic-core", "transformers", "tokenizers"} <= set(need)
     assert not {"torch", "numpy", "scipy", "pyyaml"} & set(need)  # the image's own
+
+
+def test_a_toy_world_that_is_not_there_stops_the_run_before_it_starts(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), "--size", "tiny", "--toy", str(tmp_path / "toy"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "the mini section needs the toy world's folder" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mini_recipe_past_its_time_is_stopped_whole(toy_world, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    gpu = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = gpu  # its dataclass reads its module
+    spec.loader.exec_module(gpu)
+    got = gpu.mini(gpu.SIZES["tiny"], toy_world, tmp_path, timeout=2)
+    assert got["timed_out"] is True and got["passed"] is False and got["seconds"] < 15
+    size = (tmp_path / "mini.log").stat().st_size
+    time.sleep(2)  # nothing of the killed run writes on
+    assert (tmp_path / "mini.log").stat().st_size == size

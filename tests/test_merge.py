@@ -438,3 +438,11 @@ def test_the_report_gives_each_targets_delta_and_their_cosines(targets, tmp_path
     assert ws["relative_delta"][str(ts[1])] == pytest.approx(relative_delta(base, b))
     assert ws["delta_cosine"][f"{ts[0]} ~ {ts[1]}"] == pytest.approx(delta_cosine(base, a, b))
     assert 0 < ws["relative_delta"][str(ts[0])] < ws["relative_delta"][str(ts[1])]
+    # the same sums a row at a time (how a large tensor is read on a GPU)
+    from fusechat.merge.checks import load_config, parse_config
+    from fusechat.merge.run import delta_figures, merge_options
+
+    cfg = parse_config(load_config(tmp_path / "merge.yaml"), "merge.yaml")
+    rowwise = delta_figures(cfg, merge_options(1 << 30, "cpu", str(tmp_path), None, 0), chunk=1)
+    assert rowwise["relative_delta"] == pytest.approx(ws["relative_delta"], rel=1e-12)
+    assert rowwise["delta_cosine"] == pytest.approx(ws["delta_cosine"], rel=1e-12)

@@ -272,6 +272,28 @@ def test_dpo_raises_the_chosen_margin_and_reuses(tiny, tmp_path, capsys):
     assert sum(after) > sum(before)
 
 
+def test_dpo_of_a_bf16_model_starts_level_with_its_reference_and_stays_bf16(tiny, tmp_path):
+    """bf16 compute over float32 master weights; the reference loaded the same way, so the
+    first step's rewards (policy against reference, before any update) are exactly 0; the
+    model is saved in the checkpoint's bf16."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny["chat"], dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny["chat"]).save_pretrained(src)
+    out = tmp_path / "dpo"
+    run = [a if a != "float32" else "bfloat16" for a in RUN]
+    argv = ["dpo", "--model", str(src), "--data", str(tiny["pairs"] / "dpo.jsonl"),
+            "--out", str(out), *run, "--max-steps", "2", "--lr", "5e-3"]  # fmt: skip
+    assert main(argv) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    first = next(r for r in log if "rewards/chosen" in r)
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

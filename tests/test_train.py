@@ -114,28 +114,6 @@ def test_a_bf16_checkpoint_trains_in_float32_master_weights(toy_world, fused, tm
     assert moved > 0.05
 
 
-def test_cast_checkpoint_stores_a_sharded_float32_checkpoint_in_bf16(toy_world, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from fusechat.train import cast_checkpoint
-
-    model = AutoModelForCausalLM.from_pretrained(toy_world / "openchat-mini", dtype=torch.float32)
-    model.save_pretrained(tmp_path, max_shard_size="100KB")
-    cast_checkpoint(tmp_path, torch.bfloat16)
-    shards = sorted(tmp_path.glob("*.safetensors"))
-    assert len(shards) > 1 and not list(tmp_path.glob("*.tmp"))
-    tensors = {k: v for f in shards for k, v in load_file(f).items()}
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
-    back = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert back.dtype == torch.bfloat16
-    ref = model.state_dict()
-    assert all(torch.equal(p, ref[n].to(torch.bfloat16)) for n, p in back.state_dict().items())
-    cast_checkpoint(tmp_path, torch.float32)  # nothing to do
-    assert {v.dtype for v in load_file(shards[0]).values()} == {torch.bfloat16}
-
-
 @pytest.mark.slow  # out of make mutation: seconds per mutant
 def test_killed_training_resumes_to_the_same_model(toy_world, fused, tmp_path):
     args = ["train", "--model", str(toy_world / "openchat-mini"), "--data", str(fused["train"])]

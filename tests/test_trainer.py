@@ -131,6 +131,15 @@ def test_what_the_model_reads_of_a_batch(toy_world):
     assert torch.equal(mask[0, 0], torch.where(tree, 0.0, lo).to(torch.bfloat16))
     assert got["position_ids"] is pos
     model(**got)  # the model takes it
+    # float32 master weights under bf16 autocast: the mask in the dtype attention computes in
+    model = model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model_inputs(model, {"input_ids": ids, "attention_mask": tree[None, None],
+                                   "position_ids": pos})  # fmt: skip
+        assert torch.equal(got["attention_mask"], mask)
+        assert model(**got).logits.isfinite().all()
+    assert model_inputs(model, {"input_ids": ids, "attention_mask": tree[None, None],
+                                "position_ids": pos})["attention_mask"].dtype == torch.float32  # fmt: skip
 
 
 def test_the_training_log_is_written_by_the_first_process_only(tmp_path):

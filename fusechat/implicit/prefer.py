@@ -239,17 +239,17 @@ def reuse(stage: str, key: dict, out: Path, inputs: Sequence, overwrite: bool) -
     return None
 
 
-def _model(path: str, cfg: PreferSettings, trained: bool = True):
-    """The policy (``load_trainable``: float32 master weights in full fine-tuning, the compute
-    in ``cfg.dtype``) or, ``trained=False``, DPO's frozen reference in ``cfg.dtype``."""
+def _model(path: str, cfg: PreferSettings):
+    """The policy, or DPO's frozen reference loaded the same way (the same weights under the
+    same autocast, so the two agree before the first step): ``load_trainable``, float32 master
+    weights in full fine-tuning; a LoRA's base in ``cfg.dtype``."""
     import torch
 
-    from fusechat.data import load_model, resolve_dtype
-    from fusechat.train import load_trainable
+    from fusechat.data import resolve_dtype
+    from fusechat.precision import deepspeed_in_use, load_trainable
 
-    if trained:
-        return load_trainable(path, cfg.lora is not None)
-    return load_model(path, dtype=getattr(torch, resolve_dtype(cfg.dtype)))
+    return load_trainable(path, cfg.lora is not None, deepspeed_in_use(),
+                          lora_dtype=getattr(torch, resolve_dtype(cfg.dtype)))  # fmt: skip
 
 
 def peft_config(lora: LoraConfig | None):
@@ -292,8 +292,9 @@ def _fit(trainer, tokenizer, out: Path, ckpt: Path, key: dict, stats: dict, cfg,
          model: str) -> dict:  # fmt: skip
     """Train (resuming from the last whole checkpoint in ``ckpt``) and save the model whole,
     with its card (``model`` its base)."""
+    from fusechat.precision import stored_dtype
     from fusechat.ranks import Ranks
-    from fusechat.train import _save, resume_point, stored_dtype
+    from fusechat.train import _save, resume_point
 
     world = Ranks.from_env().world
     t0 = time.perf_counter()
@@ -360,7 +361,7 @@ def dpo_trainer(model: str, tokenizer, rows: Sequence[dict], cfg: DpoConfig, ckp
 
     args = trl_args(DPOConfig, cfg, ckpt, world, beta=cfg.beta,
                     loss_type=[trl_loss_type(cfg.loss)])  # fmt: skip
-    ref = None if cfg.lora is not None else _model(model, cfg, trained=False)
+    ref = None if cfg.lora is not None else _model(model, cfg)
     return DPOTrainer(model=_model(model, cfg), ref_model=ref, args=args,
                       train_dataset=Dataset.from_list(list(rows)), processing_class=tokenizer,
                       peft_config=peft_config(cfg.lora), callbacks=_callbacks(ckpt))  # fmt: skip

@@ -31,7 +31,26 @@ def test_a_sharded_float32_checkpoint_is_stored_in_bf16_once(toy_world, tmp_path
     assert all(torch.equal(p, ref[n].to(torch.bfloat16)) for n, p in back.state_dict().items())
     stamps = [f.stat().st_mtime_ns for f in shards]
     cast_checkpoint(tmp_path, torch.bfloat16)  # already so: no file is rewritten
+    cast_checkpoint(tmp_path, None)  # a checkpoint that declares no dtype: nothing to do
     assert [f.stat().st_mtime_ns for f in shards] == stamps
+
+
+def test_nothing_but_the_dtype_changes(tmp_path):
+    """A file of bf16 tensors alone is cast too (a 16-bit save of an fp16 checkpoint); the
+    files' metadata and the index's other entries are kept."""
+    from safetensors import safe_open
+
+    save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"),
+              metadata={"format": "pt", "note": "kept"})  # fmt: skip
+    (tmp_path / "config.json").write_text("{}")
+    index = {"metadata": {"total_parameters": 4, "total_size": 8}, "weight_map": {"w": "a"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    cast_checkpoint(tmp_path, torch.float16)
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as h:
+        assert h.metadata() == {"format": "pt", "note": "kept"}
+        assert h.get_tensor("w").dtype == torch.float16
+    got = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert got == {**index, "metadata": {"total_parameters": 4, "total_size": 8}}
 
 
 def test_every_floating_tensor_is_cast_and_the_rest_kept(tmp_path):
@@ -66,6 +85,9 @@ def test_the_stored_dtype_is_the_config_s_else_the_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "dtype": "float16"}))
     assert stored_dtype(str(tmp_path)) == torch.float16
     assert stored_dtype(str(tmp_path / "missing")) is None
+    save_file({"n": torch.ones(2, dtype=torch.int64)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert stored_dtype(str(tmp_path)) is None  # no floating tensor says
 
 
 def test_deepspeed_is_seen_from_the_launcher_or_the_arguments(monkeypatch):

@@ -40,24 +40,29 @@ def load_trainable(path: str, lora: bool, deepspeed: bool = False, lora_dtype="a
     return load_model(path, dtype="auto" if deepspeed else torch.float32)
 
 
+def _header_dtypes(f: Path) -> list[str]:
+    """The dtype names a safetensors file's header gives its tensors ("BF16", "I64", ...), in
+    order, nothing read but the header."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        return [h.get_slice(k).get_dtype() for k in h.keys()]
+
+
 def stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype a checkpoint stores: config.json's, else (a config without one) its first
-    safetensors file's first floating tensor's; None where neither says."""
+    """The dtype a checkpoint stores: config.json's (transformers reads it as a torch.dtype),
+    else (a config without one, or one per sub-model) its first safetensors file's first
+    floating tensor's; None where neither says."""
     from transformers import AutoConfig
 
     try:
         dtype = AutoConfig.from_pretrained(path).dtype
     except (OSError, ValueError):
         return None  # load_model has said what is wrong with the folder
-    if dtype is not None:
-        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(files[0]), framework="pt") as h:
-        kinds = [h.get_slice(k).get_dtype() for k in h.keys()]
+    kinds = _header_dtypes(files[0]) if files else []
     return next((_HEADER_DTYPES[k] for k in kinds if k in _HEADER_DTYPES), None)
 
 
@@ -79,12 +84,9 @@ def cast_checkpoint(folder: Path, dtype: torch.dtype | None) -> None:
     if dtype is None or not dtype.is_floating_point:
         return
     want = {v: k for k, v in _HEADER_DTYPES.items()}[dtype]
-    files, todo = sorted(folder.glob("*.safetensors")), []
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            kinds = {h.get_slice(k).get_dtype() for k in h.keys()}
-        if any(k.startswith(("F", "BF")) and k != want for k in kinds):
-            todo.append(f)
+    files = sorted(folder.glob("*.safetensors"))
+    todo = [f for f in files
+            if any(k.startswith(("F", "BF")) and k != want for k in _header_dtypes(f))]  # fmt: skip
     if not todo:
         return
     for f in todo:

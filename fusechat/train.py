@@ -279,8 +279,8 @@ def _trainer(cfg: TrainConfig, model, tokenizer, rows: ShardRows, ckpt: Path, wo
 def _save(trainer, tokenizer, out: Path, ckpt: Path, manifest: dict, lora: bool,
           card: dict | None = None, dtype: torch.dtype | None = None) -> dict:  # fmt: skip
     """The trained model in ``out``, renamed into place whole, with its manifest and, given
-    ``card`` (``base_model``, ``data``), its model card (``fusechat.cards``); its float32
-    tensors stored as ``dtype`` (the checkpoint's it trained from) when that is 16-bit.
+    ``card`` (``base_model``, ``data``), its model card (``fusechat.cards``); its floating
+    tensors stored as ``dtype``, the checkpoint's it trained from (``cast_checkpoint``).
 
     Every process takes part in saving (ZeRO-3 and FSDP gather the weights); rank 0 then adds
     tokenizer, logs and manifest and renames the folder into place."""

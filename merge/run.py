@@ -89,6 +89,7 @@ def delta_figures(cfg, options, chunk: int = 1 << 26) -> dict:
     every two inputs' deltas. Small deltas pointing the same way are what averaging needs
     (model soups); 40% apart at cosine 0.6, a merge lands off every input. Computed on the
     merge's device (float64 sums over every weight of every input: on a GPU, not the CPU)."""
+    import torch
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
     from fusechat.weightspace import add_sums, delta_sums, figures
@@ -102,14 +103,13 @@ def delta_figures(cfg, options, chunk: int = 1 << 26) -> dict:
     loaders = {str(r): loader(r) for r in refs}
     total, dev = None, options.device
     for t in sorted(base.index.tensor_paths):  # one tensor of every model in memory at a time
-        b = base.get_tensor(t, device=dev)
-        xs = {n: ld.get_tensor(t, device=dev) for n, ld in loaders.items()}
+        b = torch.atleast_1d(base.get_tensor(t, device=dev))
+        xs = {n: torch.atleast_1d(ld.get_tensor(t, device=dev)) for n, ld in loaders.items()}
         # float64 copies of ``chunk`` values (whole rows) at a time: a 152k x 8192 embedding
         # is 10 GB a copy
-        rows = max(1, chunk // max(1, b[0].numel())) if b.dim() else 1
-        for a in range(0, len(b) if b.dim() else 1, rows):
-            cut = (lambda x: x[a : a + rows]) if b.dim() else (lambda x: x)  # noqa: B023
-            part = delta_sums({t: cut(b)}, {n: {t: cut(x)} for n, x in xs.items()})
+        rows = max(1, chunk * len(b) // max(1, b.numel()))
+        for bp, *xp in zip(b.split(rows), *(x.split(rows) for x in xs.values()), strict=True):
+            part = delta_sums({t: bp}, {n: {t: x} for n, x in zip(xs, xp, strict=True)})
             total = part if total is None else add_sums(total, part)
     return figures(total)
 

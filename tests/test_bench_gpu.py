@@ -15,6 +15,17 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 
 
+def _bench_module(name: str):
+    """A script of bench/ imported as a module (registered: a dataclass reads its module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_the_device_check_runs_every_section_at_its_tiny_size(toy_world, tmp_path):
     cmd = [sys.executable, str(BENCH), "--size", "tiny", "--toy", str(toy_world),
@@ -64,11 +75,8 @@ def test_the_device_wheels_are_fusechat_s_dependencies_the_image_lacks():
     package the code imports is not forgotten), less what the device image holds, plus the
     transformers stack at this environment's versions."""
     import importlib.metadata as md
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_prep", BENCH.with_name("gpu_prep.py"))
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
+    prep = _bench_module("gpu_prep")
     found = prep.closure()
     assert "fusechat" not in found
     for name in ("trl", "mergekit", "pydantic", "pydantic-core", "rapidfuzz", "transformers"):
@@ -86,12 +94,7 @@ def test_a_toy_world_that_is_not_there_stops_the_run_before_it_starts(tmp_path):
 
 
 def test_the_mini_recipe_past_its_time_is_stopped_whole(toy_world, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
-    gpu = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = gpu  # its dataclass reads its module
-    spec.loader.exec_module(gpu)
+    gpu = _bench_module("gpu")
     got = gpu.mini(gpu.SIZES["tiny"], toy_world, tmp_path, timeout=2)
     assert got["timed_out"] is True and got["passed"] is False and got["seconds"] < 15
     size = (tmp_path / "mini.log").stat().st_size

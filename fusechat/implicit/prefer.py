@@ -33,7 +33,7 @@ from fusechat.implicit.settings import DpoConfig, PreferSettings, SftConfig
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: float32 master weights in full fine-tuning (fusechat.train.load_trainable)
+VERSION = 2  # 2: float32 master weights in full fine-tuning (fusechat.precision)
 
 
 # --------------------------------------------------------------------------- losses

@@ -64,6 +64,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fusechat.io import write_atomic, write_json
+
 log = logging.getLogger("bench.gpu")
 
 # OpenChat-3.5 (and NH2-Solar's layers) are Mistral-7B-v0.1; NH2-Mixtral is Mixtral-8x7B.
@@ -608,7 +610,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = ap.parse_args(argv)
     if args.report:
-        print(report(json.loads(args.report.read_text())))
+        try:
+            print(report(json.loads(args.report.read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--report {args.report}: not a bench/gpu.py result ({type(e).__name__}: {e})")
         return {}
     if "mini" in args.only and (args.toy is None or args.toy.name != "toy"
                                 or not (args.toy / "manifest.json").exists()):  # fmt: skip
@@ -645,8 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
         release()
         node[path[-1]]["section_s"] = round(time.perf_counter() - t0, 1)
         log.info("%s: %s", name, json.dumps(node[path[-1]]))
-        if args.out:
-            (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
+        if args.out:  # renamed into place whole: a run killed mid-write keeps the last one
+            write_json(args.out / "gpu.json", result)
 
     section(("ceilings",), lambda: ceilings(size, device))
     peak = result["ceilings"].get("matmul_flops") or math.inf  # no ceiling: no fractions
@@ -664,10 +669,10 @@ def main(argv: list[str] | None = None) -> dict:
         left = args.deadline - (time.perf_counter() - start)
         section(("mini",), lambda: mini(size, args.toy, work / "mini", timeout=max(left, 30)))
         if args.out and (work / "mini" / "mini.log").exists():
-            shutil.copy(work / "mini" / "mini.log", args.out / "mini.log")
+            write_atomic(args.out / "mini.log", (work / "mini" / "mini.log").read_bytes())
     result["seconds"] = round(time.perf_counter() - start, 1)
     if args.out:
-        (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
+        write_json(args.out / "gpu.json", result)
     if work_tmp:
         work_tmp.cleanup()
     print(json.dumps(result))

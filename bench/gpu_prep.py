@@ -78,21 +78,25 @@ def main() -> None:
     ap.add_argument("--toy", type=Path, default=ROOT / ".gpu" / "toy")
     ap.add_argument("--toy-from", type=Path, help="the built toy world (default: the cache's)")
     args = ap.parse_args()
-    need = device_wheels(closure())
-    shutil.rmtree(args.wheels, ignore_errors=True)
-    pins = [f"{n}=={v}" for n, v in sorted(need.items())]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", "-d", str(args.wheels)]  # fmt: skip
-    for p in PLATFORMS:
-        cmd += ["--platform", p]
-    subprocess.run(cmd + pins, check=True)
-    from fusechat.io import cache_dir
+    from fusechat.io import atomic_dir, cache_dir
 
     src = args.toy_from or cache_dir() / "toy"
     if not (src / "manifest.json").exists():
         raise SystemExit(f"{src}: no toy world; build it first (fusechat toy build --out {src})")
-    shutil.rmtree(args.toy, ignore_errors=True)
-    shutil.copytree(src, args.toy)
+    need = device_wheels(closure())
+    pins = [f"{n}=={v}" for n, v in sorted(need.items())]
+    # each folder renamed into place whole: a failed download leaves the last complete one
+    with atomic_dir(args.wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", "--implementation", "cp", "-d", str(tmp)]  # fmt: skip
+        for p in PLATFORMS:
+            cmd += ["--platform", p]
+        if subprocess.run(cmd + pins).returncode:
+            raise SystemExit(
+                f"pip download of {len(pins)} wheels failed (above); {args.wheels} kept"
+            )
+    with atomic_dir(args.toy) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     size = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             for p in (args.wheels, args.toy)}  # fmt: skip
     print(json.dumps({"wheels": sorted(f.name for f in args.wheels.glob("*.whl")),

@@ -91,6 +91,11 @@ def test_a_toy_world_that_is_not_there_stops_the_run_before_it_starts(tmp_path):
                         "--out", str(tmp_path / "out")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "the mini section needs the toy world's folder" in r.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "gpu.json").write_text("{")
+    r = subprocess.run([sys.executable, str(BENCH), "--report", str(tmp_path / "gpu.json")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not a bench/gpu.py result" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_mini_recipe_past_its_time_is_stopped_whole(toy_world, tmp_path):

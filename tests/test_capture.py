@@ -174,6 +174,16 @@ def test_a_max_length_beyond_the_models_context_is_warned(toy_world, tmp_path, c
     assert context_warning(4096, None, [5000]) is None  # a config that does not say: silence
 
 
+def _finished(out: Path) -> dict[str, int]:
+    """Shards written whole with their checksum beside them, name -> mtime: a resume keeps
+    these. A kill between a shard and its checksum leaves one that is written again."""
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in out.glob("shard-*.safetensors")
+        if (out / f".{p.name}.b2").exists()
+    }
+
+
 def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     """Kill a capture after its first shard, rerun it, compare with an uninterrupted one."""
     data = toy_world / "corpus" / "heldout.jsonl"
@@ -187,12 +197,12 @@ def test_killed_capture_resumes_byte_identical(toy_world, tmp_path):
     cmd += ["--shard-rows", "8", "--batch-tokens", "256"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "shard-00000.safetensors").exists() and time.time() < deadline:
+    while not _finished(out) and time.time() < deadline:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
     assert not (out / "manifest.json").exists(), "capture finished before it could be killed"
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    before = _finished(out)
     assert 0 < len(before) < 12
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     # it resumed: the finished shards were kept as they were, and only the rest was scored
@@ -226,14 +236,14 @@ def test_torchrun_capture_is_byte_identical_also_after_a_kill(toy_world, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out, deadline = Path(job.out), time.time() + 180
-    while len(list(out.glob("shard-*.safetensors"))) < 2 and time.time() < deadline:
+    while len(_finished(out)) < 2 and time.time() < deadline:
         time.sleep(0.01)
     # kill one rank mid-run; torchrun then stops the other and fails
     ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     os.kill(int(ranks[0]), signal.SIGKILL)
     assert proc.wait() != 0
     assert not (out / "manifest.json").exists(), "capture finished before it could be killed"
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    before = _finished(out)
     assert 2 <= len(before) < 12
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

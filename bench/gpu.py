@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fusechat.io import write_atomic, write_json
 
@@ -293,19 +292,16 @@ def _batch(size: Size, vocab: int, device: torch.device) -> dict:
 def _loss(variant: str, logits: torch.Tensor, b: dict) -> torch.Tensor:
     """``clm``: cross-entropy as the HF models compute it; ``fusion``: fusechat's sparse loss
     (lambda 0.9); ``dense``: the same loss through a (positions x vocabulary) target."""
-    from fusechat.losses import fusion_losses, predicts_label
+    from _losses import clm_loss, dense_fusion_loss
 
-    ids = b["ids"]
+    from fusechat.losses import fusion_losses
+
+    args = (logits, b["ids"], b["mask"])
     if variant == "clm":
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return clm_loss(*args)
     if variant == "fusion":
-        return fusion_losses(logits, ids, b["mask"], b["tid"], b["p"], lam=0.9)[0]
-    w = predicts_label(b["mask"]).float()
-    w = w / w.sum()
-    logq = F.log_softmax(logits.float(), -1)
-    clm = -(logq.gather(-1, F.pad(ids[:, 1:], (0, 1))[..., None]).squeeze(-1) * w).sum()
-    target = torch.zeros_like(logq).scatter_add_(-1, b["tid"], b["p"])
-    return 0.9 * clm + 0.1 * (-(target * logq).sum(-1) * w).sum()
+        return fusion_losses(*args, b["tid"], b["p"], lam=0.9)[0]
+    return dense_fusion_loss(*args, b["tid"], b["p"], lam=0.9)[0]
 
 
 def _steps(model, size: Size, device: torch.device, variants: tuple[str, ...],

@@ -20,9 +20,9 @@ from _child import run_child
 _CHILD = r"""
 import json, resource, sys, time
 import torch
-import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM
-from fusechat.losses import fusion_losses, predicts_label
+from fusechat.losses import fusion_losses
+from _losses import clm_loss, dense_fusion_loss
 
 variant, vocab, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
@@ -37,26 +37,14 @@ tid = torch.randint(0, vocab, (b, t, k))
 p = torch.softmax(torch.randn(b, t, k), -1)
 
 
-def dense_loss(logits):
-    # the reference's way: a (B, T, V) target tensor built every step
-    w = predicts_label(mask).float()
-    w = w / w.sum()
-    logq = F.log_softmax(logits.float(), -1)
-    clm = -(logq.gather(-1, F.pad(ids[:, 1:], (0, 1))[..., None]).squeeze(-1) * w).sum()
-    target = torch.zeros(logq.shape).scatter_add_(-1, tid, p)
-    return clm, (-(target * logq).sum(-1) * w).sum()
-
-
 def step():
     logits = model(input_ids=ids).logits
-    if variant == "clm":  # the plain causal-LM step, as the HF models compute it
-        labels = torch.where(mask, ids, -100)[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten())
+    if variant == "clm":
+        loss = clm_loss(logits, ids, mask)
     elif variant == "sparse":
-        loss, clm, fus = fusion_losses(logits, ids, mask, tid, p, lam=0.9)
-    else:
-        clm, fus = dense_loss(logits)
-        loss = 0.9 * clm + 0.1 * fus
+        loss = fusion_losses(logits, ids, mask, tid, p, lam=0.9)[0]
+    else:  # the reference's way: a (B, T, V) target tensor built every step
+        loss = dense_fusion_loss(logits, ids, mask, tid, p, lam=0.9)[0]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
